@@ -1,0 +1,1 @@
+"""LLM Learning Lab."""
