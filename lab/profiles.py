@@ -32,6 +32,7 @@ class PretrainConfig:
     dropout: float = 0.0
     eval_interval: int = 250
     eval_iters: int = 50
+    final_eval_iters: int = 200  # more batches for the headline number
     checkpoint_interval: int = 500
     sample_chars: int = 300
     compile: bool = False
@@ -60,8 +61,8 @@ PROFILES: dict[str, Profile] = {
         lm="tiny-llama",
         threads=1,
         pretrain=PretrainConfig(
-            n_layer=2, n_head=2, d_model=32, block_size=32, batch_size=8, max_iters=60,
-            warmup_iters=5, eval_interval=20, eval_iters=4, checkpoint_interval=20, sample_chars=60,
+            n_layer=2, n_head=2, d_model=32, block_size=32, batch_size=8, max_iters=200, lr=3e-3, min_lr=3e-4,
+            warmup_iters=10, eval_interval=50, eval_iters=4, final_eval_iters=8, checkpoint_interval=50, sample_chars=60,
         ),
     ),
     "cpu": Profile(

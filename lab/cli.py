@@ -1,0 +1,100 @@
+"""The ``lab`` command.
+
+    lab list                              tracks and profiles
+    lab run pretrain [--profile cpu]      run one track (resumes an interrupted run; --fresh starts over)
+    lab run all [--profile cpu]           every available track
+    lab bench pretrain [--profile cpu]    throughput benchmark against a reference loop
+    lab site build | serve                build the offline site into site/ (strict) or serve it
+    lab questions                         check that every ANSWERED question links to evidence that exists
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from lab.errors import LabError
+
+
+def _run(args: argparse.Namespace) -> None:
+    from lab.profiles import get_profile
+    from lab.tracks import TRACKS, get_track
+
+    profile = get_profile(args.profile)
+    names = list(TRACKS) if args.track == "all" else [args.track]
+    modules = [get_track(n) for n in names]  # validate every name before any compute
+    for name, mod in zip(names, modules):
+        print(f"== track {name} (profile {profile.name}) ==", flush=True)
+        t0 = time.perf_counter()
+        summary = mod.run(profile, fresh=args.fresh)
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+        print(f"== {name} done in {time.perf_counter() - t0:.0f} s: {shown}", flush=True)
+
+
+def _site(args: argparse.Namespace) -> None:
+    from lab import site
+
+    if args.action == "build":
+        print(f"site built into {site.build_site()}")
+    else:
+        site.serve_site(port=args.port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ap = argparse.ArgumentParser(prog="lab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="tracks and profiles")
+    r = sub.add_parser("run", help="run a track, or all")
+    r.add_argument("track")
+    r.add_argument("--profile", default="cpu")
+    r.add_argument("--fresh", action="store_true", help="ignore checkpoints of an interrupted run")
+    b = sub.add_parser("bench", help="benchmarks")
+    b.add_argument("which", choices=["pretrain"])
+    b.add_argument("--profile", default="cpu")
+    b.add_argument("--steps", type=int, default=200)
+    s = sub.add_parser("site", help="the offline site")
+    s.add_argument("action", choices=["build", "serve"])
+    s.add_argument("--port", type=int, default=8000)
+    sub.add_parser("questions", help="check QUESTIONS.md evidence links")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "list":
+            from lab.profiles import PROFILES
+            from lab.tracks import TRACKS
+
+            print("tracks:   " + ", ".join(TRACKS))
+            for p in PROFILES.values():
+                print(f"profile {p.name:<6} {p.description}")
+        elif args.cmd == "run":
+            _run(args)
+        elif args.cmd == "bench":
+            from lab.bench import pretrain_throughput
+            from lab.profiles import get_profile
+
+            pretrain_throughput(get_profile(args.profile), steps=args.steps, write=True)
+        elif args.cmd == "site":
+            _site(args)
+        elif args.cmd == "questions":
+            from lab.questions import check_evidence
+
+            problems = check_evidence()
+            for p in problems:
+                print(p, file=sys.stderr)
+            if problems:
+                return 1
+            print("QUESTIONS.md: every ANSWERED question links to evidence that exists")
+    except LabError as e:
+        print(f"lab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lab: interrupted — run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

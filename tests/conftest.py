@@ -1,0 +1,28 @@
+"""Shared fixtures: one thread (2-core machines), tiny models per architecture, a temp results root."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def results_dir(tmp_path, monkeypatch):
+    """Point lab's results root at a temp folder for this test."""
+    root = tmp_path / "results"
+    monkeypatch.setenv("LAB_RESULTS_DIR", str(root))
+    return root
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma2", "gpt2"])
+def tiny_model(request):
+    """A tiny random model of each architecture family (module-scoped)."""
+    from lab.models import load_tiny_model
+
+    return load_tiny_model(request.param, seed=0)

@@ -1,0 +1,46 @@
+"""The `lab` command: user errors are one line + non-zero exit; a smoke run writes consistent results."""
+
+import json
+import os
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+
+from lab.cli import main
+
+
+class TestErrors:
+    """Errors a user can cause print one line and exit non-zero, before any compute."""
+
+    @pytest.mark.parametrize("argv, needle", [
+        (["run", "pretrain", "--profile", "laptop"], "unknown profile 'laptop': choose one of smoke, cpu, gpu"),
+        (["run", "nonsense"], "unknown track 'nonsense'"),
+    ])
+    def test_one_line_error(self, argv, needle, capsys):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1
+
+    def test_subprocess_exit_code(self):
+        out = subprocess.run([sys.executable, "-m", "lab.cli", "run", "pretrain", "--profile", "nope"],
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and out.stderr.startswith("lab: error: unknown profile")
+
+
+def test_smoke_run_writes_consistent_results(results_dir, capsys):
+    """`lab run pretrain --profile smoke` writes every result; summary agrees with the loss table."""
+    assert main(["run", "pretrain", "--profile", "smoke", "--fresh"]) == 0
+    folder = results_dir / "smoke" / "pretrain"
+    for name in ("loss", "log", "samples", "summary", "benchmark"):
+        assert (folder / f"{name}.parquet").exists(), name
+    loss = pl.read_parquet(folder / "loss.parquet")
+    summary = pl.read_parquet(folder / "summary.parquet").row(0, named=True)
+    final_val = loss.filter((pl.col("series") == "val (eval)") & (pl.col("step") == summary["iters"]))["loss"]
+    assert summary["final_val_loss"] == final_val.item()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["summary"]["profile"] == "smoke" and manifest["loss"]["config"]["pretrain"]["max_iters"] == 200
+    spec = json.loads((folder / "loss.vl.json").read_text())
+    assert len(next(iter(spec["datasets"].values()))) >= loss.height  # chart carries the Parquet's rows
+    assert "ratio" in capsys.readouterr().out

@@ -1,0 +1,82 @@
+"""Pretraining: schedule, learning on the smoke corpus, resume == uninterrupted."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from lab.corpus import smoke_corpus
+from lab.errors import LabError
+from lab.pretrain import lr_at, train_gpt
+from lab.profiles import get_profile
+
+CFG = get_profile("smoke").pretrain
+
+
+class Stop(Exception):
+    pass
+
+
+def test_lr_schedule_analytic():
+    c = get_profile("cpu").pretrain
+    assert lr_at(0, c) == pytest.approx(c.lr / (c.warmup_iters + 1))
+    assert lr_at(c.warmup_iters, c) == pytest.approx(c.lr)
+    mid = c.warmup_iters + (c.max_iters - c.warmup_iters) // 2
+    assert lr_at(mid, c) == pytest.approx((c.lr + c.min_lr) / 2, rel=1e-3)
+    assert lr_at(c.max_iters, c) == pytest.approx(c.min_lr)
+
+
+class TestTraining:
+    """Training on the generated smoke corpus."""
+
+    @pytest.fixture(scope="class")
+    def result(self, tmp_path_factory):
+        return train_gpt(CFG, smoke_corpus(), tmp_path_factory.mktemp("ck"), progress=False)
+
+    def test_initial_loss_is_uniform_over_vocab(self, result):
+        first = next(e for e in result.log.evals if e["step"] == 0 and e["split"] == "val")
+        assert first["loss"] == pytest.approx(math.log(result.tokenizer.vocab_size), abs=0.1)
+
+    def test_loss_falls(self, result):
+        val = [e["loss"] for e in result.log.evals if e["split"] == "val"]
+        assert val[-1] < val[0] - 1.0
+
+    def test_logs_every_step(self, result):
+        assert [s["step"] for s in result.log.steps] == list(range(CFG.max_iters))
+        assert all(s["grad_norm"] > 0 and s["tokens_per_s"] > 0 for s in result.log.steps)
+        assert [s["lr"] for s in result.log.steps] == [lr_at(i, CFG) for i in range(CFG.max_iters)]
+
+    def test_checkpoints_and_samples(self, result, tmp_path):
+        assert [s["step"] for s in result.log.samples] == [50, 100, 150, 200]
+        assert all(len(s["text"]) == CFG.sample_chars for s in result.log.samples)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    """Interrupt at step 75 (last checkpoint at 50), resume: every logged number and weight matches."""
+    corpus = smoke_corpus()
+    full = train_gpt(CFG, corpus, tmp_path / "a", progress=False)
+
+    def interrupt(step, log):
+        if step == 75:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_gpt(CFG, corpus, tmp_path / "b", progress=False, on_step=interrupt)
+    resumed = train_gpt(CFG, corpus, tmp_path / "b", progress=False)
+    assert resumed.resumed_from == 50
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
+    assert strip(resumed.log.steps) == strip(full.log.steps)
+    assert resumed.log.evals == full.log.evals
+    assert resumed.log.samples == full.log.samples
+    for (n, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_resume_refuses_other_config(tmp_path):
+    cfg = replace(CFG, max_iters=50)
+    train_gpt(cfg, smoke_corpus(), tmp_path, progress=False)
+    with pytest.raises(LabError, match="different config.*--fresh"):
+        train_gpt(replace(cfg, lr=5e-3), smoke_corpus(), tmp_path, progress=False)
+    fresh = train_gpt(replace(cfg, lr=5e-3), smoke_corpus(), tmp_path, resume=False, progress=False)
+    assert fresh.resumed_from is None
