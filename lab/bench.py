@@ -14,8 +14,8 @@ import polars as pl
 import torch
 
 from lab.corpus import load_corpus
-from lab.gpt import GPT, GPTConfig
-from lab.pretrain import get_batch, train_gpt
+from lab.gpt import GPT
+from lab.pretrain import gpt_config, train_gpt
 from lab.profiles import Profile, get_profile
 from lab.results import write_result
 from lab.tokenizer import CharTokenizer
@@ -24,14 +24,16 @@ from lab.tokenizer import CharTokenizer
 def reference_loop_tokens_per_s(cfg, data: torch.Tensor, vocab: int, steps: int, warmup: int) -> float:
     """A straightforward nanoGPT-style loop: eager model, default AdamW, no compilation."""
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(vocab, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.dropout))
+    model = GPT(gpt_config(cfg, vocab))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     elapsed = 0.0
     for it in range(warmup + steps):
         t0 = time.perf_counter()
-        x, y = get_batch(data, cfg.block_size, cfg.batch_size, gen)
+        ix = torch.randint(len(data) - cfg.block_size - 1, (cfg.batch_size,), generator=gen)
+        x = torch.stack([data[i:i + cfg.block_size] for i in ix.tolist()])
+        y = torch.stack([data[i + 1:i + 1 + cfg.block_size] for i in ix.tolist()])
         _, loss, _ = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -43,10 +45,11 @@ def reference_loop_tokens_per_s(cfg, data: torch.Tensor, vocab: int, steps: int,
     return steps * cfg.batch_size * cfg.block_size / elapsed
 
 
-def lab_loop_tokens_per_s(cfg, corpus, steps: int, warmup: int) -> tuple[float, float]:
-    """``lab.pretrain.train_gpt`` with the profile's settings; (tokens/s after warmup, warmup seconds)."""
+def lab_loop_tokens_per_s(cfg, corpus, steps: int, warmup: int, compile: bool) -> tuple[float, float]:
+    """``lab.pretrain.train_gpt`` (fused AdamW, one-gather batches, cached RoPE tables), optionally compiled;
+    returns (tokens/s after warmup, warmup seconds)."""
     bench_cfg = replace(cfg, max_iters=warmup + steps, eval_interval=10**9, eval_iters=1, final_eval_iters=1,
-                        checkpoint_interval=10**9, sample_chars=1)
+                        checkpoint_interval=10**9, sample_chars=1, compile=compile)
     with tempfile.TemporaryDirectory() as tmp:
         res = train_gpt(bench_cfg, corpus, tmp, resume=False, progress=False)
     steps_df, _, _ = res.log.frames()
@@ -68,17 +71,24 @@ def pretrain_throughput(profile: str | Profile | None = None, steps: int = 200, 
     data = tok.encode(corpus.train_text)
     t0 = time.perf_counter()
     ref = reference_loop_tokens_per_s(p.pretrain, data, tok.vocab_size, steps, warmup)
-    ours, warm_s = lab_loop_tokens_per_s(p.pretrain, corpus, steps, warmup)
+    rows = [("reference (eager, nanoGPT-style loop)", ref, None)]
+    eager, eager_warm = lab_loop_tokens_per_s(p.pretrain, corpus, steps, warmup, compile=False)
+    rows.append(("lab loop, eager", eager, eager_warm))
+    if p.pretrain.compile:
+        comp, comp_warm = lab_loop_tokens_per_s(p.pretrain, corpus, steps, warmup, compile=True)
+        rows.append(("lab loop, torch.compile (what the profile trains with)", comp, comp_warm))
+    tok_per_step = p.pretrain.batch_size * p.pretrain.block_size
     frame = pl.DataFrame({
-        "loop": ["reference (eager nanoGPT-style)", "lab" + (" (torch.compile)" if p.pretrain.compile else "")],
-        "tokens_per_s": [ref, ours],
-        "ms_per_step": [1000 * p.pretrain.batch_size * p.pretrain.block_size / v for v in (ref, ours)],
-        "ratio": [1.0, ours / ref],
-        "warmup_s": [None, warm_s],
-        "threads": [torch.get_num_threads()] * 2,
+        "loop": [r[0] for r in rows],
+        "tokens_per_s": [r[1] for r in rows],
+        "ms_per_step": [1000 * tok_per_step / r[1] for r in rows],
+        "ratio": [r[1] / ref for r in rows],
+        "warmup_s": [r[2] for r in rows],
+        "threads": [torch.get_num_threads()] * len(rows),
     })
-    print(f"pretrain throughput: reference {ref:,.0f} tok/s, lab {ours:,.0f} tok/s -> ratio {ours / ref:.2f}x "
-          f"(timed {steps} steps after {warmup} warm-up steps; compile warm-up {warm_s:.1f} s)")
+    for loop, tps, ratio in frame.select("loop", "tokens_per_s", "ratio").iter_rows():
+        print(f"pretrain throughput: {loop:<55} {tps:>9,.0f} tok/s  ratio {ratio:.2f}x")
+    print(f"(timed {steps} steps after {warmup} warm-up steps, same run, {torch.get_num_threads()} threads)")
     if write:
         write_result("pretrain", "benchmark", frame, config={"steps": steps, "warmup": warmup},
                      seed=p.pretrain.seed, profile=p.name, wall_time_s=time.perf_counter() - t0)

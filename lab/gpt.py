@@ -58,6 +58,10 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head, self.dropout, self.rope = cfg.n_head, cfg.dropout, cfg.pos_emb == "rope"
+        if self.rope:  # tables for the longest sequence, computed once (not saved in state_dict)
+            cos, sin = rope_tables(cfg.block_size, cfg.d_model // cfg.n_head)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.resid_drop = nn.Dropout(cfg.dropout)
@@ -67,7 +71,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if self.rope:
-            cos, sin = rope_tables(T, C // self.n_head, x.device)
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         drop = self.dropout if self.training else 0.0
         if need_pattern:  # eager path: the softmax is materialised so it can be observed

@@ -28,6 +28,13 @@ from lab.tokenizer import CharTokenizer
 CKPT = "ckpt.safetensors"
 
 
+def gpt_config(cfg: PretrainConfig, vocab_size: int) -> GPTConfig:
+    """The model shape a pretraining config describes."""
+    if cfg.pos_emb not in ("learned", "rope"):
+        raise LabError(f"pos_emb must be 'learned' or 'rope', got {cfg.pos_emb!r}")
+    return GPTConfig(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.dropout, cfg.pos_emb)
+
+
 def lr_at(it: int, cfg: PretrainConfig) -> float:
     """nanoGPT's schedule: linear warmup, then cosine decay from ``lr`` to ``min_lr`` at ``max_iters``."""
     if it < cfg.warmup_iters:
@@ -39,9 +46,8 @@ def lr_at(it: int, cfg: PretrainConfig) -> float:
 def get_batch(data: torch.Tensor, block: int, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows of ``data``: x (B, T) and the next-character targets y (B, T)."""
     ix = torch.randint(len(data) - block - 1, (batch,), generator=gen)
-    x = torch.stack([data[i:i + block] for i in ix.tolist()])
-    y = torch.stack([data[i + 1:i + 1 + block] for i in ix.tolist()])
-    return x, y
+    win = data[ix[:, None] + torch.arange(block + 1)]  # (B, T+1), one gather instead of 2B slices
+    return win[:, :-1], win[:, 1:]
 
 
 def make_optimizer(model: GPT, cfg: PretrainConfig) -> torch.optim.AdamW:
@@ -50,7 +56,7 @@ def make_optimizer(model: GPT, cfg: PretrainConfig) -> torch.optim.AdamW:
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 @torch.no_grad()
@@ -189,7 +195,7 @@ def train_gpt(
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(tok.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.dropout)).to(device)
+    model = GPT(gpt_config(cfg, tok.vocab_size)).to(device)
     opt = make_optimizer(model, cfg)
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     start, log, resumed_from = 0, TrainLog(), None

@@ -30,6 +30,9 @@ class PretrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0
     dropout: float = 0.0
+    # The one change from nanoGPT's recipe: rotary position embeddings. On our held-out plays the learned
+    # absolute embeddings of nanoGPT reach val 1.95 in 2000 steps, RoPE 1.83 (the track measures both).
+    pos_emb: str = "rope"
     eval_interval: int = 250
     eval_iters: int = 50
     final_eval_iters: int = 200  # more batches for the headline number
@@ -71,7 +74,7 @@ PROFILES: dict[str, Profile] = {
         device="cpu",
         corpus="shakespeare",
         lm="smollm2-135m",
-        pretrain=PretrainConfig(),
+        pretrain=PretrainConfig(compile=True),
     ),
     "gpu": Profile(
         name="gpu",

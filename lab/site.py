@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from lab.errors import LabError
@@ -49,6 +50,7 @@ def build_site(site_dir: Path | None = None, strict: bool = True) -> Path:
     from mkdocs.exceptions import MkDocsException
 
     _check_vendor()
+    os.environ.setdefault("NO_MKDOCS_2_WARNING", "1")  # Material's end-of-life banner on every build
     site_dir = Path(site_dir) if site_dir is not None else REPO_ROOT / "site"
     collect = _Collect()
     logger = logging.getLogger("mkdocs")

@@ -15,8 +15,8 @@ What they do, in build order:
       {{ provenance("pretrain/summary") }}                  config, commit, packages, hardware
 
 A result reference is ``"<track>/<name>"`` (cpu profile) or ``"<profile>/<track>/<name>"``, relative to
-:func:`lab.results.results_root` (so ``LAB_RESULTS_DIR`` works). Macros inside code spans and fenced
-code blocks are left alone. A missing result stops the build with the command that makes it.
+:func:`lab.results.results_root` (so ``LAB_RESULTS_DIR`` works). Macros inside code spans, fenced
+code blocks and HTML comments are left alone. A missing result stops the build with the command that makes it.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import html
 import json
 import posixpath
 import re
-from functools import lru_cache
+from functools import lru_cache, wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import polars as pl
 from mkdocs.exceptions import PluginError
@@ -49,6 +49,8 @@ VENDOR_FILES = (
 RESULT_SUFFIXES = (".parquet", ".vl.json", "manifest.json")
 SKIPPED_PROFILES = ("smoke",)  # smoke results are test debris, never published
 QUESTIONS_SRC = "questions.md"
+QUESTIONS_FILE = REPO_ROOT / "QUESTIONS.md"
+DOCS_DIR = REPO_ROOT / "docs"  # hand-written prose, published under docs/
 
 # Repo-root files rendered as pages: site src_uri -> repo-relative path (filled by on_files).
 _GENERATED: dict[str, str] = {}
@@ -225,9 +227,9 @@ def macro_provenance(ref: str) -> str:
 
 MACROS = {"chart": macro_chart, "value": macro_value, "table": macro_table, "provenance": macro_provenance}
 
-# A code fence / code span (left alone) or a macro call ``{{ name(args) }}``.
+# A code fence / code span / HTML comment (left alone) or a macro call ``{{ name(args) }}``.
 _MACRO_RE = re.compile(
-    r"(?P<code>^(?P<fence>[ \t]*(?:`{3,}|~{3,})).*?^(?P=fence)[ \t]*$|`[^`\n]+`)"
+    r"(?P<code>^(?P<fence>[ \t]*(?:`{3,}|~{3,})).*?^(?P=fence)[ \t]*$|`[^`\n]+`|<!--.*?-->)"
     r"|\{\{\s*(?P<name>[A-Za-z_]\w*)\s*\((?P<args>.*?)\)\s*\}\}",
     re.DOTALL | re.MULTILINE,
 )
@@ -311,23 +313,25 @@ def render_questions(markdown: str) -> str:
     return re.sub(r"^Evidence:", "\n**Evidence:**", markdown, flags=re.MULTILINE)
 
 
-def _docs_pages() -> list[Path]:
-    docs = REPO_ROOT / "docs"
-    return sorted(p for p in docs.rglob("*") if p.is_file() and not p.name.startswith(".")) if docs.is_dir() else []
+def _docs_files() -> list[Path]:
+    if not DOCS_DIR.is_dir():
+        return []
+    return sorted(p for p in DOCS_DIR.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
 # ----------------------------------------------------------------------------- mkdocs events
 
 
-def _as_plugin_error(fn):  # noqa: ANN001, ANN202 - mkdocs prints PluginError cleanly, a LabError as a traceback
+def _as_plugin_error(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """mkdocs prints a PluginError as one clean line; any other exception as a traceback."""
+
+    @wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except LabError as e:
             raise PluginError(str(e)) from e
 
-    wrapped.__name__ = fn.__name__
-    wrapped.__doc__ = fn.__doc__
     return wrapped
 
 
@@ -338,11 +342,8 @@ def on_config(config: Any) -> Any:
     missing = [f for f in VENDOR_FILES if not (vendor / f).exists()]
     if missing:
         raise LabError(f"the site's bundled JS is missing ({', '.join(missing)} in {vendor}): run ./.ci/setup")
-    notes = [
-        {p.stem.replace("_", " ").replace("-", " ").capitalize(): f"docs/{p.relative_to(REPO_ROOT / 'docs').as_posix()}"}
-        for p in _docs_pages()
-        if p.suffix == ".md"
-    ]
+    # Plain paths: mkdocs titles each page from its first heading.
+    notes = [f"docs/{p.relative_to(DOCS_DIR).as_posix()}" for p in _docs_files() if p.suffix == ".md"]
     if notes and config.get("nav") is not None:
         config["nav"] = [*config["nav"], {"Notes": notes}]
     return config
@@ -365,12 +366,11 @@ def on_files(files: Files, config: Any) -> Files:
             if path.is_file() and path.name.endswith(RESULT_SUFFIXES) and rel.split("/")[0] not in SKIPPED_PROFILES:
                 add(File.generated(config, f"results/{rel}", abs_src_path=str(path)))
 
-    questions = REPO_ROOT / "QUESTIONS.md"
-    if questions.exists():
-        add(File.generated(config, QUESTIONS_SRC, content=questions.read_text(encoding="utf-8")))
+    if QUESTIONS_FILE.exists():
+        add(File.generated(config, QUESTIONS_SRC, content=QUESTIONS_FILE.read_text(encoding="utf-8")))
         _GENERATED[QUESTIONS_SRC] = "QUESTIONS.md"
-    for path in _docs_pages():
-        src = f"docs/{path.relative_to(REPO_ROOT / 'docs').as_posix()}"
+    for path in _docs_files():
+        src = f"docs/{path.relative_to(DOCS_DIR).as_posix()}"
         add(File.generated(config, src, abs_src_path=str(path)))
         if path.suffix == ".md":
             _GENERATED[src] = src
@@ -390,7 +390,19 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
 
 def on_serve(server: Any, config: Any, builder: Any) -> Any:
     """Rebuild on changes to the results, the questions log and docs/ as well."""
-    for path in (results_root("cpu"), REPO_ROOT / "QUESTIONS.md", REPO_ROOT / "docs"):
+    for path in (results_root("cpu"), QUESTIONS_FILE, DOCS_DIR):
         if path.exists():
             server.watch(str(path))
     return server
+
+
+# mkdocs loads this file by path as a second module object (named "lab/site_hooks.py"). Route its events to
+# the one importable `lab.site_hooks`, so that state (`_GENERATED`) and settings (`DOCS_DIR`, patched by tests)
+# are shared.
+if __name__ != "lab.site_hooks":
+    import lab.site_hooks as _canonical
+
+    on_config = _canonical.on_config
+    on_files = _canonical.on_files
+    on_page_markdown = _canonical.on_page_markdown
+    on_serve = _canonical.on_serve

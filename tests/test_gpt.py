@@ -94,3 +94,39 @@ class TestCapture:
         _, loss, _ = gpt(idx[:, :-1], idx[:, 1:])
         torch.testing.assert_close(loss, F.cross_entropy(logits[:, :-1].reshape(-1, CFG.vocab_size),
                                                          idx[:, 1:].reshape(-1)), rtol=1e-5, atol=1e-5)
+
+
+class TestRoPE:
+    """Rotary embeddings: attention scores depend only on the offset between positions."""
+
+    def test_scores_depend_on_relative_position_only(self):
+        from lab.gpt import apply_rope, rope_tables
+
+        torch.manual_seed(0)
+        hs, T = 8, 12
+        q, k = torch.randn(hs), torch.randn(hs)
+        cos, sin = rope_tables(T, hs)
+        Q = apply_rope(q.expand(1, 1, T, hs), cos, sin)[0, 0]  # the same vector at every position
+        K = apply_rope(k.expand(1, 1, T, hs), cos, sin)[0, 0]
+        S = Q @ K.T  # (T, T) score of query at m with key at n
+        for off in range(-3, 4):
+            diag = torch.diagonal(S, offset=off)
+            torch.testing.assert_close(diag, diag[0].expand_as(diag), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(S[5, 5], S[5, 2])  # but it does depend on the offset
+
+    def test_rotation_preserves_norm(self):
+        from lab.gpt import apply_rope, rope_tables
+
+        x = torch.randn(2, 3, 10, 16)
+        cos, sin = rope_tables(10, 16)
+        torch.testing.assert_close(apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1))
+
+    def test_rope_model_identities(self):
+        torch.manual_seed(0)
+        cfg = GPTConfig(vocab_size=30, block_size=8, n_layer=2, n_head=2, d_model=16, pos_emb="rope")
+        m = GPT(cfg).eval()
+        idx = torch.randint(0, 30, (1, 8))
+        logits, _, c = m(idx, capture=hook_names(2))
+        assert "hook_pos_embed" not in c
+        torch.testing.assert_close(c["blocks.1.hook_resid_mid"] + c["blocks.1.hook_mlp_out"], c["blocks.1.hook_resid_post"])
+        torch.testing.assert_close(m(idx)[0], logits, rtol=1e-5, atol=1e-5)  # fused == eager path

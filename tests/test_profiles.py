@@ -36,3 +36,4 @@ class TestProfiles:
         c = get_profile("cpu").pretrain
         assert (c.n_layer, c.d_model, c.n_head, c.block_size, c.batch_size, c.max_iters) == (4, 128, 4, 64, 12, 2000)
         assert (c.lr, c.min_lr, c.warmup_iters) == (1e-3, 1e-4, 100)
+        assert c.pos_emb == "rope"  # our one documented change (the track measures learned too)

@@ -59,6 +59,17 @@ def plot_log(df: pl.DataFrame) -> alt.VConcatChart:
     return alt.vconcat(*[p.properties(width="container", height=120) for p in panels])
 
 
+def plot_ablation(df: pl.DataFrame) -> alt.Chart:
+    """Validation loss over training for each position-embedding variant."""
+    val = df.filter(pl.col("split") == "val")
+    return alt.Chart(val).mark_line(point=True).encode(
+        x=alt.X("step:Q", title="step"),
+        y=alt.Y("loss:Q", title="validation loss (nats/char)", scale=alt.Scale(zero=False)),
+        color=alt.Color("pos_emb:N", title="position embedding"),
+        tooltip=["pos_emb:N", "step:Q", alt.Tooltip("loss:Q", format=".3f")],
+    ).properties(width="container", height=260)
+
+
 def checkpoint_dir(profile: Profile) -> Path:
     return DATA_DIR / "checkpoints" / profile.name / TRACK
 
@@ -114,6 +125,17 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, bench: boo
     write_result(TRACK, "log", steps, chart=plot_log, **common)
     write_result(TRACK, "samples", samples, **common)
     write_result(TRACK, "summary", pl.DataFrame([summary]), **common)
+    if cfg.pos_emb == "rope":
+        # Ablation: nanoGPT's learned absolute position embeddings, everything else identical.
+        alt_cfg = replace(cfg, pos_emb="learned")
+        base = train_gpt(alt_cfg, corpus, ckpt.with_name(ckpt.name + "-learned"), resume=not fresh,
+                         progress=progress, device=device)
+        frames = []
+        for name, r in (("rope", res), ("learned", base)):
+            frames.append(r.log.frames()[1].with_columns(pl.lit(name).alias("pos_emb")))
+        write_result(TRACK, "ablation", pl.concat(frames), chart=plot_ablation,
+                     config={"rope": asdict(cfg), "learned": asdict(alt_cfg)}, seed=cfg.seed, profile=p.name,
+                     wall_time_s=base.wall_time_s)
     if bench:
         from lab.bench import pretrain_throughput
 

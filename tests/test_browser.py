@@ -1,0 +1,157 @@
+"""The built site in headless Chromium: pages render, charts draw, math typesets, nothing leaves localhost.
+
+Needs Debian's ``chromium`` (``./.ci/test`` installs it). Without it the test skips, unless
+``LAB_REQUIRE_BROWSER=1`` (CI), where a missing browser is a failure.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        reason = "Debian chromium is not installed (apt-get install chromium; ./.ci/test does it)"
+        if os.environ.get("LAB_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"LAB_REQUIRE_BROWSER=1 but {reason}")
+        pytest.skip(reason)
+    return path
+
+
+def _site_fixtures():  # noqa: ANN202 - the fixture-results writer shared with test_site.py
+    spec = importlib.util.spec_from_file_location("_lab_site_fixtures", Path(__file__).with_name("test_site.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+@pytest.fixture(scope="module")
+def site_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """Build the site on fixture results and serve it on 127.0.0.1 from a thread."""
+    _chromium()
+    from lab.site import build_site
+
+    results = tmp_path_factory.mktemp("results")
+    _site_fixtures().write_fixture_results(results)
+    site = tmp_path_factory.mktemp("browser") / "site"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(site)))
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAB_RESULTS_DIR", str(results))
+        mp.setenv("LAB_SITE_URL", base)  # Material's instant navigation needs the site's own URL
+        build_site(site_dir=site)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield base, site
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser(site_url: tuple[str, Path]) -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _pages(site: Path) -> list[str]:
+    """Every built page, as a URL path (``""``, ``"tracks/pretrain/"``, ...)."""
+    out = []
+    for html in sorted(site.rglob("index.html")):
+        rel = html.parent.relative_to(site).as_posix()
+        if not rel.startswith("assets"):
+            out.append("" if rel == "." else rel + "/")
+    return out
+
+
+class TestSiteInBrowser:
+    """Every built page in headless Chromium."""
+
+    def test_every_page_renders_offline(self, browser: object, site_url: tuple[str, Path]) -> None:
+        base, site = site_url
+        context = browser.new_context()
+        requests: list[str] = []
+        context.on("request", lambda r: requests.append(r.url))
+        errors: list[str] = []
+        page = context.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        charts = math = 0
+        pages = _pages(site)
+        assert {"", "tracks/pretrain/", "questions/"} <= set(pages)
+        for path in pages:
+            page.goto(base + path, wait_until="load")
+            assert page.title().strip(), path
+            assert page.locator("article h1").count() >= 1, path
+            plots = page.locator(".lab-chart__plot")
+            for i in range(plots.count()):
+                plots.nth(i).locator("svg, canvas").first.wait_for(state="attached", timeout=15_000)
+                assert "lab-chart__plot--error" not in (plots.nth(i).get_attribute("class") or "")
+                charts += 1
+            formulas = page.locator(".arithmatex")
+            for i in range(formulas.count()):
+                formulas.nth(i).locator(".katex").first.wait_for(state="attached", timeout=10_000)
+                math += 1
+        context.close()
+        assert charts >= 2 and math >= 1, (charts, math)
+        assert errors == []
+        foreign = sorted({u for u in requests if urlparse(u).hostname not in LOCAL_HOSTS and not u.startswith("data:")})
+        assert foreign == [], f"requests off localhost: {foreign}"
+        assert any(u.endswith(".vl.json") for u in requests)
+
+    def test_charts_follow_dark_mode(self, browser: object, site_url: tuple[str, Path]) -> None:
+        base, _ = site_url
+        page = browser.new_page()
+        page.goto(base, wait_until="networkidle")  # Material has fetched sitemap.xml: instant navigation is armed
+        page.evaluate("window.__noReload = true")
+        page.locator("a.md-footer__link--next").click()  # to Pretraining by Material's instant navigation
+        page.wait_for_url(lambda url: urlparse(url).path.endswith("/tracks/pretrain/"))
+        assert page.evaluate("window.__noReload === true")  # the charts below were drawn without a reload
+        plot = page.locator(".lab-chart__plot").first
+        plot.locator("svg").wait_for(state="attached", timeout=15_000)
+        white_labels = plot.locator('svg text[fill="#fff"]')
+        assert page.evaluate("document.body.dataset.mdColorScheme") == "default"
+        assert white_labels.count() == 0
+        page.locator("label.md-header__button[for='__palette_1']").click()  # the dark-mode toggle
+        page.wait_for_function("document.body.dataset.mdColorScheme === 'slate'")
+        page.wait_for_function(
+            "document.querySelector('.lab-chart__plot svg text[fill=\"#fff\"]') !== null", timeout=15_000
+        )
+        assert white_labels.count() > 0  # vega-embed's dark theme: light axis labels
+        page.close()

@@ -1,0 +1,269 @@
+"""The site: macros read results files, the strict build passes on fixture results and fails clearly without them."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import urljoin
+
+import altair as alt
+import polars as pl
+import pytest
+
+from lab.errors import LabError
+from lab.results import write_result
+
+# Every result the committed pages reference, with values chosen so their formatted forms are unambiguous.
+SUMMARY = {
+    "final_val_loss": 1.98765,
+    "final_train_loss": 1.87654,
+    "best_val_loss": 1.97531,
+    "iters": 2000,
+    "tokens_seen": 1_536_000,
+    "n_params": 812_345,
+    "wall_time_s": 123.4,
+    "tokens_per_s": 12_447.3,
+    "vocab_size": 83,
+}
+SAMPLES = {"step": [0, 2000], "text": ["x|y\nsecond line <b> *not em* $no math$", "ROMEO.\nWhat light?"]}
+
+
+def _line_chart(y: str) -> Callable[[pl.DataFrame], alt.Chart]:
+    return lambda f: alt.Chart(f).mark_line().encode(x="step:Q", y=f"{y}:Q").properties(title=y)
+
+
+def write_fixture_results(root: Path) -> None:
+    """Write small versions of every result the site's pages use into ``root`` (a LAB_RESULTS_DIR)."""
+    kw = dict(config={"n_layer": 4, "d_model": 128}, seed=1337, profile="cpu", wall_time_s=1.25, root=root)
+    steps = [0, 250, 500, 750, 1000]
+    loss = pl.DataFrame(
+        {"step": steps * 2, "split": ["train"] * 5 + ["val"] * 5, "loss": [4.4, 2.6, 2.3, 2.1, 2.0, 4.4, 2.7, 2.4, 2.2, 2.1]}
+    )
+    chart = lambda f: alt.Chart(f).mark_line().encode(x="step:Q", y="loss:Q", color="split:N")  # noqa: E731
+    write_result("pretrain", "loss", loss, chart=chart, **kw)
+    log = pl.DataFrame({"step": steps, "lr": [1e-4, 1e-3, 8e-4, 4e-4, 1e-4], "grad_norm": [3.0, 1.2, 0.9, 0.8, 0.7]})
+    write_result("pretrain", "log", log, chart=_line_chart("lr"), **kw)
+    write_result("pretrain", "summary", pl.DataFrame({k: [v] for k, v in SUMMARY.items()}), **kw)
+    write_result("pretrain", "samples", pl.DataFrame(SAMPLES), **kw)
+    bench = pl.DataFrame({"loop": ["eager", "compiled"], "tokens_per_s": [12000.0, 15000.0], "ratio": [1.0, 1.25]})
+    write_result("pretrain", "benchmark", bench, **kw)
+
+
+@pytest.fixture(scope="module")
+def fixture_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("results")
+    write_fixture_results(root)
+    return root
+
+
+@pytest.fixture
+def results_env(fixture_results: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("LAB_RESULTS_DIR", str(fixture_results))
+    return fixture_results
+
+
+@pytest.fixture(scope="module")
+def built_site(fixture_results: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    from lab.site import build_site
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAB_RESULTS_DIR", str(fixture_results))
+        yield build_site(site_dir=tmp_path_factory.mktemp("built") / "site", strict=True)
+
+
+class _Tags(HTMLParser):
+    """Collects (tag, attrs) pairs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+
+def _tags(html: str) -> list[tuple[str, dict[str, str | None]]]:
+    parser = _Tags()
+    parser.feed(html)
+    return parser.tags
+
+
+class TestBuild:
+    """mkdocs build --strict against fixture results."""
+
+    def test_values_come_from_the_parquet(self, built_site: Path) -> None:
+        page = (built_site / "tracks" / "pretrain" / "index.html").read_text()
+        for expected in (
+            f"{SUMMARY['final_val_loss']:.3f}",  # 1.988
+            f"{SUMMARY['final_train_loss']:.3f}",
+            f"{SUMMARY['tokens_seen']:,}",  # 1,536,000
+            f"{SUMMARY['n_params']:,}",
+            f"{SUMMARY['tokens_per_s']:,.0f}",  # 12,447
+        ):
+            assert f">{expected}<" in page, expected
+
+    def test_charts_point_at_specs_in_the_site(self, built_site: Path, fixture_results: Path) -> None:
+        page = built_site / "tracks" / "pretrain" / "index.html"
+        specs = [a["data-spec"] for tag, a in _tags(page.read_text()) if "data-spec" in a]
+        assert len(specs) == 2
+        for spec_url in specs:
+            target = Path(urljoin(page.as_uri(), spec_url).removeprefix("file://"))
+            assert target.is_file(), spec_url
+            name = target.name.removesuffix(".vl.json")
+            assert json.loads(target.read_text()) == json.loads((fixture_results / "pretrain" / f"{name}.vl.json").read_text())
+        assert page.read_text().count('<figure class="lab-chart">') == 2
+
+    def test_result_data_is_published(self, built_site: Path, fixture_results: Path) -> None:
+        for name in ("summary.parquet", "loss.parquet", "manifest.json"):
+            assert (built_site / "results" / "pretrain" / name).read_bytes() == (fixture_results / "pretrain" / name).read_bytes()
+
+    def test_samples_table_escapes_text(self, built_site: Path) -> None:
+        page = (built_site / "tracks" / "pretrain" / "index.html").read_text()
+        cell = "x|y<br>second line &lt;b&gt; *not em* $no math$"
+        assert f"<td>{cell}</td>" in page
+        assert "<td>ROMEO.<br>What light?</td>" in page
+
+    def test_provenance_block(self, built_site: Path, fixture_results: Path) -> None:
+        page = (built_site / "tracks" / "pretrain" / "index.html").read_text()
+        record = json.loads((fixture_results / "pretrain" / "manifest.json").read_text())["summary"]
+        assert record["git_commit"] in page
+        assert "<code>1337</code>" in page
+
+    def test_questions_page(self, built_site: Path) -> None:
+        from lab.questions import parse_questions
+        from lab.results import REPO_ROOT
+
+        questions = parse_questions((REPO_ROOT / "QUESTIONS.md").read_text())
+        page = (built_site / "questions" / "index.html").read_text()
+        for q in questions:
+            assert f'<h3 id="{q.id.lower()}">' in page
+        hrefs = [a.get("href") or "" for tag, a in _tags(page) if tag == "a"]
+        assert "../tracks/pretrain/" in hrefs  # QUESTIONS.md's `site-src/tracks/pretrain.md` link, rewritten
+        assert not [h for h in hrefs if "site-src" in h or h.endswith(".md")]
+
+    def test_math_is_left_for_katex(self, built_site: Path) -> None:
+        page = (built_site / "tracks" / "pretrain" / "index.html").read_text()
+        assert re.search(r'<div class="arithmatex">\\\[.*\\log p_\\theta', page, re.S)
+
+    def test_no_external_assets(self, built_site: Path) -> None:
+        for html in built_site.rglob("*.html"):
+            for tag, attrs in _tags(html.read_text()):
+                fetched = tag == "link" and attrs.get("rel") not in ("canonical", "alternate")
+                url = attrs.get("src") if tag in ("script", "img", "iframe") else attrs.get("href") if fetched else None
+                assert not (url or "").startswith(("http:", "https:", "//")), f"{html}: {tag} {url}"
+
+
+class TestFailures:
+    """Missing inputs stop the build with the fix in the message."""
+
+    def test_missing_chart_names_the_command(self, fixture_results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        from lab.site import build_site
+
+        partial = tmp_path / "results"
+        shutil.copytree(fixture_results, partial)
+        (partial / "pretrain" / "loss.vl.json").unlink()
+        monkeypatch.setenv("LAB_RESULTS_DIR", str(partial))
+        with pytest.raises(LabError, match=r"loss\.vl\.json.*lab run pretrain --profile cpu"):
+            build_site(site_dir=tmp_path / "site")
+
+    def test_missing_vendor_js_says_run_setup(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        import lab.site
+
+        monkeypatch.setattr(lab.site, "VENDOR_DIR", tmp_path / "vendor")
+        with pytest.raises(LabError, match=r"\./\.ci/setup"):
+            lab.site.build_site(site_dir=tmp_path / "site")
+
+
+class TestMacros:
+    """The macro expander on its own."""
+
+    def test_value_and_missing_column(self, results_env: Path) -> None:
+        from lab.site_hooks import expand_macros
+
+        md = 'Loss {{ value("pretrain/summary", "best_val_loss", ".2f") }}, iters {{value("pretrain/summary","iters")}}.'
+        assert expand_macros(md, "tracks/pretrain/") == f"Loss {SUMMARY['best_val_loss']:.2f}, iters {SUMMARY['iters']}."
+        with pytest.raises(LabError, match="no column 'nope'.*final_val_loss"):
+            expand_macros('{{ value("pretrain/summary", "nope") }}', "")
+
+    def test_missing_parquet_names_the_command(self, results_env: Path) -> None:
+        from lab.site_hooks import expand_macros
+
+        with pytest.raises(LabError, match=r"lab run C_probing --profile cpu"):
+            expand_macros('{{ table("C_probing/logit_lens") }}', "")
+
+    def test_chart_url_is_relative_to_the_page(self, results_env: Path) -> None:
+        from lab.site_hooks import expand_macros
+
+        assert 'data-spec="results/pretrain/loss.vl.json"' in expand_macros('{{ chart("pretrain/loss", "c") }}', "")
+        assert 'data-spec="../../results/pretrain/loss.vl.json"' in expand_macros(
+            '{{ chart("pretrain/loss", "c") }}', "tracks/pretrain/"
+        )
+
+    def test_table_columns_and_rows(self, results_env: Path) -> None:
+        from lab.site_hooks import expand_macros
+
+        out = expand_macros('{{ table("pretrain/benchmark", columns=["loop", "ratio"], max_rows=1) }}', "").strip()
+        assert out.splitlines() == ["| loop | ratio |", "| --- | ---: |", "| eager | 1 |"]
+
+    def test_code_and_comments_are_left_alone(self, results_env: Path) -> None:
+        from lab.site_hooks import expand_macros
+
+        md = '`{{ value("x/y", "z") }}`\n\n```md\n{{ chart("x/y") }}\n```\n\n<!-- {{ value("x/y", "z") }} -->\n'
+        assert expand_macros(md, "") == md
+
+    def test_unknown_macro_and_bad_arguments(self, results_env: Path) -> None:
+        from lab.site_hooks import expand_macros
+
+        with pytest.raises(LabError, match="unknown macro"):
+            expand_macros('{{ plot("pretrain/loss") }}', "")
+        with pytest.raises(LabError, match="literals"):
+            expand_macros("{{ value(pretrain/summary) }}", "")
+
+
+class TestRepoPages:
+    """QUESTIONS.md and docs/ become pages with working links."""
+
+    def test_rewrite_repo_links(self) -> None:
+        from lab.site_hooks import rewrite_repo_links
+
+        md = "[a](site-src/tracks/pretrain.md#results) [b](results/pretrain/loss.parquet) [c](https://x.org/a.md) [d](docs/blog.md)"
+        assert rewrite_repo_links(md, "QUESTIONS.md", "questions.md") == (
+            "[a](tracks/pretrain.md#results) [b](results/pretrain/loss.parquet) [c](https://x.org/a.md) [d](docs/blog.md)"
+        )
+        # From a docs page one folder down, links written relative to that file in the repo.
+        assert rewrite_repo_links("[a](../../site-src/index.md) [q](../../QUESTIONS.md#q1)", "docs/notes/x.md", "docs/notes/x.md") == (
+            "[a](../../index.md) [q](../../questions.md#q1)"
+        )
+
+    def test_docs_pages_are_built_with_working_links(
+        self, results_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import lab.site_hooks as hooks
+        from lab.site import build_site
+
+        docs = tmp_path / "docs"
+        (docs / "papers").mkdir(parents=True)
+        (docs / "blog.md").write_text("# Blog post\n\nSee [the page](../site-src/tracks/pretrain.md#results).\n")
+        (docs / "papers" / "bayes.md").write_text(
+            "# Bayes notes\n\n[data](../../results/pretrain/loss.parquet) and [Q14](../../QUESTIONS.md#q14)\n"
+        )
+        monkeypatch.setattr(hooks, "DOCS_DIR", docs)
+        site = build_site(site_dir=tmp_path / "site", strict=True)  # strict: every rewritten link resolves
+        blog = (site / "docs" / "blog" / "index.html").read_text()
+        assert 'href="../../tracks/pretrain/#results"' in blog
+        bayes = (site / "docs" / "papers" / "bayes" / "index.html").read_text()
+        assert 'href="../../../results/pretrain/loss.parquet"' in bayes
+        assert 'href="../../../questions/#q14"' in bayes
+        home = (site / "index.html").read_text()
+        assert "Notes" in home and "Bayes notes" in home  # appended to the navigation, titled by heading
+
+    def test_empty_docs_folder_is_fine(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        import lab.site_hooks as hooks
+
+        monkeypatch.setattr(hooks, "DOCS_DIR", tmp_path / "absent")
+        assert hooks._docs_files() == []
+
