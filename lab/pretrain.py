@@ -101,13 +101,13 @@ class TrainResult:
     model: GPT
     tokenizer: CharTokenizer
     log: TrainLog
-    wall_time_s: float
+    wall_time_s: float  # summed over interrupted and resumed segments, up to the last checkpoint before each stop
     train_time_s: float  # time in optimisation steps only (excludes evaluation and sampling)
     resumed_from: int | None
 
 
 def _save_checkpoint(folder: Path, step: int, model: GPT, opt: torch.optim.Optimizer, batch_gen: torch.Generator,
-                     cfg: PretrainConfig, tok: CharTokenizer, log: TrainLog) -> None:
+                     cfg: PretrainConfig, tok: CharTokenizer, log: TrainLog, times: dict[str, float]) -> None:
     steps, evals, samples = log.frames()
     for name, frame in (("steps", steps), ("evals", evals), ("samples", samples)):
         buf = __import__("io").BytesIO()
@@ -120,7 +120,7 @@ def _save_checkpoint(folder: Path, step: int, model: GPT, opt: torch.optim.Optim
             tensors[f"optim.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
     tensors["rng.batch"] = batch_gen.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"step": str(step), "config": json.dumps(asdict(cfg)), "vocab": tok.to_json()}
+    meta = {"step": str(step), "config": json.dumps(asdict(cfg)), "vocab": tok.to_json(), "times": json.dumps(times)}
     tmp = folder / f".{CKPT}.tmp"
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(folder / CKPT)
@@ -129,7 +129,7 @@ def _save_checkpoint(folder: Path, step: int, model: GPT, opt: torch.optim.Optim
 
 
 def _load_checkpoint(folder: Path, cfg: PretrainConfig, model: GPT, opt: torch.optim.Optimizer,
-                     batch_gen: torch.Generator) -> tuple[int, TrainLog]:
+                     batch_gen: torch.Generator) -> tuple[int, TrainLog, dict[str, float]]:
     from safetensors import safe_open
 
     with safe_open(str(folder / CKPT), "pt") as f:
@@ -158,7 +158,7 @@ def _load_checkpoint(folder: Path, cfg: PretrainConfig, model: GPT, opt: torch.o
         frame = pl.read_parquet(folder / f"{name}.parquet")
         rows.extend(frame.filter(pl.col("step") < step).to_dicts() if name == "steps"
                     else frame.filter(pl.col("step") <= step).to_dicts())
-    return step, log
+    return step, log, json.loads(meta.get("times", '{"wall": 0.0, "train": 0.0}'))
 
 
 def train_gpt(
@@ -199,8 +199,9 @@ def train_gpt(
     opt = make_optimizer(model, cfg)
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     start, log, resumed_from = 0, TrainLog(), None
+    prior = {"wall": 0.0, "train": 0.0}  # time spent up to the checkpoint by earlier, interrupted runs
     if resume and (ckpt_dir / CKPT).exists():
-        start, log = _load_checkpoint(ckpt_dir, cfg, model, opt, batch_gen)
+        start, log, prior = _load_checkpoint(ckpt_dir, cfg, model, opt, batch_gen)
         resumed_from = start
     fwd = torch.compile(model) if cfg.compile else model
 
@@ -241,9 +242,11 @@ def train_gpt(
             log.samples.append({"step": done, "text": sample_text(model, tok, cfg.sample_chars, cfg.seed + done)})
             if done == cfg.max_iters:
                 evaluate(done, cfg.final_eval_iters)
-            _save_checkpoint(ckpt_dir, done, model, opt, batch_gen, cfg, tok, log)
+            times = {"wall": prior["wall"] + time.perf_counter() - t_start, "train": prior["train"] + train_time}
+            _save_checkpoint(ckpt_dir, done, model, opt, batch_gen, cfg, tok, log, times)
         if on_step is not None:
             on_step(done, log)
     if bar is not None:
         bar.close()
-    return TrainResult(model, tok, log, time.perf_counter() - t_start, train_time, resumed_from)
+    return TrainResult(model, tok, log, prior["wall"] + time.perf_counter() - t_start, prior["train"] + train_time,
+                       resumed_from)

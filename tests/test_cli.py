@@ -33,7 +33,7 @@ def test_smoke_run_writes_consistent_results(results_dir, capsys):
     """`lab run pretrain --profile smoke` writes every result; summary agrees with the loss table."""
     assert main(["run", "pretrain", "--profile", "smoke", "--fresh"]) == 0
     folder = results_dir / "smoke" / "pretrain"
-    for name in ("loss", "log", "samples", "summary", "benchmark"):
+    for name in ("loss", "log", "samples", "summary", "benchmark", "ablation", "ablation_summary"):
         assert (folder / f"{name}.parquet").exists(), name
     loss = pl.read_parquet(folder / "loss.parquet")
     summary = pl.read_parquet(folder / "summary.parquet").row(0, named=True)

@@ -80,3 +80,13 @@ def test_resume_refuses_other_config(tmp_path):
         train_gpt(replace(cfg, lr=5e-3), smoke_corpus(), tmp_path, progress=False)
     fresh = train_gpt(replace(cfg, lr=5e-3), smoke_corpus(), tmp_path, resume=False, progress=False)
     assert fresh.resumed_from is None
+
+
+def test_wall_time_accumulates_across_resume(tmp_path):
+    """A finished run resumed at its last step does no work but reports the original run's time."""
+    cfg = replace(CFG, max_iters=50)
+    first = train_gpt(cfg, smoke_corpus(), tmp_path, progress=False)
+    again = train_gpt(cfg, smoke_corpus(), tmp_path, progress=False)
+    assert again.resumed_from == 50 and again.log.steps == first.log.steps
+    assert first.train_time_s == pytest.approx(again.train_time_s)
+    assert again.wall_time_s >= first.wall_time_s * 0.9

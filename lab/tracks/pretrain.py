@@ -133,9 +133,15 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, bench: boo
         frames = []
         for name, r in (("rope", res), ("learned", base)):
             frames.append(r.log.frames()[1].with_columns(pl.lit(name).alias("pos_emb")))
-        write_result(TRACK, "ablation", pl.concat(frames), chart=plot_ablation,
-                     config={"rope": asdict(cfg), "learned": asdict(alt_cfg)}, seed=cfg.seed, profile=p.name,
-                     wall_time_s=base.wall_time_s)
+        both = pl.concat(frames)
+        ab_common = dict(config={"rope": asdict(cfg), "learned": asdict(alt_cfg)}, seed=cfg.seed, profile=p.name,
+                         wall_time_s=base.wall_time_s)
+        write_result(TRACK, "ablation", both, chart=plot_ablation, **ab_common)
+        final_rows = (both.filter(pl.col("step") == cfg.max_iters)
+                      .pivot(on="split", index="pos_emb", values="loss")
+                      .select("pos_emb", pl.col("val").alias("final_val_loss"), pl.col("train").alias("final_train_loss"))
+                      .with_columns((pl.col("final_val_loss") - pl.col("final_train_loss")).alias("val_minus_train")))
+        write_result(TRACK, "ablation_summary", final_rows, **ab_common)
     if bench:
         from lab.bench import pretrain_throughput
 
