@@ -26,3 +26,18 @@ def tiny_model(request):
     from lab.models import load_tiny_model
 
     return load_tiny_model(request.param, seed=0)
+
+
+@pytest.fixture(scope="session")
+def smoke_results(tmp_path_factory):
+    """Every registered track run for real on the smoke profile (once per session); used as site results.
+
+    Building the site from these means pages can only reference results that the tracks actually produce.
+    """
+    from lab.cli import main
+
+    raw = tmp_path_factory.mktemp("smoke-run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAB_RESULTS_DIR", str(raw))
+        assert main(["run", "all", "--profile", "smoke", "--fresh"]) == 0
+    return raw / "smoke"

@@ -7,7 +7,6 @@ Needs Debian's ``chromium`` (``./.ci/test`` installs it). Without it the test sk
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import shutil
 import threading
@@ -43,26 +42,18 @@ def _chromium() -> str:
     return path
 
 
-def _site_fixtures():  # noqa: ANN202 - the fixture-results writer shared with test_site.py
-    spec = importlib.util.spec_from_file_location("_lab_site_fixtures", Path(__file__).with_name("test_site.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         pass
 
 
 @pytest.fixture(scope="module")
-def site_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """Build the site on fixture results and serve it on 127.0.0.1 from a thread."""
+def site_url(tmp_path_factory: pytest.TempPathFactory, smoke_results: Path) -> Iterator[tuple[str, Path]]:
+    """Build the site on the smoke run's results and serve it on 127.0.0.1 from a thread."""
     _chromium()
     from lab.site import build_site
 
-    results = tmp_path_factory.mktemp("results")
-    _site_fixtures().write_fixture_results(results)
+    results = smoke_results
     site = tmp_path_factory.mktemp("browser") / "site"
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(site)))
     base = f"http://127.0.0.1:{server.server_address[1]}/"

@@ -44,3 +44,15 @@ def test_smoke_run_writes_consistent_results(results_dir, capsys):
     spec = json.loads((folder / "loss.vl.json").read_text())
     assert len(next(iter(spec["datasets"].values()))) >= loss.height  # chart carries the Parquet's rows
     assert "ratio" in capsys.readouterr().out
+
+
+def test_summary_statistics_match_the_log(results_dir):
+    """The summary's gradient statistics are recomputed here from the per-step log."""
+    assert main(["run", "pretrain", "--profile", "smoke"]) == 0
+    folder = results_dir / "smoke" / "pretrain"
+    log = pl.read_parquet(folder / "log.parquet")
+    s = pl.read_parquet(folder / "summary.parquet").row(0, named=True)
+    norms = sorted(log["grad_norm"].to_list())
+    assert s["clipped_fraction"] == sum(n > 1.0 for n in norms) / len(norms)
+    tail = sorted(log["grad_norm"].to_list()[-20:])
+    assert s["grad_norm_last_tenth"] == pytest.approx((tail[9] + tail[10]) / 2)

@@ -67,21 +67,6 @@ def results_env(fixture_results: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(scope="module")
-def smoke_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every registered track run for real on the smoke profile; its results stand in for the cpu ones.
-
-    The pages can therefore only reference results that the tracks actually produce.
-    """
-    from lab.cli import main
-
-    raw = tmp_path_factory.mktemp("smoke-run")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LAB_RESULTS_DIR", str(raw))
-        assert main(["run", "all", "--profile", "smoke", "--fresh"]) == 0
-    return raw / "smoke"
-
-
-@pytest.fixture(scope="module")
 def built_site(smoke_results: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from lab.site import build_site
 
@@ -221,7 +206,8 @@ class TestMacros:
         from lab.site_hooks import expand_macros
 
         html = markdown.markdown(expand_macros('{{ table("pretrain/samples", columns=["step", "text"]) }}', ""),
-                                 extensions=["tables"])
+                                 extensions=["tables", "pymdownx.arithmatex"],
+                                 extension_configs={"pymdownx.arithmatex": {"generic": True}})  # as mkdocs.yml
         assert "<td>x|y<br>second line &lt;b&gt; *not em* $no math$</td>" in html
         assert "<td>ROMEO.<br>What light?</td>" in html
 
@@ -262,11 +248,12 @@ class TestRepoPages:
         )
 
     def test_docs_pages_are_built_with_working_links(
-        self, results_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        self, smoke_results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         import lab.site_hooks as hooks
         from lab.site import build_site
 
+        monkeypatch.setenv("LAB_RESULTS_DIR", str(smoke_results))
         docs = tmp_path / "docs"
         (docs / "papers").mkdir(parents=True)
         (docs / "blog.md").write_text("# Blog post\n\nSee [the page](../site-src/tracks/pretrain.md#results).\n")

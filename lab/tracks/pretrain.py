@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
@@ -70,6 +71,11 @@ def plot_ablation(df: pl.DataFrame) -> alt.Chart:
     ).properties(width="container", height=260)
 
 
+def _gap(evals: pl.DataFrame, step: int) -> float:
+    at = evals.filter(pl.col("step") == step)
+    return at.filter(pl.col("split") == "val")["loss"].item() - at.filter(pl.col("split") == "train")["loss"].item()
+
+
 def checkpoint_dir(profile: Profile) -> Path:
     return DATA_DIR / "checkpoints" / profile.name / TRACK
 
@@ -107,6 +113,10 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, bench: boo
         "final_val_loss": final.filter(pl.col("split") == "val")["loss"].item(),
         "final_train_loss": final.filter(pl.col("split") == "train")["loss"].item(),
         "best_val_loss": val["loss"].min(),
+        "initial_val_loss": val.filter(pl.col("step") == 0)["loss"].item(),
+        "uniform_loss": math.log(res.tokenizer.vocab_size),  # ln V: cross-entropy of a uniform guess
+        "gap_first_eval": _gap(evals, cfg.eval_interval),  # val - train at the first evaluation after step 0
+        "gap_final": _gap(evals, cfg.max_iters),
         "iters": cfg.max_iters,
         "tokens_seen": cfg.max_iters * cfg.batch_size * cfg.block_size,
         "n_params": res.model.n_params(),
@@ -116,6 +126,10 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, bench: boo
         "wall_time_s": res.wall_time_s,
         "train_time_s": res.train_time_s,
         "tokens_per_s": steps["tokens_per_s"].median(),
+        # gradient norm before clipping: median over the first and last tenth of training, share of clipped steps
+        "grad_norm_first_tenth": steps.head(max(1, cfg.max_iters // 10))["grad_norm"].median(),
+        "grad_norm_last_tenth": steps.tail(max(1, cfg.max_iters // 10))["grad_norm"].median(),
+        "clipped_fraction": (steps["grad_norm"] > cfg.grad_clip).mean(),
         "resumed_from": res.resumed_from if res.resumed_from is not None else -1,
     }
     if not write:
@@ -130,9 +144,13 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, bench: boo
         alt_cfg = replace(cfg, pos_emb="learned")
         base = train_gpt(alt_cfg, corpus, ckpt.with_name(ckpt.name + "-learned"), resume=not fresh,
                          progress=progress, device=device)
-        frames = []
+        frames, grads = [], []
         for name, r in (("rope", res), ("learned", base)):
-            frames.append(r.log.frames()[1].with_columns(pl.lit(name).alias("pos_emb")))
+            st, ev, _ = r.log.frames()
+            frames.append(ev.with_columns(pl.lit(name).alias("pos_emb")))
+            grads.append({"pos_emb": name,
+                          "grad_norm_last_tenth": st.tail(max(1, cfg.max_iters // 10))["grad_norm"].median(),
+                          "clipped_fraction": (st["grad_norm"] > cfg.grad_clip).mean()})
         both = pl.concat(frames)
         ab_common = dict(config={"rope": asdict(cfg), "learned": asdict(alt_cfg)}, seed=cfg.seed, profile=p.name,
                          wall_time_s=base.wall_time_s)
@@ -140,7 +158,8 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, bench: boo
         final_rows = (both.filter(pl.col("step") == cfg.max_iters)
                       .pivot(on="split", index="pos_emb", values="loss")
                       .select("pos_emb", pl.col("val").alias("final_val_loss"), pl.col("train").alias("final_train_loss"))
-                      .with_columns((pl.col("final_val_loss") - pl.col("final_train_loss")).alias("val_minus_train")))
+                      .with_columns((pl.col("final_val_loss") - pl.col("final_train_loss")).alias("val_minus_train"))
+                      .join(pl.DataFrame(grads), on="pos_emb", maintain_order="left"))
         write_result(TRACK, "ablation_summary", final_rows, **ab_common)
     if bench:
         from lab.bench import pretrain_throughput
