@@ -25,7 +25,7 @@ def _run(args: argparse.Namespace) -> None:
     profile = get_profile(args.profile)
     names = list(TRACKS) if args.track == "all" else [args.track]
     modules = [get_track(n) for n in names]  # validate every name before any compute
-    for name, mod in zip(names, modules):
+    for name, mod in zip(names, modules, strict=True):
         print(f"== track {name} (profile {profile.name}) ==", flush=True)
         t0 = time.perf_counter()
         summary = mod.run(profile, fresh=args.fresh)

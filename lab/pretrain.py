@@ -7,6 +7,7 @@ moments and the RNG states, written atomically; logs up to the checkpoint are wr
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -110,7 +111,7 @@ def _save_checkpoint(folder: Path, step: int, model: GPT, opt: torch.optim.Optim
                      cfg: PretrainConfig, tok: CharTokenizer, log: TrainLog, times: dict[str, float]) -> None:
     steps, evals, samples = log.frames()
     for name, frame in (("steps", steps), ("evals", evals), ("samples", samples)):
-        buf = __import__("io").BytesIO()
+        buf = io.BytesIO()
         frame.write_parquet(buf)
         atomic_write_bytes(folder / f"{name}.parquet", buf.getvalue())
     tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()

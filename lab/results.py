@@ -7,6 +7,7 @@ built from the Parquet file as written, never from in-memory state the Parquet l
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -17,7 +18,7 @@ from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import polars as pl
 
@@ -151,8 +152,6 @@ def write_result(
     folder = (root if root is not None else results_root(profile)) / track
     folder.mkdir(parents=True, exist_ok=True)
     pq = folder / f"{name}.parquet"
-    import io
-
     buf = io.BytesIO()
     frame.write_parquet(buf)
     atomic_write_bytes(pq, buf.getvalue())

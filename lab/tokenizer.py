@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -74,7 +73,3 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512):
         clean_up_tokenization_spaces=False,
     )
 
-
-def save_tokenizer(tokenizer, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(folder)

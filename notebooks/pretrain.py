@@ -59,7 +59,7 @@ def _(LabError, cli, get_profile, iters_ui, mo, pl, profile_ui, save_ui, script,
     try:
         profile = get_profile(cli.get("profile") if script else profile_ui.value)
     except LabError as err:
-        raise SystemExit(f"pretrain: error: {err}")
+        raise SystemExit(f"pretrain: error: {err}") from None
     iters = None if script else iters_ui.value
     total = iters or profile.pretrain.max_iters
 

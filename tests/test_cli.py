@@ -1,7 +1,6 @@
 """The `lab` command: user errors are one line + non-zero exit; a smoke run writes consistent results."""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -24,7 +24,7 @@ class TestTinyModels:
 
     def test_seeded_weights_are_reproducible(self, tiny_model):
         again = load_tiny_model(tiny_model.arch, seed=0).model
-        for (n, a), (_, b) in zip(tiny_model.model.state_dict().items(), again.state_dict().items()):
+        for (n, a), (_, b) in zip(tiny_model.model.state_dict().items(), again.state_dict().items(), strict=True):
             assert torch.equal(a, b), n
 
     def test_gqa_where_the_family_has_it(self, tiny_model):

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import polars as pl
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))

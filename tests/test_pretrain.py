@@ -69,7 +69,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert strip(resumed.log.steps) == strip(full.log.steps)
     assert resumed.log.evals == full.log.evals
     assert resumed.log.samples == full.log.samples
-    for (n, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+    for (n, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
 
 
