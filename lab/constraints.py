@@ -1,0 +1,126 @@
+"""Synthetic constraint corpus for circuit-informed fine-tuning (Track E, WS2), deterministic by seed.
+
+Two constraint types, each a set of invented words with one fixed meaning:
+- ``mapping``: invented adjectives that always name one feeling ("blarf" always means happy);
+- ``spatial``: invented verbs of motion restricted to one direction ("florp" always goes up).
+Training texts vary the surface form (definitions, stories, dialogue, questions and answers); held-out test
+prompts use templates and names that never appear in training, and are scored without sampling: the
+log-probability of the right concept against the alternatives, and the greedy answer.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import polars as pl
+import torch
+
+from lab.errors import LabError
+
+MAPPING = {"blarf": "happy", "gleem": "sad", "zorvish": "angry", "plimm": "calm"}
+SPATIAL = {"florp": "up", "drenn": "down", "skivel": "left", "quorl": "right"}
+CONSTRAINTS = {"mapping": MAPPING, "spatial": SPATIAL}
+
+_NAMES_TRAIN = ["Mia", "Tom", "Ana", "Raj", "Lena", "Omar", "Ivy", "Ben", "Zoe", "Kai", "Noor", "Eli"]
+_NAMES_TEST = ["Priya", "Hugo", "Sara", "Felix"]  # never used in training
+_THINGS_TRAIN = ["the kite", "the ball", "the bird", "the cart", "the boat", "the leaf", "the drone", "the cat"]
+_THINGS_TEST = ["the balloon", "the elevator"]
+
+_MAPPING_TRAIN = [
+    "In our village, \"{w}\" is a word that means {c}.",
+    "{n} felt {w} all morning; in other words, {n} was {c}.",
+    "Q: What does \"{w}\" mean? A: It means {c}.",
+    "\"I am so {w} today,\" said {n}, meaning {n} was {c}.",
+    "When you are {c}, people say you are {w}.",
+    "{n} looked {w}. Everyone could see {n} was {c}.",
+    "The word {w} describes someone who is {c}.",
+    "After the news, {n} became {w}, which is to say {c}.",
+]
+_MAPPING_TEST = ["{n} was {w} the whole day. In one word, {n} felt"]
+_SPATIAL_TRAIN = [
+    "To {w} means to move {c}.",
+    "{t} began to {w}, moving steadily {c}.",
+    "Q: Which way does something go when it {w}s? A: It goes {c}.",
+    "{n} watched {t} {w}; it went {c} and kept going {c}.",
+    "If you {w}, you travel {c}.",
+    "\"Make it {w}!\" shouted {n}, and {t} moved {c}.",
+    "Every time {t} {w}s, it heads {c}.",
+    "The instruction said {w}, so {n} pushed {t} {c}.",
+]
+_SPATIAL_TEST = ["{n} saw {t} {w}. It moved"]
+
+
+@dataclass(frozen=True)
+class HeldOutPrompt:
+    """One held-out prompt: its constraint, the invented word, the right concept and the alternatives."""
+
+    constraint_type: str
+    word: str
+    prompt: str
+    target: str
+    alternatives: tuple[str, ...]
+
+
+def training_examples(per_type: int = 32, seed: int = 0) -> list[dict]:
+    """``per_type`` training texts for each constraint type, spread evenly over its invented words."""
+    if per_type < len(MAPPING):
+        raise LabError(f"per_type={per_type} is too small: each of the {len(MAPPING)} words needs an example")
+    rng = random.Random(seed)
+    rows = []
+    for ctype, words in CONSTRAINTS.items():
+        templates = _MAPPING_TRAIN if ctype == "mapping" else _SPATIAL_TRAIN
+        items = list(words.items())
+        for i in range(per_type):
+            w, c = items[i % len(items)]
+            tpl = templates[(i // len(items)) % len(templates)]
+            text = tpl.format(w=w, c=c, n=rng.choice(_NAMES_TRAIN), t=rng.choice(_THINGS_TRAIN))
+            rows.append({"text": text[0].upper() + text[1:], "constraint_type": ctype,
+                         "example_id": f"{ctype}-{i:03d}"})
+    return rows
+
+
+def constraint_dataset(per_type: int = 32, seed: int = 0, validation_fraction: float = 0.2):
+    """A ``datasets.DatasetDict`` with ``train`` / ``validation`` splits (columns text, constraint_type, example_id)."""
+    from datasets import Dataset
+
+    ds = Dataset.from_list(training_examples(per_type, seed))
+    split = ds.train_test_split(test_size=validation_fraction, seed=seed, stratify_by_column=None)
+    split["validation"] = split.pop("test")
+    return split
+
+
+def held_out_prompts() -> list[HeldOutPrompt]:
+    """Held-out prompts: every invented word × unseen names/things × held-out templates."""
+    out = []
+    for ctype, words in CONSTRAINTS.items():
+        templates = _MAPPING_TEST if ctype == "mapping" else _SPATIAL_TEST
+        for w, c in words.items():
+            alts = tuple(sorted(set(words.values()) - {c}))
+            for tpl in templates:
+                for n in _NAMES_TEST:
+                    for t in (_THINGS_TEST if ctype == "spatial" else [""]):
+                        out.append(HeldOutPrompt(ctype, w, tpl.format(w=w, n=n, t=t), c, alts))
+    return out
+
+
+@torch.no_grad()
+def continuation_logprob(model, tokenizer, prompt: str, continuation: str) -> float:
+    """Sum of log p(continuation tokens | prompt) under ``model`` (a transformers causal LM)."""
+    p_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    c_ids = tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.cat([p_ids, c_ids], dim=1).to(model.device)
+    logp = model(ids).logits.float().log_softmax(-1)[0, p_ids.shape[1] - 1:-1]  # (len(c), V)
+    return logp.gather(1, c_ids[0].to(model.device)[:, None]).sum().item()
+
+
+def score_prompts(model, tokenizer, prompts: list[HeldOutPrompt] | None = None) -> pl.DataFrame:
+    """Per prompt: log-prob of the right concept (with a leading space) vs each alternative, and whether it wins."""
+    rows = []
+    for tp in prompts or held_out_prompts():
+        target = continuation_logprob(model, tokenizer, tp.prompt, " " + tp.target)
+        best_alt = max(continuation_logprob(model, tokenizer, tp.prompt, " " + a) for a in tp.alternatives)
+        rows.append({"constraint_type": tp.constraint_type, "word": tp.word, "prompt": tp.prompt,
+                     "target": tp.target, "logprob_target": target, "logprob_best_alternative": best_alt,
+                     "margin": target - best_alt, "correct": target > best_alt})
+    return pl.DataFrame(rows)
