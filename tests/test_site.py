@@ -255,7 +255,9 @@ class TestRepoPages:
 
         monkeypatch.setenv("LAB_RESULTS_DIR", str(smoke_results))
         docs = tmp_path / "docs"
-        (docs / "papers").mkdir(parents=True)
+        if hooks.DOCS_DIR.exists():  # the real pages link to the real notes: keep them, add the test's own
+            shutil.copytree(hooks.DOCS_DIR, docs)
+        (docs / "papers").mkdir(parents=True, exist_ok=True)
         (docs / "blog.md").write_text("# Blog post\n\nSee [the page](../site-src/tracks/pretrain.md#results).\n")
         (docs / "papers" / "bayes.md").write_text(
             "# Bayes notes\n\n[data](../../results/pretrain/loss.parquet) and [Q14](../../QUESTIONS.md#q14)\n"
