@@ -132,7 +132,8 @@ _MD_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+\-.!|$~^])")
 def escape_markdown_cell(text: str) -> str:
     """Make arbitrary text safe inside a Markdown table cell (pipes, newlines, HTML, math, emphasis)."""
     text = html.escape(text, quote=False)
-    text = _MD_SPECIALS.sub(r"\\\1", text)
+    # Numeric character references, not backslashes: "\\(" would open arithmatex math.
+    text = _MD_SPECIALS.sub(lambda m: f"&#{ord(m.group(1))};", text)
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
     return text.replace("\n", "<br>")
 
