@@ -1,0 +1,138 @@
+import marimo
+
+__generated_with = "0.25.2"
+app = marimo.App(width="medium", app_title="Attention: where heads look")
+
+
+@app.cell
+def _():
+    import marimo as mo
+    import polars as pl
+
+    from lab import attention as att
+    from lab.errors import LabError
+    from lab.models import load_model
+    from lab.profiles import PROFILES, get_profile
+    from lab.results import read_result
+    from lab.tracks import B_attention as track
+    return LabError, PROFILES, att, get_profile, load_model, mo, pl, read_result, track
+
+
+@app.cell
+def _(mo):
+    mo.md(r"""
+    # Attention: where heads look, and what fine-tuning moves
+
+    **HYPOTHESIS.** In SmolLM2-135M most heads of the middle and late layers park most of their weight on the
+    first token (an "attention sink"), a few early heads attend to the previous token, and some mid-depth heads
+    are induction heads (on a repeated random sequence they attend to the token after the earlier copy of the
+    current token). A LoRA fine-tune on the attention projections changes a few heads much more than the rest.
+
+    **METHOD.** Capture every layer's attention probabilities per query head (`lab.capture`, eager attention
+    while capturing) on six fixed prompts and eight repeated random token sequences. Per head: the mean entropy
+    of a query's attention row, relative to the uniform maximum $\ln(q+1)$; the mean weight on the first token;
+    the mean weight on the previous token; and the induction score. For the fine-tune, the Jensen–Shannon
+    divergence $\mathrm{JS}(p\,\|\,q) = \tfrac12 \mathrm{KL}(p\,\|\,m) + \tfrac12 \mathrm{KL}(q\,\|\,m)$,
+    $m = \tfrac12(p+q)$, between base and fine-tuned rows, in bits.
+
+    **QUESTIONS.** Q9 (how attention distributes), Q10 (what fine-tuning changes), Q17 (what capturing
+    attention costs in memory). See `QUESTIONS.md`.
+    """)
+    return
+
+
+@app.cell
+def _(PROFILES, mo, track):
+    script = mo.app_meta().mode == "script"
+    cli = dict(mo.cli_args()) if script else {}
+    profile_ui = mo.ui.dropdown(options=[p for p in PROFILES if p != "gpu"], value="cpu", label="model profile")
+    prompt_ui = mo.ui.text_area(value=track.PATTERN_PROMPT, label="prompt", full_width=True, rows=2)
+    controls = None if script else mo.vstack([profile_ui, prompt_ui])
+    controls
+    return cli, profile_ui, prompt_ui, script
+
+
+@app.cell
+def _(LabError, cli, get_profile, mo, script, track):
+    # Script: `python notebooks/B_attention.py -- --profile cpu` runs the track and writes results/B_attention/.
+    mo.stop(not script)
+    try:
+        _summary = track.run(get_profile(cli.get("profile")))
+    except LabError as err:
+        raise SystemExit(f"B_attention: error: {err}")
+    print({k: v for k, v in _summary.items() if not isinstance(v, float)})
+    return
+
+
+@app.cell
+def _(load_model, mo, profile_ui, script):
+    mo.stop(script)
+
+    @mo.cache
+    def model_for(name):
+        return load_model(name)
+
+    with mo.status.spinner(f"loading the {profile_ui.value} model"):
+        lm = model_for(profile_ui.value)
+    return (lm,)
+
+
+@app.cell
+def _(LabError, att, lm, mo, prompt_ui, script, track):
+    mo.stop(script)
+    try:
+        ids = track.encode(lm, prompt_ui.value)
+    except LabError as err:
+        mo.stop(True, mo.md(f"**{err}**"))
+    patterns = att.patterns_for(lm.model, ids)  # (L, H, T, T)
+    labels = att.token_labels(lm.tokenizer, ids[0].tolist())
+    n_layers, n_heads = patterns.shape[0], patterns.shape[1]
+    layer_ui = mo.ui.slider(0, n_layers - 1, value=min(n_layers - 1, n_layers // 2), label="layer", show_value=True)
+    head_ui = mo.ui.slider(0, n_heads - 1, value=0, label="head", show_value=True)
+    mo.hstack([layer_ui, head_ui], justify="start")
+    return head_ui, labels, layer_ui, patterns
+
+
+@app.cell
+def _(att, head_ui, labels, layer_ui, mo, patterns, script):
+    mo.stop(script)
+    _l, _h = layer_ui.value, head_ui.value
+    _frame = att.pattern_frame(patterns, labels, [(_l, _h)], head_label=f"layer {_l}, head {_h}")
+    _scores = att.head_frame(att.head_scores(patterns))
+    mo.vstack([
+        mo.md(f"### Layer {_l}, head {_h} on your prompt"),
+        att.plot_patterns(_frame),
+        mo.md("### Every head on your prompt"),
+        att.plot_head_grid(_scores, metrics=("entropy_norm", "sink_share", "prev_token")),
+    ])
+    return
+
+
+@app.cell
+def _(LabError, att, mo, read_result):
+    # The committed cpu-profile run (what the site shows), read back from results/B_attention/.
+    try:
+        _heads = read_result("B_attention", "heads")
+        _summ = read_result("B_attention", "summary").row(0, named=True)
+        _examples = read_result("B_attention", "patterns")
+    except LabError as err:
+        committed = mo.md(f"No committed results yet: {err}")
+    else:
+        committed = mo.vstack([
+            mo.md(f"""
+    ## RESULTS (committed `cpu` run, {_summ['model']})
+
+    Mean first-token share over all {_summ['n_heads_total']} heads: **{_summ['mean_sink_share']:.2f}**;
+    strongest previous-token head L{_summ['top_prev_layer']} H{_summ['top_prev_head']}
+    ({_summ['top_prev_score']:.2f}); strongest induction head L{_summ['top_induction_layer']}
+    H{_summ['top_induction_head']} ({_summ['top_induction_score']:.2f}, chance {_summ['chance_induction']:.3f}).
+    """),
+            att.plot_head_grid(_heads),
+            att.plot_patterns(_examples),
+        ])
+    committed
+    return
+
+
+if __name__ == "__main__":
+    app.run()

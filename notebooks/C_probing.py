@@ -1,0 +1,152 @@
+import marimo
+
+__generated_with = "0.25.2"
+app = marimo.App(width="medium", app_title="Probing the residual stream")
+
+
+@app.cell
+def _():
+    import marimo as mo
+    import polars as pl
+
+    from lab import residual as res
+    from lab.attention import token_labels
+    from lab.errors import LabError
+    from lab.models import load_model
+    from lab.profiles import PROFILES, get_profile
+    from lab.results import read_result
+    from lab.tracks import C_probing as track
+    from lab.tracks.B_attention import encode
+    return (LabError, PROFILES, encode, get_profile, load_model, mo, pl, read_result, res, token_labels, track)
+
+
+@app.cell
+def _(mo):
+    mo.md(r"""
+    # Probing the residual stream
+
+    **HYPOTHESIS.** The residual stream of SmolLM2-135M grows in norm with depth; the MLPs write larger vectors
+    than attention in most layers; read through the model's own final norm and unembedding (the *logit lens*),
+    the early layers say little about the next token and the final prediction becomes the top guess only in
+    the last few layers; positions grow more similar to each other with depth.
+
+    **METHOD.** Capture `hook_resid_pre`, `hook_attn_out`, `hook_resid_mid`, `hook_mlp_out` and `hook_resid_post`
+    of every layer (`lab.capture`, checked by the identities `resid_pre + attn_out = resid_mid` and
+    `resid_mid + mlp_out = resid_post`) on six fixed prompts. For each layer and token: norms, the projection of
+    each sublayer's output onto the stream it is added to, the logit lens
+    $\mathrm{softmax}(W_U\,\mathrm{norm}(x_\ell))$ with its KL divergence to the final distribution, cosine
+    similarity between positions, and the KL change when one sublayer's output is zeroed.
+
+    **QUESTIONS.** Q11 (what the residual stream carries), Q12 (FFN vs attention), Q13 (which tools work with
+    which architecture). See `QUESTIONS.md`.
+    """)
+    return
+
+
+@app.cell
+def _(PROFILES, mo, track):
+    from lab.tracks.B_attention import PROMPTS
+
+    script = mo.app_meta().mode == "script"
+    cli = dict(mo.cli_args()) if script else {}
+    profile_ui = mo.ui.dropdown(options=[p for p in PROFILES if p != "gpu"], value="cpu", label="model profile")
+    prompt_ui = mo.ui.text_area(value=PROMPTS[0], label="prompt", full_width=True, rows=2)
+    controls = None if script else mo.vstack([profile_ui, prompt_ui])
+    controls
+    return cli, profile_ui, prompt_ui, script
+
+
+@app.cell
+def _(LabError, cli, get_profile, mo, script, track):
+    # Script: `python notebooks/C_probing.py -- --profile cpu` runs the track (and the benchmark) and writes
+    # results/C_probing/.
+    mo.stop(not script)
+    try:
+        _summary = track.run(get_profile(cli.get("profile")))
+    except LabError as err:
+        raise SystemExit(f"C_probing: error: {err}")
+    print({k: v for k, v in _summary.items() if not isinstance(v, float)})
+    return
+
+
+@app.cell
+def _(load_model, mo, profile_ui, script):
+    mo.stop(script)
+
+    @mo.cache
+    def model_for(name):
+        return load_model(name)
+
+    with mo.status.spinner(f"loading the {profile_ui.value} model"):
+        lm = model_for(profile_ui.value)
+    return (lm,)
+
+
+@app.cell
+def _(LabError, encode, lm, mo, pl, prompt_ui, res, script, token_labels):
+    mo.stop(script)
+    try:
+        ids = encode(lm, prompt_ui.value)
+    except LabError as err:
+        mo.stop(True, mo.md(f"**{err}**"))
+    labels = token_labels(lm.tokenizer, ids[0].tolist())
+    cap, n_layers = res.capture_residuals(lm.model, ids)
+    lens = res.logit_lens(lm.model, cap, n_layers, lm.tokenizer, labels)
+    contrib = res.contributions(cap, n_layers, labels)
+    norms = res.residual_norms(cap, n_layers, labels).with_columns(
+        pl.when(pl.col("position") == 0).then(pl.lit("position 0 (first token)"))
+        .otherwise(pl.lit("median over positions ≥ 1")).alias("positions"))
+    layer_ui = mo.ui.slider(0, n_layers - 1, value=n_layers // 2, label="layer (similarity map)", show_value=True)
+    layer_ui
+    return cap, contrib, lens, layer_ui, n_layers, norms
+
+
+@app.cell
+def _(cap, contrib, layer_ui, lens, mo, n_layers, norms, pl, res, script):
+    mo.stop(script)
+    _agg = contrib.filter(pl.col("position") > 0).group_by("layer", "sublayer").agg(
+        pl.col("norm", "cos_stream").median())
+    _norm_agg = norms.group_by("layer", "point", "positions").agg(pl.col("norm").median())
+    _, _maps = res.position_similarity(cap, n_layers, layers=[layer_ui.value])
+    mo.vstack([
+        mo.md("### Logit lens on your prompt (colour: KL to the final distribution; text: top token)"),
+        res.plot_logit_lens(lens),
+        mo.md("### Attention vs MLP: share of the norm written by attention, per layer and token"),
+        res.plot_contribution_tokens(contrib),
+        mo.md("### Per layer: output norms and alignment with the stream"),
+        res.plot_contribution_profile(_agg),
+        mo.md("### Residual norm per layer"),
+        res.plot_norms(_norm_agg),
+        mo.md(f"### Cosine similarity between positions after layer {layer_ui.value}"),
+        res.plot_similarity_maps(_maps),
+    ])
+    return
+
+
+@app.cell
+def _(LabError, mo, read_result, res):
+    # The committed cpu-profile run (what the site shows), read back from results/C_probing/.
+    try:
+        _summ = read_result("C_probing", "summary").row(0, named=True)
+        _lens = read_result("C_probing", "lens_profile")
+        _bench = read_result("C_probing", "benchmark")
+    except LabError as err:
+        committed = mo.md(f"No committed results yet: {err}")
+    else:
+        committed = mo.vstack([
+            mo.md(f"""
+    ## RESULTS (committed `cpu` run, {_summ['model']})
+
+    Median depth from which the logit lens's top-1 token equals the final one:
+    **{_summ['first_stable_depth_median']:.0f}** of {_summ['n_layers']} blocks. Mean KL to the final distribution
+    after half the blocks: {_summ['lens_kl_mid']:.2f} nats.
+    """),
+            res.plot_lens_profile(_lens),
+            mo.ui.table(_bench, selection=None),
+        ])
+    committed
+    return
+
+
+if __name__ == "__main__":
+    app.run()

@@ -1,0 +1,333 @@
+"""lab.capture: TransformerLens-named capture on every tiny architecture, checked against exact identities and
+HF's own outputs; the eager switch, the memory guard and streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lab.capture import (
+    FINAL_NAME,
+    KINDS,
+    PATTERN_KIND,
+    adapter_for,
+    capture,
+    estimate,
+    hook_names,
+    invariant_errors,
+    load_streamed,
+    model_shape,
+    run_with_ablation,
+    unembed,
+)
+from lab.errors import LabError
+
+ATOL = 1e-6  # float32; the identities hold to 0.0 on all four families in practice (see the C_probing page)
+
+
+def _ids(lm, batch=2, T=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, len(lm.tokenizer), (batch, T), generator=g)
+
+
+def _all_names(model):
+    return [*hook_names(adapter_for(model).n_layers(), KINDS), FINAL_NAME]
+
+
+def _twin(lm, attn_implementation):
+    """An independent copy of the same tiny model (same seed), loaded with ``attn_implementation``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(lm.model.config, attn_implementation=attn_implementation)
+    m.load_state_dict(lm.model.state_dict())
+    return m.eval()
+
+
+class TestInvariants:
+    """The residual-stream identities and parity with HF, on Llama, Qwen2, Gemma2 and GPT-2."""
+
+    def test_residual_identities(self, tiny_model):
+        m = tiny_model.model
+        cap = capture(m, _ids(tiny_model), _all_names(m))
+        n = adapter_for(m).n_layers()
+        for l in range(n):
+            pre, attn, mid = (cap[f"blocks.{l}.{k}"] for k in ("hook_resid_pre", "hook_attn_out", "hook_resid_mid"))
+            mlp, post = cap[f"blocks.{l}.hook_mlp_out"], cap[f"blocks.{l}.hook_resid_post"]
+            torch.testing.assert_close(pre + attn, mid, atol=ATOL, rtol=0)
+            torch.testing.assert_close(mid + mlp, post, atol=ATOL, rtol=0)
+            assert attn.abs().max() > 0 and mlp.abs().max() > 0  # not trivially satisfied
+            if l + 1 < n:
+                torch.testing.assert_close(post, cap[f"blocks.{l + 1}.hook_resid_pre"], atol=0, rtol=0)
+
+    def test_first_resid_pre_is_the_embedding(self, tiny_model):
+        m = tiny_model.model
+        ids = _ids(tiny_model)
+        cap = capture(m, ids, ["blocks.0.hook_resid_pre"])
+        with torch.no_grad():
+            hidden = m(input_ids=ids, output_hidden_states=True).hidden_states  # HF: embeddings, then each block
+        torch.testing.assert_close(cap["blocks.0.hook_resid_pre"], hidden[0], atol=ATOL, rtol=0)
+
+    def test_patterns_equal_hf_eager_output_attentions(self, tiny_model):
+        m = tiny_model.model
+        ids = _ids(tiny_model)
+        n = adapter_for(m).n_layers()
+        cap = capture(m, ids, hook_names(n, [PATTERN_KIND]))
+        with torch.no_grad():
+            ref = _twin(tiny_model, "eager")(input_ids=ids, output_attentions=True).attentions
+        for l in range(n):
+            torch.testing.assert_close(cap[f"blocks.{l}.{PATTERN_KIND}"], ref[l], atol=1e-6, rtol=0)
+
+    def test_pattern_rows_sum_to_one_and_are_causal(self, tiny_model):
+        m = tiny_model.model
+        cap = capture(m, _ids(tiny_model), hook_names(adapter_for(m).n_layers(), [PATTERN_KIND]))
+        for name, p in cap.tensors.items():
+            torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:-1]), atol=1e-5, rtol=0)
+            assert torch.triu(p, diagonal=1).abs().max() == 0, name
+            assert (p >= 0).all()
+
+    def test_patterns_are_per_query_head(self, tiny_model):
+        m = tiny_model.model
+        shape = model_shape(m)
+        cap = capture(m, _ids(tiny_model, T=10), ["blocks.0.attn.hook_pattern"])
+        assert cap["blocks.0.attn.hook_pattern"].shape == (2, shape["n_heads"], 10, 10)
+        if tiny_model.arch != "gpt2":
+            assert shape["n_kv_heads"] < shape["n_heads"]  # the tiny configs really use grouped-query attention
+
+    def test_final_norm_and_unembedding_reproduce_hf_logits(self, tiny_model):
+        m = tiny_model.model
+        ids = _ids(tiny_model)
+        n = adapter_for(m).n_layers()
+        cap = capture(m, ids, [f"blocks.{n - 1}.hook_resid_post", FINAL_NAME])
+        with torch.no_grad():
+            hf = _twin(tiny_model, m.config._attn_implementation)(input_ids=ids).logits
+            from_final = m.get_output_embeddings()(cap[FINAL_NAME])
+        softcap = getattr(m.config, "final_logit_softcapping", None)
+        if softcap is not None:  # Gemma2 soft-caps its logits
+            from_final = torch.tanh(from_final / softcap) * softcap
+        torch.testing.assert_close(unembed(m, cap[f"blocks.{n - 1}.hook_resid_post"]), hf, atol=1e-5, rtol=0)
+        torch.testing.assert_close(from_final, hf, atol=1e-5, rtol=0)
+        torch.testing.assert_close(cap.logits, hf, atol=1e-5, rtol=0)
+
+    def test_invariant_errors_reports_all_small(self, tiny_model):
+        errs = invariant_errors(tiny_model.model, _ids(tiny_model))
+        assert len(errs) == 8 and max(errs.values()) < 1e-5, errs
+
+
+class TestArchitectureSpecifics:
+    """What each name holds where families differ."""
+
+    def test_gemma2_attn_out_is_post_normed(self):
+        from lab.models import load_tiny_model
+
+        lm = load_tiny_model("gemma2")
+        block = lm.model.model.layers[0]
+        raw = {}
+        def keep(mod, args, out):
+            raw["attn"] = out[0].detach()  # returns None: the output is left alone
+        h = block.self_attn.register_forward_hook(keep)
+        ids = _ids(lm)
+        try:
+            cap = capture(lm.model, ids, ["blocks.0.hook_attn_out"])
+        finally:
+            h.remove()
+        with torch.no_grad():
+            normed = block.post_attention_layernorm(raw["attn"])
+        torch.testing.assert_close(cap["blocks.0.hook_attn_out"], normed, atol=0, rtol=0)
+        assert (cap["blocks.0.hook_attn_out"] - raw["attn"]).abs().max() > 1e-3  # the norm really changes it
+
+    def test_llama_patterns_from_first_principles(self):
+        """Recompute layer-0 patterns from resid_pre with the q/k projections, RoPE and GQA head sharing."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        from lab.models import load_tiny_model
+
+        lm = load_tiny_model("llama")
+        m, cfg = lm.model, lm.model.config
+        ids = _ids(lm, batch=1, T=16)
+        cap = capture(m, ids, ["blocks.0.hook_resid_pre", "blocks.0.attn.hook_pattern"])
+        attn = m.model.layers[0].self_attn
+        hd = cfg.hidden_size // cfg.num_attention_heads
+        with torch.no_grad():
+            x = m.model.layers[0].input_layernorm(cap["blocks.0.hook_resid_pre"])
+            q = attn.q_proj(x).view(1, 16, cfg.num_attention_heads, hd).transpose(1, 2)
+            k = attn.k_proj(x).view(1, 16, cfg.num_key_value_heads, hd).transpose(1, 2)
+            cos, sin = m.model.rotary_emb(x, torch.arange(16)[None])
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            group = cfg.num_attention_heads // cfg.num_key_value_heads
+            for h in range(cfg.num_attention_heads):
+                scores = q[0, h] @ k[0, h // group].T / hd ** 0.5
+                scores = scores.masked_fill(torch.triu(torch.ones(16, 16, dtype=torch.bool), 1), float("-inf"))
+                torch.testing.assert_close(cap["blocks.0.attn.hook_pattern"][0, h], scores.softmax(-1),
+                                           atol=1e-6, rtol=0)
+
+    def test_peft_wrapped_model_is_unwrapped(self):
+        from peft import LoraConfig, get_peft_model
+
+        from lab.models import load_tiny_model
+
+        base = load_tiny_model("llama")
+        ids = _ids(base)
+        names = ["blocks.1.hook_resid_post", "blocks.1.attn.hook_pattern"]
+        ref = capture(base.model, ids, names)
+        tuned = get_peft_model(load_tiny_model("llama").model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        got = capture(tuned, ids, names)  # LoRA B = 0 at init: same activations, through the wrapper
+        for n in names:
+            torch.testing.assert_close(got[n], ref[n], atol=1e-6, rtol=0)
+
+    def test_unknown_family_is_refused(self):
+        from transformers import BertConfig, BertLMHeadModel
+
+        with pytest.raises(LabError, match="no capture adapter for model_type 'bert'"):
+            adapter_for(BertLMHeadModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                                                   intermediate_size=64, vocab_size=50)))
+
+
+class TestEagerSwitch:
+    """Eager attention only while patterns are captured; hooks never left behind."""
+
+    def _sdpa_llama(self):
+        from lab.models import load_tiny_model
+
+        lm = load_tiny_model("llama")
+        assert lm.model.config._attn_implementation == "sdpa"
+        return lm
+
+    def test_switches_only_for_patterns_and_restores(self):
+        lm = self._sdpa_llama()
+        seen = []
+        h = lm.model.model.layers[0].register_forward_hook(
+            lambda *a: seen.append(lm.model.config._attn_implementation))
+        try:
+            capture(lm.model, _ids(lm), ["blocks.0.hook_resid_post"])
+            capture(lm.model, _ids(lm), ["blocks.0.attn.hook_pattern"])
+        finally:
+            h.remove()
+        assert seen == ["sdpa", "eager"]
+        assert lm.model.config._attn_implementation == "sdpa"
+
+    def test_restores_after_an_error_and_removes_hooks(self):
+        lm = self._sdpa_llama()
+
+        def boom(*a):
+            raise RuntimeError("boom")
+        h = lm.model.model.layers[1].register_forward_hook(boom)
+        before = [len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in lm.model.modules()]
+        try:
+            with pytest.raises(RuntimeError, match="boom"):
+                capture(lm.model, _ids(lm), _all_names(lm.model))
+        finally:
+            h.remove()
+        assert lm.model.config._attn_implementation == "sdpa"
+        after = [len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in lm.model.modules()]
+        assert [a + (1 if mod is lm.model.model.layers[1] else 0) for a, mod in zip(after, lm.model.modules())] == before
+
+    def test_captured_tensors_are_detached_cpu(self):
+        lm = self._sdpa_llama()
+        cap = capture(lm.model, _ids(lm), _all_names(lm.model))
+        for t in [*cap.tensors.values(), cap.logits]:
+            assert t.device.type == "cpu" and not t.requires_grad and t.grad_fn is None
+
+
+class TestMemoryGuard:
+    """Estimates, refusal before compute, heads subsets, streaming to disk."""
+
+    def _llama(self):
+        from lab.models import load_tiny_model
+
+        return load_tiny_model("llama")
+
+    def test_estimate_equals_captured_bytes(self):
+        lm = self._llama()
+        ids = _ids(lm, batch=2, T=40)
+        names = _all_names(lm.model)
+        est = estimate(lm.model, ids, names)
+        cap = capture(lm.model, ids, names)
+        held = sum(t.numel() * t.element_size() for t in cap.tensors.values())
+        assert est.patterns + est.residuals == held
+        assert est.logits == cap.logits.numel() * cap.logits.element_size()
+        assert est.patterns == 2 * 2 * 4 * 40 * 40 * 4  # batch x layers x heads x T^2 x float32
+
+    def test_refuses_before_any_forward_and_names_the_ways_out(self):
+        lm = self._llama()
+        calls = []
+        h = lm.model.register_forward_pre_hook(lambda *a: calls.append(1))
+        ids = _ids(lm, batch=1, T=200)
+        try:
+            with pytest.raises(LabError) as err:
+                capture(lm.model, ids, hook_names(2, [PATTERN_KIND]), max_bytes=100_000)
+        finally:
+            h.remove()
+        assert calls == []
+        msg = str(err.value)
+        for way in ("fewer layers", "fewer heads", "shorter text", "stream_to", "max_bytes"):
+            assert way in msg, way
+        # "at most ~N tokens fit": N really fits and N + 1 does not (brute force over the estimate).
+        fit = int(msg.split("at most ~")[1].split()[0])
+        names = hook_names(2, [PATTERN_KIND])
+        assert estimate(lm.model, _ids(lm, 1, fit), names).patterns <= 100_000
+        assert estimate(lm.model, _ids(lm, 1, fit + 1), names).patterns > 100_000
+
+    def test_streaming_a_long_input_matches_in_memory(self, tmp_path):
+        lm = self._llama()
+        ids = _ids(lm, batch=1, T=200)
+        names = [*hook_names(2, [PATTERN_KIND, "hook_resid_post"])]
+        budget = 800_000  # in memory: 2 x 4 x 200^2 x 4 = 1.28 MB of patterns, refused; one layer (640 kB) fits
+        with pytest.raises(LabError):
+            capture(lm.model, ids, names, max_bytes=budget, logits=False)
+        streamed = capture(lm.model, ids, names, max_bytes=budget, logits=False, stream_to=tmp_path)
+        assert streamed.tensors == {} and streamed.logits is None
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.safetensors" for n in names)
+        full = capture(lm.model, ids, names, logits=False)
+        for n in names:
+            torch.testing.assert_close(streamed[n], full[n], atol=0, rtol=0)
+            torch.testing.assert_close(load_streamed(tmp_path / f"{n}.safetensors", n), full[n], atol=0, rtol=0)
+
+    def test_heads_subset(self):
+        lm = self._llama()
+        ids = _ids(lm)
+        full = capture(lm.model, ids, ["blocks.1.attn.hook_pattern"])["blocks.1.attn.hook_pattern"]
+        some = capture(lm.model, ids, ["blocks.1.attn.hook_pattern"], heads=[3, 1])["blocks.1.attn.hook_pattern"]
+        torch.testing.assert_close(some, full[:, [3, 1]], atol=0, rtol=0)
+        assert estimate(lm.model, ids, ["blocks.1.attn.hook_pattern"], heads=[3, 1]).patterns == some.numel() * 4
+
+    @pytest.mark.parametrize("names, kwargs, match", [
+        (["blocks.0.hook_nope"], {}, "unknown hook name"),
+        (["blocks.9.hook_resid_pre"], {}, "has 2 layers"),
+        (["blocks.0.attn.hook_pattern"], {"heads": [7]}, "4 query heads"),
+    ])
+    def test_bad_requests(self, names, kwargs, match):
+        lm = self._llama()
+        with pytest.raises(LabError, match=match):
+            capture(lm.model, _ids(lm), names, **kwargs)
+
+    def test_bad_token_ids_and_shapes(self):
+        lm = self._llama()
+        with pytest.raises(LabError, match="token ids must lie in"):
+            capture(lm.model, torch.tensor([[1, 2, 10_000]]), ["blocks.0.hook_resid_pre"])
+        with pytest.raises(LabError, match="batch"):
+            capture(lm.model, torch.tensor([1, 2, 3]), ["blocks.0.hook_resid_pre"])
+        with pytest.raises(LabError, match="unknown hook kind"):
+            hook_names(2, ["resid"])
+
+
+class TestAblation:
+    """Zeroing a sublayer's output really removes it from the residual stream."""
+
+    def test_zero_last_mlp_gives_unembedded_resid_mid(self, tiny_model):
+        m = tiny_model.model
+        ids = _ids(tiny_model)
+        n = adapter_for(m).n_layers()
+        cap = capture(m, ids, [f"blocks.{n - 1}.hook_resid_mid"])
+        ablated = run_with_ablation(m, ids, [f"blocks.{n - 1}.hook_mlp_out"])
+        torch.testing.assert_close(ablated, unembed(m, cap[f"blocks.{n - 1}.hook_resid_mid"]), atol=1e-5, rtol=0)
+
+    def test_zero_whole_last_block_gives_unembedded_resid_pre(self, tiny_model):
+        m = tiny_model.model
+        ids = _ids(tiny_model)
+        n = adapter_for(m).n_layers()
+        cap = capture(m, ids, [f"blocks.{n - 1}.hook_resid_pre"])
+        ablated = run_with_ablation(m, ids, [f"blocks.{n - 1}.hook_attn_out", f"blocks.{n - 1}.hook_mlp_out"])
+        torch.testing.assert_close(ablated, unembed(m, cap[f"blocks.{n - 1}.hook_resid_pre"]), atol=1e-5, rtol=0)
+        with pytest.raises(LabError, match="only zero-ablate"):
+            run_with_ablation(m, ids, ["blocks.0.hook_resid_pre"])
