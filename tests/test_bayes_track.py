@@ -1,0 +1,156 @@
+"""Wind-tunnel training and the D_bayes track end to end on the smoke profile."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from lab.bayes import ModelSpec, uniform_floor_bits
+from lab.bayes_train import TrainConfig, lr_at, train_run
+from lab.errors import LabError
+from lab.tracks import D_bayes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class TestSchedule:
+    def test_warmup_and_cosine_analytic(self):
+        c = TrainConfig(steps=1000, lr=1e-3, warmup=100, min_lr_frac=0.1)
+        assert lr_at(0, c) == pytest.approx(1e-5)
+        assert lr_at(99, c) == pytest.approx(1e-3)
+        assert lr_at(550, c) == pytest.approx((1e-3 + 1e-4) / 2)
+        assert lr_at(1000, c) == pytest.approx(1e-4)
+
+
+class TestTraining:
+    """A tiny model learns the V=4 task, and finished runs are cached."""
+
+    SPEC = ModelSpec("transformer", n_layer=2, n_head=2, d_model=32)
+    CFG = TrainConfig(steps=300, batch_size=64, lr=3e-3, warmup=20, eval_every=100, eval_sequences=256)
+
+    @pytest.fixture(scope="class")
+    def run(self, tmp_path_factory):
+        root = tmp_path_factory.mktemp("ck")
+        return root, train_run("t", 4, self.SPEC, self.CFG, 0, root, progress=False)
+
+    def test_learns_well_below_the_context_blind_floor(self, run):
+        _, r = run
+        first, last = r.log.row(0, named=True), r.log.row(-1, named=True)
+        assert first["mae_bits"] == pytest.approx(uniform_floor_bits(4), abs=0.05)  # init: a uniform guess
+        assert last["mae_bits"] < 0.5 * uniform_floor_bits(4)
+        assert last["kl_bits"] < 0.5 * first["kl_bits"]
+        assert r.log["step"].to_list() == [0, 100, 200, 300]
+
+    def test_cached_run_is_reused_and_identical(self, run):
+        root, r = run
+        again = train_run("t", 4, self.SPEC, self.CFG, 0, root, progress=False)
+        assert again.cached and again.train_time_s == r.train_time_s
+        tokens = torch.randint(0, 8, (3, 5))
+        torch.testing.assert_close(again.model(tokens)[0], r.model(tokens)[0])
+        other = train_run("t", 4, self.SPEC, replace(self.CFG, steps=10), 0, root, progress=False)
+        assert not other.cached  # a different config is a different run
+
+    def test_bad_config(self, tmp_path):
+        with pytest.raises(LabError, match="positive"):
+            train_run("x", 4, self.SPEC, replace(self.CFG, lr=0.0), 0, tmp_path, progress=False)
+
+
+class TestTrack:
+    """``lab run D_bayes --profile smoke`` writes every result the page uses, consistently."""
+
+    @pytest.fixture(scope="class")
+    def results(self, tmp_path_factory):
+        base = tmp_path_factory.mktemp("res")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LAB_RESULTS_DIR", str(base))
+            mp.setattr(D_bayes, "DATA_DIR", tmp_path_factory.mktemp("data"))
+            summary = D_bayes.run("smoke", progress=False)
+            again = D_bayes.run("smoke", progress=False)
+        return summary, again, base / "smoke" / "D_bayes"
+
+    def test_every_result_is_written(self, results):
+        _, _, folder = results
+        for name in ("summary", "comparison", "seeds", "curves", "calibration", "search", "key_orthogonality",
+                     "routing", "pca", "pca_points", "logit_lens", "ablations", "verdicts", "mech_summary"):
+            assert (folder / f"{name}.parquet").exists(), name
+        for name in ("curves", "calibration", "search", "key_orthogonality", "routing", "pca_points", "logit_lens",
+                     "ablations"):
+            assert (folder / f"{name}.vl.json").exists(), name
+
+    def test_summary_agrees_with_the_per_seed_table(self, results):
+        summary, _, folder = results
+        seeds = pl.read_parquet(folder / "seeds.parquet").filter(pl.col("model") == "transformer")
+        assert seeds.height == summary["n_seeds"] == 3
+        assert summary["mae_mean"] == pytest.approx(seeds["mae_bits"].mean())
+        assert summary["mae_max"] == pytest.approx(seeds["mae_bits"].max())
+        assert summary["floor_bits"] == pytest.approx(uniform_floor_bits(6))
+        search = pl.read_parquet(folder / "search.parquet")
+        assert search["headline"].sum() == 1
+        assert search.filter(pl.col("headline"))["mae_bits"].item() == pytest.approx(
+            seeds.filter(pl.col("seed") == 0)["mae_bits"].item())
+
+    def test_curves_hold_the_paper_reference(self, results):
+        _, _, folder = results
+        curves = pl.read_parquet(folder / "curves.parquet")
+        paper = curves.filter(pl.col("seed") == -1)
+        assert paper["step"].to_list() == [s for s, _ in D_bayes.PAPER_CURVE]
+
+    def test_verdicts_use_the_fixed_vocabulary(self, results):
+        _, _, folder = results
+        v = pl.read_parquet(folder / "verdicts.parquet")
+        assert v.height == 8 and set(v["verdict"]) <= {"reproduced", "partly", "not reproduced"}
+
+    def test_second_run_reuses_every_training_run(self, results):
+        summary, again, _ = results
+        assert again["cached_runs"] == 3 + 2 + 1  # seeds, MLP + LSTM, the extra search config
+        assert again["mae_mean"] == summary["mae_mean"]
+
+    def test_gpu_profile_refuses_without_cuda(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        with pytest.raises(LabError, match="CUDA"):
+            D_bayes.run("gpu", write=False)
+
+
+class TestVerdictRules:
+    """The verdict rules on hand-made measurements."""
+
+    def _frames(self, key_trained, key_init):
+        keys = pl.DataFrame({"state": ["trained", "init"], "tokens": ["key tokens"] * 2,
+                             "mean_abs_cos": [key_trained, key_init]})
+        routing = pl.DataFrame({"state": ["trained"] * 2, "layer": [0, 1], "value_mass": [0.3, 0.9],
+                                "qk_cos_value": [0.1, 0.5], "qk_cos_key": [0.1, -0.2]})
+        pca = pl.DataFrame({"state": ["trained"], "component": [1], "variance_share": [0.9], "corr_h_bayes": [-0.95]})
+        lens = pl.DataFrame({"seed": [0] * 3, "stage": [0, 1, 2], "sublayer": ["embed", "attn", "ffn"],
+                             "kl_bits": [1.0, 0.8, 0.1]})
+        abl = pl.DataFrame({"target": ["attn", "ffn", "head", "head"], "method": ["mean", "mean", "zero", "zero"],
+                            "delta_mae_bits": [0.6, 0.9, 0.1, 0.2]})
+        summary = {"mae_mean": 0.01, "mae_std": 0.001, "mae_max": 0.012, "n_params": 1000, "mlp_mae": 1.1}
+        return summary, keys, routing, pca, lens, abl
+
+    def test_rules(self):
+        v = D_bayes.verdicts_frame(*self._frames(0.05, 0.08), floor=1.107)["verdict"].to_list()
+        assert v == ["reproduced"] * 8
+        v = D_bayes.verdicts_frame(*self._frames(0.3, 0.2), floor=1.107)["verdict"].to_list()
+        assert v[2] == "not reproduced"
+
+
+class TestNotebook:
+    def test_script_mode_writes_results(self, tmp_path):
+        env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path), "LAB_DATA_DIR": str(tmp_path / "data")}
+        out = subprocess.run([sys.executable, str(ROOT / "notebooks" / "D_bayes.py"), "--", "--profile", "smoke"],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        summary = pl.read_parquet(tmp_path / "smoke" / "D_bayes" / "summary.parquet")
+        assert summary["n_seeds"].item() == 3 and summary["V"].item() == 6
+
+    def test_bad_profile(self, tmp_path):
+        out = subprocess.run([sys.executable, str(ROOT / "notebooks" / "D_bayes.py"), "--", "--profile", "huge"],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert out.returncode != 0 and "unknown profile 'huge'" in out.stderr
