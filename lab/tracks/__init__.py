@@ -10,6 +10,10 @@ from lab.errors import LabError
 # name -> module path; a track is listed here only once it runs end to end.
 TRACKS: dict[str, str] = {
     "pretrain": "lab.tracks.pretrain",
+    "A_finetuning": "lab.tracks.A_finetuning",
+    "B_attention": "lab.tracks.B_attention",
+    "C_probing": "lab.tracks.C_probing",
+    "D_bayes": "lab.tracks.D_bayes",
 }
 
 
