@@ -75,16 +75,19 @@ class BayesTrackConfig:
 
 
 def _cpu_configs() -> BayesTrackConfig:
-    # Found by the search below (see the track page): 2 layers, width 64, LR 2e-3 without weight decay reaches
-    # the target in about 3000 steps; the paper-size model is seconds per step on two cores.
+    # Found by the search below (see the track page): 2 layers, width 64, LR 2e-3 without weight decay. At 4k steps
+    # one seed in three missed 0.02 bits (curves flat once the LR had decayed), so the headline trains twice as
+    # long, still inside the 10-minute budget; the paper-size model is seconds per step on two cores.
     tf = ModelSpec("transformer", n_layer=2, n_head=4, d_model=64)
-    tc = TrainConfig(steps=4000, lr=2e-3, weight_decay=0.0, min_lr_frac=0.01, eval_every=250)
-    head = Candidate("2L d64, LR 2e-3, no WD, 4k steps", tf, tc)
+    tc = TrainConfig(steps=8000, lr=2e-3, weight_decay=0.0, min_lr_frac=0.01, eval_every=250)
+    short = replace(tc, steps=4000)
+    head = Candidate("2L d64, LR 2e-3, no WD, 8k steps", tf, tc)
     search = (
         head,
-        Candidate("2L d64, LR 1e-3, no WD, 4k steps", tf, replace(tc, lr=1e-3)),
-        Candidate("2L d64, LR 1e-3, WD 0.1, 4k steps", tf, replace(tc, lr=1e-3, weight_decay=0.1)),
-        Candidate("2L d64, LR 3e-3, no WD, 2k steps", tf, replace(tc, lr=3e-3, steps=2000)),
+        Candidate("2L d64, LR 2e-3, no WD, 4k steps", tf, short),
+        Candidate("2L d64, LR 1e-3, no WD, 4k steps", tf, replace(short, lr=1e-3)),
+        Candidate("2L d64, LR 1e-3, WD 0.1, 4k steps", tf, replace(short, lr=1e-3, weight_decay=0.1)),
+        Candidate("2L d64, LR 3e-3, no WD, 2k steps", tf, replace(short, lr=3e-3, steps=2000)),
     )
     return BayesTrackConfig(
         V=20, headline=head, seeds=(0, 1, 2), mlp=ModelSpec("mlp", n_layer=2, d_model=64),
