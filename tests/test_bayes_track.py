@@ -142,13 +142,17 @@ class TestVerdictRules:
 
 
 class TestNotebook:
-    def test_script_mode_writes_results(self, tmp_path):
-        env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path), "LAB_DATA_DIR": str(tmp_path / "data")}
+    def test_script_mode_writes_results(self, tmp_path, smoke_results):
+        # The session's smoke run trained these models into .data; the notebook re-uses them (and so checks that
+        # finished runs are found again) instead of training everything a second time.
+        env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path), "LAB_DATA_DIR": str(ROOT / ".data")}
         out = subprocess.run([sys.executable, str(ROOT / "notebooks" / "D_bayes.py"), "--", "--profile", "smoke"],
                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         summary = pl.read_parquet(tmp_path / "smoke" / "D_bayes" / "summary.parquet")
         assert summary["n_seeds"].item() == 3 and summary["V"].item() == 6
+        reference = pl.read_parquet(smoke_results / "D_bayes" / "summary.parquet")
+        assert summary["cached_runs"].item() > 0 and summary["mae_mean"].item() == reference["mae_mean"].item()
 
     def test_bad_profile(self, tmp_path):
         out = subprocess.run([sys.executable, str(ROOT / "notebooks" / "D_bayes.py"), "--", "--profile", "huge"],

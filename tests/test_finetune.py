@@ -370,13 +370,14 @@ class TestTrack:
         evals = pl.DataFrame({"step": list(range(len(losses))), "eval_loss": losses})
         assert divergence_step(evals) == expected
 
-    def test_notebook_as_script_writes_every_result(self, tmp_path):
+    def test_notebook_as_script_writes_every_result(self, tmp_path, smoke_results):
         import os
         import subprocess
         import sys
 
         root = Path(__file__).resolve().parent.parent
-        env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path / "results"), "LAB_DATA_DIR": str(tmp_path / "data")}
+        # Re-uses the runs the session's smoke run left in .data (finished runs are found again, not retrained).
+        env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path / "results"), "LAB_DATA_DIR": str(root / ".data")}
         out = subprocess.run([sys.executable, str(root / "notebooks" / "A_finetuning.py"), "--", "--profile", "smoke"],
                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
@@ -391,7 +392,9 @@ class TestTrack:
         main = runs.filter(pl.col("run") == "main").row(0, named=True)
         assert summary["main_exact_rate"] == main["exact_rate"] and summary["n_runs"] == runs.height - 1
         assert (runs["exact_lo"] <= runs["exact_rate"]).all() and (runs["exact_rate"] <= runs["exact_hi"]).all()
-        assert (tmp_path / "data" / "adapters" / "smoke" / "A_finetuning" / "main" / "adapter_model.safetensors").exists()
+        assert (root / ".data" / "adapters" / "smoke" / "A_finetuning" / "main" / "adapter_model.safetensors").exists()
+        reference = pl.read_parquet(smoke_results / "A_finetuning" / "runs.parquet")
+        assert runs.drop("wall_time_s").equals(reference.drop("wall_time_s"))
         anatomy = pl.read_parquet(folder / "anatomy.parquet")
         assert anatomy["step"].to_list() == list(range(main["steps"] + 1))
         memory = pl.read_parquet(folder / "optimizer_memory.parquet")
