@@ -11,10 +11,11 @@ def _():
     import polars as pl
 
     from lab.errors import LabError
+    from lab.notebook import or_exit, script_mode, script_profile
     from lab.profiles import PROFILES, get_profile
     from lab.results import read_result
     from lab.tracks import A_finetuning as track
-    return LabError, PROFILES, alt, get_profile, mo, pl, read_result, track
+    return LabError, PROFILES, alt, get_profile, mo, or_exit, pl, read_result, script_mode, script_profile, track
 
 
 @app.cell
@@ -43,10 +44,8 @@ def _(mo):
 
 
 @app.cell
-def _(PROFILES, mo):
-    mode = mo.app_meta().mode
-    script = mode == "script"
-    cli = dict(mo.cli_args()) if script else {}
+def _(PROFILES, mo, script_mode):
+    script, cli = script_mode(mo)
     profile_ui = mo.ui.dropdown(options=[p for p in PROFILES if p != "gpu"], value="smoke", label="profile")
     save_ui = mo.ui.checkbox(label="write results/ (overwrites the committed run)", value=False)
     fresh_ui = mo.ui.checkbox(label="fresh (retrain finished runs)", value=False)
@@ -57,15 +56,12 @@ def _(PROFILES, mo):
 
 
 @app.cell
-def _(LabError, alt, cli, fresh_ui, get_profile, mo, pl, profile_ui, save_ui, script, track, train_ui):
+def _(alt, cli, fresh_ui, get_profile, mo, or_exit, pl, profile_ui, save_ui, script, script_profile, track, train_ui):
     # Script: `python notebooks/A_finetuning.py -- --profile cpu` runs every experiment and writes results/.
     # App/editor: press the button; the current run's loss curve updates while it trains.
     mo.stop(not script and not train_ui.value,
             mo.md("Press **Run all experiments** (smoke: about half a minute; cpu: about half an hour)."))
-    try:
-        profile = get_profile(cli.get("profile") if script else profile_ui.value)
-    except LabError as err:
-        raise SystemExit(f"A_finetuning: error: {err}")
+    profile = script_profile("A_finetuning", cli) if script else get_profile(profile_ui.value)
 
     def show(name, step, total, log):
         if script or (step % 5 and step != total):
@@ -78,8 +74,11 @@ def _(LabError, alt, cli, fresh_ui, get_profile, mo, pl, profile_ui, save_ui, sc
                  .properties(width="container", height=220))
         mo.output.replace(mo.vstack([mo.md(f"run **{name}**: step {step}/{total}"), chart]))
 
-    summary = track.run(profile, on_step=show, progress=script, write=script or save_ui.value,
-                        fresh=(not script) and fresh_ui.value)
+    def _run():
+        return track.run(profile, on_step=show, progress=script, write=script or save_ui.value,
+                         fresh=(not script) and fresh_ui.value)
+
+    summary = or_exit("A_finetuning", _run) if script else _run()
     mo.output.replace(mo.ui.table(pl.DataFrame([summary]), selection=None))
     return
 

@@ -12,10 +12,11 @@ def _():
     from lab import attention as att
     from lab.errors import LabError
     from lab.models import load_model
-    from lab.profiles import PROFILES, get_profile
+    from lab.notebook import or_exit, script_mode, script_profile
+    from lab.profiles import PROFILES
     from lab.results import read_result
     from lab.tracks import B_attention as track
-    return LabError, PROFILES, att, get_profile, load_model, mo, pl, read_result, track
+    return LabError, PROFILES, att, load_model, mo, or_exit, pl, read_result, script_mode, script_profile, track
 
 
 @app.cell
@@ -42,9 +43,8 @@ def _(mo):
 
 
 @app.cell
-def _(PROFILES, mo, track):
-    script = mo.app_meta().mode == "script"
-    cli = dict(mo.cli_args()) if script else {}
+def _(PROFILES, mo, script_mode, track):
+    script, cli = script_mode(mo)
     profile_ui = mo.ui.dropdown(options=[p for p in PROFILES if p != "gpu"], value="cpu", label="model profile")
     prompt_ui = mo.ui.text_area(value=track.PATTERN_PROMPT, label="prompt", full_width=True, rows=2)
     controls = None if script else mo.vstack([profile_ui, prompt_ui])
@@ -53,13 +53,10 @@ def _(PROFILES, mo, track):
 
 
 @app.cell
-def _(LabError, cli, get_profile, mo, script, track):
+def _(cli, mo, or_exit, script, script_profile, track):
     # Script: `python notebooks/B_attention.py -- --profile cpu` runs the track and writes results/B_attention/.
     mo.stop(not script)
-    try:
-        _summary = track.run(get_profile(cli.get("profile")))
-    except LabError as err:
-        raise SystemExit(f"B_attention: error: {err}")
+    _summary = or_exit("B_attention", lambda: track.run(script_profile("B_attention", cli)))
     print({k: v for k, v in _summary.items() if not isinstance(v, float)})
     return
 

@@ -13,11 +13,13 @@ def _():
     from lab.attention import token_labels
     from lab.errors import LabError
     from lab.models import load_model
-    from lab.profiles import PROFILES, get_profile
+    from lab.notebook import or_exit, script_mode, script_profile
+    from lab.profiles import PROFILES
     from lab.results import read_result
     from lab.tracks import C_probing as track
     from lab.tracks.B_attention import encode
-    return (LabError, PROFILES, encode, get_profile, load_model, mo, pl, read_result, res, token_labels, track)
+    return (LabError, PROFILES, encode, load_model, mo, or_exit, pl, read_result, res, script_mode, script_profile,
+            token_labels, track)
 
 
 @app.cell
@@ -44,11 +46,10 @@ def _(mo):
 
 
 @app.cell
-def _(PROFILES, mo, track):
+def _(PROFILES, mo, script_mode, track):
     from lab.tracks.B_attention import PROMPTS
 
-    script = mo.app_meta().mode == "script"
-    cli = dict(mo.cli_args()) if script else {}
+    script, cli = script_mode(mo)
     profile_ui = mo.ui.dropdown(options=[p for p in PROFILES if p != "gpu"], value="cpu", label="model profile")
     prompt_ui = mo.ui.text_area(value=PROMPTS[0], label="prompt", full_width=True, rows=2)
     controls = None if script else mo.vstack([profile_ui, prompt_ui])
@@ -57,14 +58,11 @@ def _(PROFILES, mo, track):
 
 
 @app.cell
-def _(LabError, cli, get_profile, mo, script, track):
+def _(cli, mo, or_exit, script, script_profile, track):
     # Script: `python notebooks/C_probing.py -- --profile cpu` runs the track (and the benchmark) and writes
     # results/C_probing/.
     mo.stop(not script)
-    try:
-        _summary = track.run(get_profile(cli.get("profile")))
-    except LabError as err:
-        raise SystemExit(f"C_probing: error: {err}")
+    _summary = or_exit("C_probing", lambda: track.run(script_profile("C_probing", cli)))
     print({k: v for k, v in _summary.items() if not isinstance(v, float)})
     return
 

@@ -13,11 +13,12 @@ def _():
     from lab.bayes_train import TrainConfig, train_run
     from lab.errors import LabError
     from lab.models import DATA_DIR
+    from lab.notebook import or_exit, script_mode, script_profile
     from lab.profiles import PROFILES, get_profile
     from lab.results import read_result
     from lab.tracks import D_bayes as track
-    return (DATA_DIR, LabError, ModelSpec, PROFILES, TrainConfig, get_profile, mo, pl, read_result, track,
-            train_run, uniform_floor_bits)
+    return (DATA_DIR, LabError, ModelSpec, PROFILES, TrainConfig, get_profile, mo, or_exit, pl, read_result,
+            script_mode, script_profile, track, train_run, uniform_floor_bits)
 
 
 @app.cell
@@ -49,10 +50,8 @@ def _(mo):
 
 
 @app.cell
-def _(PROFILES, mo):
-    mode = mo.app_meta().mode
-    script = mode == "script"
-    cli = dict(mo.cli_args()) if script else {}
+def _(PROFILES, mo, script_mode):
+    script, cli = script_mode(mo)
     profile_ui = mo.ui.dropdown(options=[p for p in PROFILES if p != "gpu"], value="smoke", label="profile")
     layers_ui = mo.ui.slider(1, 4, value=2, label="layers", show_value=True)
     width_ui = mo.ui.dropdown(options=["16", "32", "64", "128"], value="64", label="width")
@@ -68,14 +67,10 @@ def _(PROFILES, mo):
 
 
 @app.cell
-def _(LabError, cli, get_profile, mo, script, track):
+def _(cli, mo, or_exit, script, script_profile, track):
     # Script: `python notebooks/D_bayes.py -- --profile cpu` runs the whole track and writes results/D_bayes/.
     if script:
-        try:
-            _profile = get_profile(cli.get("profile"))
-            _summary = track.run(_profile, fresh=bool(cli.get("fresh")))
-        except LabError as err:
-            raise SystemExit(f"D_bayes: error: {err}")
+        _summary = or_exit("D_bayes", lambda: track.run(script_profile("D_bayes", cli), fresh=bool(cli.get("fresh"))))
         print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in _summary.items()))
     mo.md("")
     return

@@ -10,10 +10,11 @@ def _():
     import polars as pl
 
     from lab.errors import LabError
+    from lab.notebook import or_exit, script_mode, script_profile
     from lab.profiles import PROFILES, get_profile
     from lab.results import read_result
     from lab.tracks import pretrain as track
-    return LabError, PROFILES, get_profile, mo, pl, read_result, track
+    return LabError, PROFILES, get_profile, mo, or_exit, pl, read_result, script_mode, script_profile, track
 
 
 @app.cell
@@ -38,10 +39,8 @@ def _(mo):
 
 
 @app.cell
-def _(PROFILES, mo):
-    mode = mo.app_meta().mode
-    script = mode == "script"
-    cli = dict(mo.cli_args()) if script else {}
+def _(PROFILES, mo, script_mode):
+    script, cli = script_mode(mo)
     profile_ui = mo.ui.dropdown(options=[p for p in PROFILES if p != "gpu"], value="smoke", label="profile")
     iters_ui = mo.ui.slider(50, 2000, step=50, value=200, label="iterations", show_value=True)
     save_ui = mo.ui.checkbox(label="write results/ (overwrites the committed run)", value=False)
@@ -52,14 +51,11 @@ def _(PROFILES, mo):
 
 
 @app.cell
-def _(LabError, cli, get_profile, iters_ui, mo, pl, profile_ui, save_ui, script, track, train_ui):
+def _(cli, get_profile, iters_ui, mo, or_exit, pl, profile_ui, save_ui, script, script_profile, track, train_ui):
     # Script: `python notebooks/pretrain.py -- --profile cpu` trains with the profile's recipe and writes results/.
     # App/editor: press Train; the progress bar and the loss chart update while it trains.
     mo.stop(not script and not train_ui.value, mo.md("Press **Train** to pretrain live (smoke: seconds; cpu: minutes)."))
-    try:
-        profile = get_profile(cli.get("profile") if script else profile_ui.value)
-    except LabError as err:
-        raise SystemExit(f"pretrain: error: {err}") from None
+    profile = script_profile("pretrain", cli) if script else get_profile(profile_ui.value)
     iters = None if script else iters_ui.value
     total = iters or profile.pretrain.max_iters
 
@@ -74,8 +70,11 @@ def _(LabError, cli, get_profile, iters_ui, mo, pl, profile_ui, save_ui, script,
                       f"<small>step {step}/{total} · loss {last['loss']:.3f} · {last['tokens_per_s']:,.0f} tok/s</small>")
         mo.output.replace(mo.vstack([bar, track.plot_loss(track.loss_frame(log), reference=None)]))
 
-    summary = track.run(profile, on_step=show, progress=script, max_iters=iters,
-                        write=script or save_ui.value, bench=script, fresh=not script)
+    def _run():
+        return track.run(profile, on_step=show, progress=script, max_iters=iters,
+                         write=script or save_ui.value, bench=script, fresh=not script)
+
+    summary = or_exit("pretrain", _run) if script else _run()
     mo.output.replace(mo.vstack([
         track.plot_loss(track.loss_frame(live["log"]), reference=None) if "log" in live else mo.md(""),
         mo.ui.table(pl.DataFrame([summary]), selection=None),

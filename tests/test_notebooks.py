@@ -30,3 +30,30 @@ def test_pretrain_notebook_bad_profile(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "notebooks" / "pretrain.py"), "--", "--profile", "huge"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode != 0 and "unknown profile 'huge'" in out.stderr
+
+
+def test_every_notebook_uses_the_shared_script_helpers():
+    """One way to tell script mode and fail a script run: lab.notebook, not a copy per notebook."""
+    for nb in NOTEBOOKS:
+        text = nb.read_text()
+        assert "script_mode(mo)" in text and "mo.cli_args()" not in text, nb.name
+
+
+def test_or_exit_turns_a_lab_error_into_one_line():
+    import pytest
+
+    from lab.errors import LabError
+    from lab.notebook import or_exit, script_profile
+
+    assert or_exit("t", lambda: 42) == 42
+    with pytest.raises(SystemExit) as info:
+        script_profile("D_bayes", {"profile": "huge"})
+    assert str(info.value).startswith("D_bayes: error: unknown profile 'huge'") and "\n" not in str(info.value)
+
+    def boom():
+        raise LabError("the fix is X")
+
+    with pytest.raises(SystemExit, match=r"^t: error: the fix is X$"):
+        or_exit("t", boom)
+    with pytest.raises(ValueError):  # only the errors a user can fix become one line
+        or_exit("t", lambda: int("x"))
