@@ -154,8 +154,8 @@ def final_state_pca(model: nn.Module, batch: Batch, n_components: int = 5) -> tu
         "corr_h_bayes": corr(scores[:, i], h_bayes), "corr_h_model": corr(scores[:, i], h_model),
     } for i in range(n_components)])
     t = torch.arange(1, L + 1).repeat(batch.tokens.shape[0])
-    points = pl.DataFrame({"t": t.numpy(), "h_bayes": h_bayes.numpy(), "h_model": h_model.numpy(),
-                           "pc1": scores[:, 0].numpy(), "pc2": scores[:, 1].numpy()})
+    points = pl.DataFrame({k: v.detach().cpu().numpy() for k, v in (
+        ("t", t), ("h_bayes", h_bayes), ("h_model", h_model), ("pc1", scores[:, 0]), ("pc2", scores[:, 1]))})
     return comps, points
 
 
