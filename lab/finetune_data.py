@@ -129,6 +129,16 @@ def score_answer(text: str, fields: dict) -> tuple[bool, bool]:
     return ok, ok and all(obj[k] == fields[k] for k in KEYS)
 
 
+def field_scores(text: str, fields: dict) -> dict[str, bool]:
+    """Per key of :data:`KEYS`: does the answer hold exactly the right value? Only for well-formed answers
+    (``score_answer``'s format rule); a malformed answer scores False on every field."""
+    ok, _ = score_answer(text, fields)
+    if not ok:
+        return dict.fromkeys(KEYS, False)
+    obj = json.loads(text.strip())
+    return {k: obj[k] == fields[k] for k in KEYS}
+
+
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """Wilson score interval for a binomial rate k/n (95 % by default); (0, 1) when n == 0."""
     if n == 0:

@@ -16,7 +16,7 @@ from lab.finetune import (ALL_LINEAR, FinetuneConfig, attach_lora, collate, enco
                           finetune_config, greedy_answers, load_adapter, moment_stats, perplexity, quantize_nf4,
                           save_adapter, schedule_steps, train_lora)
 from lab.finetune_data import (CITIES, NAMES, N_TRAIN_CITIES, N_TRAIN_NAMES, answer_for, chat_text, encode_example,
-                               end_token_id, make_task, score_answer, wilson_interval)
+                               end_token_id, field_scores, make_task, score_answer, wilson_interval)
 from lab.models import DATA_DIR, load_tiny_model
 
 SMOKE = finetune_config("smoke")
@@ -60,6 +60,19 @@ class TestTaskData:
     ])
     def test_score_answer(self, text, expected):
         assert score_answer(text, {"who": "Ann", "where": "Rome", "year": 1999}) == expected
+
+    @pytest.mark.parametrize("text, expected", [
+        ('{"who": "Ann", "where": "Rome", "year": 1999}', (True, True, True)),
+        ('{"who": "Anne", "where": "R Rome", "year": 1999}', (False, False, True)),
+        ('{"year": 1998, "where": "Rome", "who": "Ann"}', (True, True, False)),
+        ('{"who": "Ann", "where": "Rome", "year": "1999"}', (False, False, False)),  # malformed: nothing counts
+        ('Ann moved to Rome in 1999.', (False, False, False)),
+    ])
+    def test_field_scores(self, text, expected):
+        fields = {"who": "Ann", "where": "Rome", "year": 1999}
+        scores = field_scores(text, fields)
+        assert tuple(scores[k] for k in ("who", "where", "year")) == expected
+        assert all(scores.values()) == score_answer(text, fields)[1]  # exact success is all three fields right
 
     @pytest.mark.parametrize("k, n", [(0, 30), (3, 30), (15, 30), (29, 30), (30, 30), (1, 7)])
     def test_wilson_interval_brute_force(self, k, n):
@@ -385,13 +398,20 @@ class TestTrack:
         for name in ("runs", "anatomy", "lr_curves", "lr_outcomes", "rank_curves", "rank_outcomes", "batch_lr",
                      "moments", "moments_by_module"):
             assert (folder / f"{name}.parquet").exists() and (folder / f"{name}.vl.json").exists(), name
-        for name in ("batch_outcomes", "optimizer_memory", "qlora", "samples", "probes", "benchmark", "summary"):
+        for name in ("batch_outcomes", "optimizer_memory", "qlora", "samples", "probes", "benchmark", "summary",
+                     "answers", "fields"):
             assert (folder / f"{name}.parquet").exists(), name
         runs = pl.read_parquet(folder / "runs.parquet")
         summary = pl.read_parquet(folder / "summary.parquet").row(0, named=True)
         main = runs.filter(pl.col("run") == "main").row(0, named=True)
         assert summary["main_exact_rate"] == main["exact_rate"] and summary["n_runs"] == runs.height - 1
         assert (runs["exact_lo"] <= runs["exact_rate"]).all() and (runs["exact_rate"] <= runs["exact_hi"]).all()
+        # Per-field scores, re-derived from the stored answers, agree with the exact scores of every run.
+        fields = pl.read_parquet(folder / "fields.parquet").join(runs.select("run", "exact_rate"), on="run",
+                                                                 suffix="_runs")
+        assert fields.height == runs.height and (fields["exact_rate"] == fields["exact_rate_runs"]).all()
+        answers = pl.read_parquet(folder / "answers.parquet")
+        assert answers.height == summary["n_test"] and summary["main_misses"] == int((~answers["exact"]).sum())
         assert (root / ".data" / "adapters" / "smoke" / "A_finetuning" / "main" / "adapter_model.safetensors").exists()
         reference = pl.read_parquet(smoke_results / "A_finetuning" / "runs.parquet")
         assert runs.drop("wall_time_s").equals(reference.drop("wall_time_s"))

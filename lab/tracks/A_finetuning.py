@@ -25,7 +25,7 @@ import torch
 from lab.finetune import (PPL_WINDOW, PPL_WINDOWS, TRACK, FinetuneConfig, RunLog, final_adapter_dir,
                           finetune_config, general_text, perplexity, probe_retention, rate_with_ci, save_adapter,
                           schedule_steps, task_success, train_lora)
-from lab.finetune_data import PROBES, make_task
+from lab.finetune_data import KEYS, PROBES, answer_for, field_scores, make_task
 from lab.models import DATA_DIR, load_model
 from lab.profiles import Profile, get_profile
 from lab.results import atomic_write_text, write_result
@@ -235,6 +235,26 @@ def samples_frame(base: dict, main: dict, n: int = 8) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
+def answers_frame(cfg: FinetuneConfig, result: dict) -> pl.DataFrame:
+    """Every held-out prompt of one run: the expected and the greedy answer, and which fields are exactly right."""
+    test = make_task(cfg.n_train, cfg.n_test, cfg.seed).test
+    rows = []
+    for ex, a in zip(test, result["answers"], strict=True):
+        ok = field_scores(a["answer"], ex.fields)
+        rows.append({"prompt": ex.prompt, "expected": answer_for(ex.who, ex.where, ex.year), "answer": a["answer"],
+                     **{f"{k}_ok": ok[k] for k in KEYS}, "exact": a["exact"]})
+    return pl.DataFrame(rows)
+
+
+def fields_frame(named: list[tuple[str, FinetuneConfig, dict]]) -> pl.DataFrame:
+    """Per run: the share of held-out answers with each field exactly right, and with all three (exact success)."""
+    rows = []
+    for name, cfg, result in named:
+        a = answers_frame(cfg, result)
+        rows.append({"run": name, **{f"{k}_rate": a[f"{k}_ok"].mean() for k in KEYS}, "exact_rate": a["exact"].mean()})
+    return pl.DataFrame(rows)
+
+
 def probes_frame(base: dict, results: dict[str, dict], specs: list[RunSpec]) -> pl.DataFrame:
     rows = []
     for name, res in [("base", base)] + [(s.name, results[s.name]) for s in specs]:
@@ -435,6 +455,8 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, write: boo
     qlora = runs.filter(pl.col("groups").str.split(",").list.contains("qlora")).select(
         "run", "quant", "weights_mb", "final_eval_loss", "format_rate", "exact_rate", "exact_lo", "exact_hi",
         "ppl_ratio", "tokens_per_s", "train_time_s")
+    main_answers = answers_frame(cfg, results["main"])
+    misses = main_answers.filter(~pl.col("exact"))
     best_lr = lr_out.sort(["exact_rate", "final_eval_loss"], descending=[True, False]).row(0, named=True)
     base_r = runs.filter(pl.col("run") == "base").row(0, named=True)
     summary = {
@@ -455,6 +477,8 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, write: boo
         "grad_norm_first": anatomy["grad_norm"].drop_nulls()[0], "grad_norm_max": anatomy["grad_norm"].max(),
         "grad_norm_last": anatomy["grad_norm"].drop_nulls()[-1],
         "clipped_fraction": (anatomy["grad_norm"].drop_nulls() > cfg.max_grad_norm).mean(),
+        **{f"main_{k}_rate": main_answers[f"{k}_ok"].mean() for k in KEYS},
+        "main_misses": misses.height, "main_misses_year_right": int(misses["year_ok"].sum()),
         "main_tokens_per_s": main["tokens_per_s"], "main_train_time_s": main["train_time_s"],
         "best_lr": best_lr["lr"], "best_lr_exact_rate": best_lr["exact_rate"],
         "n_runs": len(specs), "general_text": text_name,
@@ -486,6 +510,8 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, write: boo
     w("optimizer_memory", optimizer_memory(p, cfg))
     w("qlora", qlora)
     w("samples", samples_frame(base, results["main"]))
+    w("answers", main_answers)
+    w("fields", fields_frame([("base", cfg, base)] + [(sp.name, sp.cfg, results[sp.name]) for sp in specs]))
     probes = probes_frame(base, results, specs)
     w("probes", probes)
     w("probes_changed", probes.filter(~pl.col("retained") & (pl.col("run") != "base")))
