@@ -104,6 +104,32 @@ def held_out_prompts() -> list[HeldOutPrompt]:
     return out
 
 
+def encode_texts(tokenizer, texts: list[str]) -> list[dict[str, list[int]]]:
+    """Language-model rows for fine-tuning on plain text: the text's tokens as the scoring sees them, then EOS;
+    the loss is on every token (``labels`` equal ``input_ids``; the model shifts them)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    rows = []
+    for text in texts:
+        ids = tokenizer(text)["input_ids"] + eos
+        rows.append({"input_ids": ids, "labels": list(ids)})
+    return rows
+
+
+@torch.no_grad()
+def mean_token_loss(model, rows: list[dict[str, list[int]]]) -> float:
+    """Mean next-token cross-entropy (nats) over all the rows' tokens, one row at a time (no padding)."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for r in rows:
+        ids = torch.tensor([r["input_ids"]], device=device)
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        total += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+    if count == 0:
+        raise LabError("no tokens to score: every row is shorter than two tokens")
+    return total / count
+
+
 @torch.no_grad()
 def continuation_logprob(model, tokenizer, prompt: str, continuation: str) -> float:
     """Sum of log p(continuation tokens | prompt) under ``model`` (a transformers causal LM)."""

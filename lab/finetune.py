@@ -436,6 +436,7 @@ def train_lora(
     output_dir: Path,
     *,
     data: TaskData | None = None,
+    rows: tuple[list[dict], list[dict]] | None = None,
     resume: bool = True,
     instrument: bool = True,
     do_eval: bool = True,
@@ -453,6 +454,8 @@ def train_lora(
         cfg: Hyper-parameters; validated before anything runs.
         output_dir: Checkpoint folder; holds ``checkpoint-N/`` at 25/50/75/100 % of training.
         data: Task examples (default: ``make_task(cfg.n_train, cfg.n_test, cfg.seed)``).
+        rows: Already encoded (train, eval) rows, each ``{"input_ids", "labels"}`` (labels -100 where no loss),
+            for corpora other than the JSON task; replaces ``data``.
         resume: Continue from the latest checkpoint in ``output_dir`` if its config matches (else start over).
         instrument: Per-step logs and Adam-moment snapshots (False: the bare Trainer, for the overhead benchmark).
         do_eval: Eval loss at ``cfg.n_evals`` points and before the first step.
@@ -466,10 +469,12 @@ def train_lora(
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     t_start = time.perf_counter()
-    data = data if data is not None else make_task(cfg.n_train, cfg.n_test, cfg.seed)
     tok = loaded.tokenizer
-    train_rows = encode_examples(tok, data.train)
-    eval_rows = encode_examples(tok, data.test)
+    if rows is not None:
+        train_rows, eval_rows = list(rows[0]), list(rows[1])
+    else:
+        data = data if data is not None else make_task(cfg.n_train, cfg.n_test, cfg.seed)
+        train_rows, eval_rows = encode_examples(tok, data.train), encode_examples(tok, data.test)
     validate(cfg, loaded.model, train_rows, eval_rows)  # before any compute
     output_dir = Path(output_dir)
     cfg_json = json.dumps(asdict(cfg), sort_keys=True)

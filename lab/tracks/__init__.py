@@ -14,6 +14,7 @@ TRACKS: dict[str, str] = {
     "B_attention": "lab.tracks.B_attention",
     "C_probing": "lab.tracks.C_probing",
     "D_bayes": "lab.tracks.D_bayes",
+    "E_circuits": "lab.tracks.E_circuits",  # WS2 + WS3 so far (corpus, checkpointed fine-tune); no circuits yet
 }
 
 

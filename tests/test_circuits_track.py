@@ -1,0 +1,107 @@
+"""Track E (WS2 + WS3): plain-text LoRA rows, loss scoring against HF's own loss, checkpoints scored and reloaded."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+import torch
+
+from lab import constraints as C
+from lab.finetune import schedule_steps
+from lab.models import load_tiny_model
+from lab.tracks import E_circuits as E
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_tiny_model("llama", seed=0)
+
+
+def test_encode_texts_is_the_scoring_tokenisation_plus_eos(lm):
+    tok = lm.tokenizer
+    rows = C.encode_texts(tok, ["To florp means to move up.", "Blarf means happy."])
+    for row, text in zip(rows, ["To florp means to move up.", "Blarf means happy."], strict=True):
+        assert row["input_ids"] == tok(text)["input_ids"] + [tok.eos_token_id]
+        assert row["labels"] == row["input_ids"]  # loss on every token; the model shifts labels itself
+
+
+def test_mean_token_loss_matches_hf_loss(lm):
+    rows = C.encode_texts(lm.tokenizer, ["To florp means to move up.", "Gleem means sad, said Mia."])
+    with torch.no_grad():
+        hf = [lm.model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss.item()
+              for r in rows]
+    n = [len(r["input_ids"]) - 1 for r in rows]
+    assert C.mean_token_loss(lm.model, rows[:1]) == pytest.approx(hf[0], rel=1e-5)
+    # several rows: the token-weighted mean of HF's per-row means
+    assert C.mean_token_loss(lm.model, rows) == pytest.approx((hf[0] * n[0] + hf[1] * n[1]) / sum(n), rel=1e-5)
+
+
+def test_learned_at():
+    frame = pl.DataFrame({"constraint_type": ["mapping"] * 3 + ["spatial"] * 3, "fraction": [0.0, 0.5, 1.0] * 2,
+                          "accuracy": [0.25, 0.95, 1.0, 0.2, 0.5, 0.85]})
+    assert E.learned_at(frame, "mapping") == 0.5
+    assert E.learned_at(frame, "spatial") is None
+    assert E.learned_at(frame, "spatial", threshold=0.5) == 0.5
+
+
+class TestSmokeRun:
+    @pytest.fixture(scope="class")
+    def run(self, tmp_path_factory):
+        root = tmp_path_factory.mktemp("e-results")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LAB_RESULTS_DIR", str(root))
+            summary = E.run("smoke", fresh=True, progress=False)
+        folder = root / "smoke" / "E_circuits"
+        return summary, {n: pl.read_parquet(folder / f"{n}.parquet") for n in ("checkpoints", "prompts", "loss")}
+
+    def test_checkpoints_at_quarters_plus_base(self, run):
+        summary, f = run
+        cfg = E.track_config("smoke").finetune
+        total, saves, _, _ = schedule_steps(summary["n_train"], cfg)
+        steps = f["checkpoints"].filter(pl.col("constraint_type") == "mapping").sort("checkpoint")["step"].to_list()
+        assert steps == [0, *sorted(saves)] and steps[-1] == total == summary["steps"]
+
+    def test_accuracy_is_the_share_of_prompts_won(self, run):
+        _, f = run
+        again = (f["prompts"].group_by("checkpoint", "constraint_type")
+                 .agg(pl.col("correct").mean().alias("acc")).join(f["checkpoints"], on=["checkpoint", "constraint_type"]))
+        assert (again["acc"] == again["accuracy"]).all()
+        assert (again["correct"] == (again["accuracy"] * again["n"]).round()).all()
+
+    def test_base_row_is_the_untouched_model(self, run, lm):
+        _, f = run
+        fresh = C.score_prompts(lm.model, lm.tokenizer)
+        base = f["prompts"].filter(pl.col("checkpoint") == 0)
+        assert base["margin"].to_list() == pytest.approx(fresh["margin"].to_list(), abs=1e-5)
+
+    def test_training_lowers_validation_loss(self, run):
+        summary, _ = run
+        for c in C.CONSTRAINTS:
+            assert summary[f"{c}_final_val_loss"] < summary[f"{c}_base_val_loss"]
+
+
+class TestNotebook:
+    ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+    def test_script_mode_writes_results(self, tmp_path, smoke_results):
+        import os
+        import subprocess
+        import sys
+
+        # Re-uses the session smoke run's checkpoints in .data (a finished run is resumed at its last step).
+        env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path), "LAB_DATA_DIR": str(self.ROOT / ".data")}
+        out = subprocess.run([sys.executable, str(self.ROOT / "notebooks" / "E_circuits.py"), "--", "--profile",
+                              "smoke"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        got = pl.read_parquet(tmp_path / "smoke" / "E_circuits" / "checkpoints.parquet")
+        ref = pl.read_parquet(smoke_results / "E_circuits" / "checkpoints.parquet")
+        assert got.drop("val_loss").equals(ref.drop("val_loss"))
+        assert got["val_loss"].to_list() == pytest.approx(ref["val_loss"].to_list(), rel=1e-6)
+
+    def test_bad_profile(self, tmp_path):
+        import subprocess
+        import sys
+
+        out = subprocess.run([sys.executable, str(self.ROOT / "notebooks" / "E_circuits.py"), "--", "--profile",
+                              "huge"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert out.returncode != 0 and "E_circuits: error: unknown profile 'huge'" in out.stderr
