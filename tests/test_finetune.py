@@ -383,6 +383,22 @@ class TestTrack:
         evals = pl.DataFrame({"step": list(range(len(losses))), "eval_loss": losses})
         assert divergence_step(evals) == expected
 
+    def test_moments_summary_weights_by_parameter_count(self):
+        from lab.tracks.A_finetuning import moments_summary
+
+        rows = [  # (step, layer, module, matrix, n, sqrt v); only the last step counts
+            (1, 0, "q_proj", "A", 10, 9.0), (2, 0, "q_proj", "A", 10, 1.0), (2, 0, "q_proj", "B", 30, 3.0),
+            (2, 1, "v_proj", "A", 10, 2.0), (2, 1, "v_proj", "B", 10, 4.0),
+        ]
+        df = pl.DataFrame(rows, schema=["step", "layer", "module", "matrix", "n", "v_sqrt_mean"], orient="row")
+        got = moments_summary(df)
+        assert got["moments_step"] == 2
+        assert got["moments_v_first_layer"] == pytest.approx((10 * 1 + 30 * 3) / 40)  # 2.5
+        assert got["moments_v_last_layer"] == pytest.approx(3.0) and got["moments_v_max_layer"] == 1
+        assert got["moments_v_min_layer"] == 0 and got["moments_v_min"] == pytest.approx(2.5)
+        assert got["moments_b_over_a"] == pytest.approx(((30 * 3 + 10 * 4) / 40) / ((10 * 1 + 10 * 2) / 20))
+        assert got["moments_top_module"] == "v_proj" and got["moments_top_module_over_bottom"] == pytest.approx(3 / 2.5)
+
     def test_notebook_as_script_writes_every_result(self, tmp_path, smoke_results):
         import os
         import subprocess

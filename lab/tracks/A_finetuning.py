@@ -382,6 +382,24 @@ def plot_forgetting(df: pl.DataFrame) -> alt.Chart:
     ).properties(width=_W, height=260)
 
 
+def moments_summary(df: pl.DataFrame) -> dict:
+    """Where Adam's second moment is largest at the last snapshot: by layer, by LoRA matrix, by module type."""
+    last = df.filter(pl.col("step") == pl.col("step").max())
+
+    def weighted(by: str) -> pl.DataFrame:  # mean sqrt(v) over every parameter in the group
+        return (last.group_by(by).agg(((pl.col("v_sqrt_mean") * pl.col("n")).sum() / pl.col("n").sum()).alias("v"))
+                .sort(by))
+
+    layers, matrices, modules = weighted("layer"), weighted("matrix"), weighted("module").sort("v")
+    v = dict(zip(matrices["matrix"], matrices["v"], strict=True))
+    return {"moments_step": int(last["step"].max()), "moments_v_first_layer": layers["v"][0],
+            "moments_v_last_layer": layers["v"][-1], "moments_v_min": layers["v"].min(),
+            "moments_v_min_layer": int(layers["layer"][layers["v"].arg_min()]),
+            "moments_v_max_layer": int(layers["layer"][layers["v"].arg_max()]),
+            "moments_b_over_a": v["B"] / v["A"], "moments_top_module": modules["module"][-1],
+            "moments_top_module_over_bottom": modules["v"][-1] / modules["v"][0]}
+
+
 def plot_moments(df: pl.DataFrame) -> alt.FacetChart:
     """sqrt of Adam's second moment (mean per layer, over the adapted modules) by layer and step, A vs B."""
     agg = (df.group_by("step", "layer", "matrix")
@@ -444,8 +462,8 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, write: boo
     text_name, _ = general_text(p)
     n_layers = int(pl.DataFrame(results["main"]["log"]["moments"])["layer"].max()) + 1
     outcome_cols = ["run", "lr", "rank", "batch_size", "rule", "trainable_params", "final_train_loss",
-                    "final_eval_loss", "format_rate", "exact_rate", "exact_lo", "exact_hi", "ppl_ratio",
-                    "probes_retained", "probes_n"]
+                    "final_eval_loss", "best_eval_loss", "best_eval_step", "steps", "format_rate", "exact_rate",
+                    "exact_lo", "exact_hi", "ppl_ratio", "probes_retained", "probes_n"]
 
     def group(name: str) -> pl.DataFrame:
         return runs.filter(pl.col("groups").str.split(",").list.contains(name)).select(outcome_cols)
@@ -485,6 +503,7 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, write: boo
         "eval_every": schedule_steps(cfg.n_train, cfg)[2], "max_new_tokens": cfg.max_new_tokens,
         "warmup_ratio": cfg.warmup_ratio, "max_grad_norm": cfg.max_grad_norm, "alpha_per_rank": cfg.alpha_per_rank,
         "ppl_tokens": PPL_WINDOW * PPL_WINDOWS, "n_layers": n_layers,
+        **moments_summary(pl.DataFrame(results["main"]["log"]["moments"])),
         "track_wall_time_s": time.perf_counter() - t0,  # this invocation (finished runs are reused)
         "train_time_total_s": float(runs["train_time_s"].drop_nulls().sum()),
         # every run's own wall time (load, train, evaluate) plus the base model's evaluation, across resumptions
