@@ -228,6 +228,17 @@ def memory_table(lm: LoadedModel, cfg: AttentionConfig) -> tuple[pl.DataFrame, p
 # ----------------------------------------------------------------------------- base vs fine-tuned
 
 
+def _shown_path(path: Path) -> str:
+    """A path as results should record it: relative to the data folder's parent (no machine-specific prefix)."""
+    from lab.models import DATA_DIR
+
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(DATA_DIR.resolve().parent).as_posix()
+    except ValueError:
+        return path.name
+
+
 def adapter_dir(profile: Profile) -> Path:
     """Track A's final LoRA adapter for ``profile`` (``lab.finetune.final_adapter_dir``)."""
     try:
@@ -417,7 +428,7 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, write: boo
             tuned = load_tuned(p, adapter)
             ft_general, _ = compare_finetuned(lm, tuned, [encode(lm, t) for t in PROMPTS])
             ft_task, ft_pats = compare_finetuned(lm, tuned, task_prompt_ids(lm))
-        tuned_rows = {"adapter_source": tuned_from, "adapter_dir": str(adapter),
+        tuned_rows = {"adapter_source": tuned_from, "adapter_dir": _shown_path(adapter),
                       **shift_summary(ft_general, "general_"), **shift_summary(ft_task, "task_"),
                       "task_over_general_mean_js": float(ft_task["js_bits"].mean() / max(ft_general["js_bits"].mean(), 1e-30)),
                       "seconds": sw_ft.seconds}
