@@ -11,6 +11,7 @@ log-probability of the right concept against the alternatives, and the greedy an
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 import polars as pl
@@ -104,27 +105,50 @@ def held_out_prompts() -> list[HeldOutPrompt]:
     return out
 
 
-def encode_texts(tokenizer, texts: list[str]) -> list[dict[str, list[int]]]:
-    """Language-model rows for fine-tuning on plain text: the text's tokens as the scoring sees them, then EOS;
-    the loss is on every token (``labels`` equal ``input_ids``; the model shifts them)."""
+def encode_texts(tokenizer, texts: list[str], loss_on: set[str] | None = None) -> list[dict[str, list[int]]]:
+    """Language-model rows for fine-tuning on plain text: the text's tokens as the scoring sees them, then EOS.
+
+    With ``loss_on=None`` the loss is on every token (``labels`` equal ``input_ids``; the model shifts them).
+    With a set of words, only the tokens that spell one of them (case-insensitive, punctuation stripped) carry a
+    label, so the loss is on the concepts alone and not on the sentence templates around them.
+    """
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     rows = []
     for text in texts:
-        ids = tokenizer(text)["input_ids"] + eos
-        rows.append({"input_ids": ids, "labels": list(ids)})
+        if loss_on is None:
+            ids = tokenizer(text)["input_ids"] + eos
+            rows.append({"input_ids": ids, "labels": list(ids)})
+            continue
+        enc = tokenizer(text, return_offsets_mapping=True)
+        ids = enc["input_ids"] + eos
+        labels = [-100] * len(ids)
+        spans = [m.span() for m in re.finditer(r"[A-Za-z]+", text) if m.group().lower() in loss_on]
+        for i, (a, b) in enumerate(enc["offset_mapping"]):
+            if b > a and any(a < end and b > start for start, end in spans):  # the token overlaps a concept word
+                labels[i] = ids[i]
+        if all(x == -100 for x in labels):
+            raise LabError(f"{text!r} contains none of {sorted(loss_on)}: pass loss_on=None to train on every token")
+        rows.append({"input_ids": ids, "labels": labels})
     return rows
+
+
+def concepts() -> set[str]:
+    """Every concept word of every constraint type."""
+    return {c for words in CONSTRAINTS.values() for c in words.values()}
 
 
 @torch.no_grad()
 def mean_token_loss(model, rows: list[dict[str, list[int]]]) -> float:
-    """Mean next-token cross-entropy (nats) over all the rows' tokens, one row at a time (no padding)."""
+    """Mean next-token cross-entropy (nats) over the rows' labelled tokens (as HF's loss with ``labels``), one
+    row at a time (no padding)."""
     total, count = 0.0, 0
     device = next(model.parameters()).device
     for r in rows:
         ids = torch.tensor([r["input_ids"]], device=device)
+        targets = torch.tensor(r["labels"][1:], device=device)
         logits = model(input_ids=ids).logits[0, :-1].float()
-        total += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-        count += ids.shape[1] - 1
+        total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum", ignore_index=-100).item()
+        count += int((targets != -100).sum())
     if count == 0:
         raise LabError("no tokens to score: every row is shorter than two tokens")
     return total / count

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lab import constraints as C
+from lab.errors import LabError
 from lab.finetune import schedule_steps
 from lab.models import load_tiny_model
 from lab.tracks import E_circuits as E
@@ -23,6 +24,25 @@ def test_encode_texts_is_the_scoring_tokenisation_plus_eos(lm):
     for row, text in zip(rows, ["To florp means to move up.", "Blarf means happy."], strict=True):
         assert row["input_ids"] == tok(text)["input_ids"] + [tok.eos_token_id]
         assert row["labels"] == row["input_ids"]  # loss on every token; the model shifts labels itself
+
+
+def test_loss_on_concepts_labels_exactly_the_concept_tokens(lm):
+    tok = lm.tokenizer
+    texts = ["To florp means to move up.", "\"I am so blarf today,\" said Mia, meaning Mia was happy."]
+    rows = C.encode_texts(tok, texts, loss_on=C.concepts())
+    for row, text, word in zip(rows, texts, ["up", "happy"], strict=True):
+        assert row["input_ids"] == tok(text)["input_ids"] + [tok.eos_token_id]
+        kept = [i for i, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != -100]
+        assert kept and tok.decode(kept).strip().rstrip(".") == word
+    with pytest.raises(LabError, match="loss_on=None"):
+        C.encode_texts(tok, ["No concept here."], loss_on=C.concepts())
+
+
+def test_mean_token_loss_counts_only_labelled_tokens(lm):
+    rows = C.encode_texts(lm.tokenizer, ["To florp means to move up."], loss_on=C.concepts())
+    with torch.no_grad():
+        hf = lm.model(input_ids=torch.tensor([rows[0]["input_ids"]]), labels=torch.tensor([rows[0]["labels"]])).loss
+    assert C.mean_token_loss(lm.model, rows) == pytest.approx(hf.item(), rel=1e-5)
 
 
 def test_mean_token_loss_matches_hf_loss(lm):
