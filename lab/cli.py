@@ -4,6 +4,7 @@
     lab run pretrain [--profile cpu]      run one track (resumes an interrupted run; --fresh starts over)
     lab run all [--profile cpu]           every available track
     lab bench pretrain [--profile cpu]    throughput benchmark against a reference loop
+    lab transcoders build [--profile cpu] train the per-layer transcoders Track E's attribution graphs use
     lab site build | serve                build the offline site into site/ (strict) or serve it
     lab questions                         check that every ANSWERED question links to evidence that exists
 """
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("which", choices=["pretrain"])
     b.add_argument("--profile", default="cpu")
     b.add_argument("--steps", type=int, default=200)
+    t = sub.add_parser("transcoders", help="per-layer transcoders for circuit-tracer (Track E)")
+    t.add_argument("action", choices=["build"])
+    t.add_argument("--profile", default="cpu")
+    t.add_argument("--fresh", action="store_true", help="retrain even if built (and ignore a build's checkpoint)")
     s = sub.add_parser("site", help="the offline site")
     s.add_argument("action", choices=["build", "serve"])
     s.add_argument("--port", type=int, default=8000)
@@ -76,6 +81,15 @@ def main(argv: list[str] | None = None) -> int:
             from lab.profiles import get_profile
 
             pretrain_throughput(get_profile(args.profile), steps=args.steps, write=True)
+        elif args.cmd == "transcoders":
+            from lab.transcoders import build, transcoder_dir
+
+            meta = build(args.profile, fresh=args.fresh)
+            worst = max(meta["layers"], key=lambda r: r["fvu"])
+            print(f"transcoders for {meta['model']} in {transcoder_dir(args.profile)}: {meta['n_layers']} layers x "
+                  f"{meta['d_transcoder']} features (TopK {meta['k']}), trained {meta['train_s']:.0f} s; held-out FVU "
+                  f"mean {sum(r['fvu'] for r in meta['layers']) / meta['n_layers']:.3f}, worst {worst['fvu']:.3f} "
+                  f"(layer {worst['layer']})")
         elif args.cmd == "site":
             _site(args)
         elif args.cmd == "questions":

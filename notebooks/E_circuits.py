@@ -23,20 +23,23 @@ def _():
 @app.cell
 def _(mo):
     mo.md(r"""
-    # Circuit-informed fine-tuning, part 1: can a 135M model learn invented words, and when?
+    # Circuit-informed fine-tuning: can a 135M model learn invented words, and can its circuits tell when?
 
     **HYPOTHESIS.** SmolLM2-135M-Instruct cannot know that "blarf" means *happy* or that to "florp" is to move
     *up*: on held-out prompts it should sit at chance (one right concept against three alternatives). A short
     LoRA fine-tune on a few dozen sentences per constraint type should teach both types, and the checkpoints at
-    25/50/75/100 % of training show *when* each type is learned.
+    25/50/75/100 % of training show *when* each type is learned. If attribution graphs are a microscope on
+    learning, the circuit behind the right answer should form, then stop changing, around the same time, and a
+    "the circuit has settled" signal could stop training instead of the validation loss.
 
     **METHOD.** `lab.constraints` generates the corpus (two constraint types, four invented words each, varied
     sentence templates; held-out prompts use names, things and templates never seen in training). LoRA through
-    the same `Trainer` code as Track A, loss on every token of the texts; the adapter saved at every quarter of
-    training is reloaded and scored: a prompt counts as right when the log-probability of the right concept beats
-    every alternative's. No sampling anywhere.
-
-    **NOT YET.** Transcoders, attribution graphs and the circuit-vs-loss stopping rule (the rest of the track).
+    the same `Trainer` code as Track A, loss on the concept words; the adapter saved at every quarter of training
+    is reloaded and scored: a prompt counts as right when the log-probability of the right concept beats every
+    alternative's. No sampling anywhere. Then circuit-tracer: per-layer transcoders trained by `lab.transcoders`
+    on the base model, the replacement model of each checkpoint, attribution graphs of the two seed prompts and
+    16 held-out prompts (followed at the right concept's logit), pruned with circuit-tracer's defaults and
+    compared between checkpoints (`lab.circuits`).
     """)
     return
 
@@ -102,6 +105,45 @@ def _(C, LabError, fresh_base, load_adapter, mo, pl, profile_ui, prompt_ui, scri
 
 
 @app.cell
+def _(LabError, mo, pl, read_result, script):
+    mo.stop(script)
+    # The committed graphs, drawn offline: pick a prompt (seed prompts and held-out constraint prompts).
+    try:
+        graph_nodes = read_result("E_circuits", "graph_nodes")
+        graph_edges = read_result("E_circuits", "graph_edges")
+        graphs = read_result("E_circuits", "graphs")
+    except LabError as err:
+        graph_ui = None
+        _out = mo.md(f"No committed graphs yet: {err}")
+    else:
+        _ids = graphs.select("prompt_id").unique(maintain_order=True)["prompt_id"].to_list()
+        graph_ui = mo.ui.dropdown(options=_ids, value=_ids[0], label="attribution graph of")
+        _out = graph_ui
+    _out
+    return graph_edges, graph_nodes, graph_ui, graphs
+
+
+@app.cell
+def _(graph_edges, graph_nodes, graph_ui, graphs, mo, pl, track):
+    mo.stop(graph_ui is None)
+    _g = graphs.filter(pl.col("prompt_id") == graph_ui.value).sort("checkpoint")
+    _top = (graph_nodes.filter((pl.col("prompt_id") == graph_ui.value) & (pl.col("kind") == "feature"))
+            .sort("influence", descending=True).group_by("checkpoint", maintain_order=True).head(5)
+            .select("checkpoint", "label", "pos", "influence").sort("checkpoint"))
+    mo.vstack([
+        mo.md(f"**Prompt:** `{_g['prompt'][0] if 'prompt' in _g.columns else graph_ui.value}` — followed at "
+              f"`{_g['target_token'][0]!r}`; probability per checkpoint: "
+              + ", ".join(f"{p:.2f}" for p in _g["target_prob"].to_list())),
+        track.plot_graph(graph_nodes, graph_edges, graph_ui.value),
+        mo.md("Most influential features per checkpoint (L = layer, # = feature index in that layer's transcoder):"),
+        mo.ui.table(_top, selection=None),
+        mo.ui.table(_g.select("checkpoint", "fraction", "target_prob", "n_kept_features", "error_share",
+                              "target_from_features", "replacement_score"), selection=None),
+    ])
+    return
+
+
+@app.cell
 def _(LabError, mo, read_result, track):
     # The committed cpu-profile run (what the site shows), read back from results/E_circuits/.
     try:
@@ -120,6 +162,25 @@ def _(LabError, mo, read_result, track):
     """),
             track.plot_checkpoints(_ck),
         ])
+        try:
+            _stop = read_result("E_circuits", "stopping")
+            committed = mo.vstack([
+                committed,
+                mo.md(f"""
+    ### Circuits
+    Transcoders: {_summ['transcoder_layers']} layers × {_summ['transcoder_features']} features (TopK
+    {_summ['transcoder_k']}), held-out FVU mean {_summ['transcoder_fvu_mean']:.2f} (worst layer
+    {_summ['transcoder_worst_layer']}: {_summ['transcoder_fvu_max']:.2f}).
+    {_summ['graphs']} attribution graphs, median {_summ['attribution_s_median']:.0f} s each.
+    """),
+                track.plot_transcoders(read_result("E_circuits", "transcoders")),
+                track.plot_circuit_stats(read_result("E_circuits", "circuit_stats")),
+                mo.md("**Early stopping:** where each rule stops, what it keeps, and that checkpoint's held-out accuracy"),
+                mo.ui.table(_stop, selection=None),
+                mo.ui.table(read_result("E_circuits", "circuit_tests"), selection=None),
+            ])
+        except LabError as err:
+            committed = mo.vstack([committed, mo.md(f"No circuit results yet: {err}")])
     committed
     return
 

@@ -1,25 +1,47 @@
-"""Track E — circuit-informed fine-tuning. What runs today: WS2 (the synthetic constraint corpus) and WS3
-(LoRA fine-tuning on it with adapters saved at 25/50/75/100 % of training, each reloaded and scored).
+"""Track E — circuit-informed fine-tuning: a synthetic constraint corpus (WS2), LoRA fine-tuning with adapters
+saved at 25/50/75/100 % of training (WS3), and attribution graphs of the base model and every checkpoint with
+circuit-tracer (WS1/WS5).
 
 Per checkpoint (the base model counts as 0 %) and constraint type: held-out accuracy (the right concept's
 log-probability beats every alternative's; ``lab.constraints.score_prompts``), the mean log-probability margin,
-and the validation loss of that type's texts. The transcoders, attribution graphs and the circuit-vs-loss
-early-stopping comparison (WS1/WS5) are not built yet; nothing here claims them.
+and the validation loss of that type's texts.
 
-Writes to results/E_circuits/: ``checkpoints`` (+ chart), ``prompts``, ``loss`` (+ chart), ``summary``.
+Circuits: per-layer transcoders are trained on the base model (``lab.transcoders``, cached build artifact);
+every checkpoint's merged model + those transcoders form circuit-tracer's replacement model; each graph prompt
+(the two seed prompts and a subset of the held-out constraint prompts, followed at the right concept's logit)
+gets an attribution graph, pruned with circuit-tracer's defaults and reduced by ``lab.circuits.trace``.
+Checkpoints are compared per prompt (feature-node Jaccard, edge-weight correlation), summarised per constraint
+type with bootstrap intervals and a sign-flip test, and two early-stopping rules are compared: stop when the
+validation loss rises (loss rule) or when the circuit stops changing (circuit rule).
+
+Writes to results/E_circuits/: ``checkpoints`` (+ chart), ``prompts``, ``loss`` (+ chart), ``transcoders``
+(+ chart), ``graphs``, ``circuit_compare``, ``circuit_stats`` (+ chart), ``circuit_tests``, ``stopping``,
+``graph_nodes`` / ``graph_edges`` (+ chart of one graph per stage), ``summary``; circuit-tracer's own JSON of the
+seed prompts' pruned graphs under ``graphs/``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import altair as alt
 import polars as pl
 import torch
 
-from lab.constraints import (CONSTRAINTS, concepts, constraint_dataset, encode_texts, held_out_prompts,
-                             mean_token_loss, score_prompts)
+from lab.constraints import (
+    CONSTRAINTS,
+    concepts,
+    constraint_dataset,
+    encode_texts,
+    held_out_prompts,
+    mean_token_loss,
+    score_prompts,
+)
 from lab.errors import LabError
 from lab.finetune import FinetuneConfig, fresh_base, load_adapter, train_lora
 from lab.models import DATA_DIR
@@ -28,6 +50,7 @@ from lab.results import write_result
 
 TRACK = "E_circuits"
 LEARNED = 0.9  # a constraint type counts as learned from the first checkpoint with this held-out accuracy
+SEED_PROMPTS = ("Write a poem about trees", "Describe a happy day")  # the seed plan's prompts, in chat format
 
 
 @dataclass(frozen=True)
@@ -37,11 +60,17 @@ class CircuitsConfig:
     per_type: int
     finetune: FinetuneConfig
     loss: str = "concept"  # "concept": loss on the concept words only; "all": on every token of the texts
+    graph_words: int = 4  # invented words per constraint type whose held-out prompts get attribution graphs
+    graph_per_word: int = 2  # held-out prompts per such word
+    seed_prompts: int = 2  # how many of SEED_PROMPTS get graphs
+    max_feature_nodes: int = 1000  # circuit-tracer's cap on feature nodes per graph
+    settle: float = 0.5  # circuit rule: stop once the mean feature Jaccard with the previous checkpoint reaches this
 
 
 CONFIGS: dict[str, CircuitsConfig] = {
     "smoke": CircuitsConfig(per_type=8, finetune=FinetuneConfig(lr=2e-3, rank=4, batch_size=4, epochs=2,
-                                                                max_seq_len=128, n_evals=2)),
+                                                                max_seq_len=128, n_evals=2),
+                            graph_words=1, graph_per_word=1, seed_prompts=1, max_feature_nodes=100),
     # 51 training texts (80 % of 64), 10 epochs of batch 8: 70 steps on SmolLM2-135M. A first run with the loss on
     # every token and 5 epochs learned the sentence templates and left held-out accuracy at chance.
     "cpu": CircuitsConfig(per_type=32, finetune=FinetuneConfig(lr=1e-3, rank=8, batch_size=8, epochs=10,
@@ -114,6 +143,268 @@ def plot_loss(df: pl.DataFrame) -> alt.Chart:
     ).properties(width=420, height=200)
 
 
+# ------------------------------------------------------------------------------------------- circuits (WS1/WS5)
+
+def graph_prompts(tokenizer, cfg: CircuitsConfig) -> list[dict]:
+    """The prompts that get attribution graphs: seed prompts (chat format; followed at the top prediction) and,
+    per constraint type, ``graph_per_word`` held-out prompts of each of the first ``graph_words`` words
+    (followed at the right concept's first token)."""
+    from lab.finetune_data import chat_text
+
+    rows = [{"prompt_id": f"seed-{i}", "constraint_type": "seed", "word": "", "text": chat_text(tokenizer, s),
+             "target": "", "target_id": None} for i, s in enumerate(SEED_PROMPTS[:cfg.seed_prompts])]
+    by_word: dict[tuple[str, str], list] = {}
+    for hp in held_out_prompts():
+        by_word.setdefault((hp.constraint_type, hp.word), []).append(hp)
+    for ctype, words in CONSTRAINTS.items():
+        for w in list(words)[:cfg.graph_words]:
+            for j, hp in enumerate(by_word[(ctype, w)][:cfg.graph_per_word]):
+                tid = tokenizer(" " + hp.target, add_special_tokens=False)["input_ids"][0]
+                rows.append({"prompt_id": f"{ctype}-{w}-{j}", "constraint_type": ctype, "word": w, "text": hp.prompt,
+                             "target": hp.target, "target_id": tid})
+    return rows
+
+
+def stopping_rules(frame: pl.DataFrame, compare: pl.DataFrame, settle: float) -> pl.DataFrame:
+    """Per constraint type, where each early-stopping rule stops, how many steps it trained, and the held-out
+    accuracy of the checkpoint it keeps.
+
+    - loss rule (patience 1): after each checkpoint, stop if this type's validation loss rose; keep the previous
+      checkpoint. Trains to the checkpoint where the rise is seen.
+    - circuit rule: after each checkpoint (from the second), stop if the mean feature-node Jaccard between this
+      checkpoint's graphs and the previous checkpoint's reaches ``settle``; keep this checkpoint.
+    - oracle: the first checkpoint whose held-out accuracy reaches ``LEARNED`` (needs the labels; for reference).
+    Both rules run to the end when they never fire.
+    """
+    rows = []
+    for ctype in CONSTRAINTS:
+        f = frame.filter(pl.col("constraint_type") == ctype).sort("checkpoint")
+        ck, steps, acc, loss = (f[c].to_list() for c in ("checkpoint", "step", "accuracy", "val_loss"))
+        last = len(ck) - 1
+        keep, trained = last, last
+        for i in range(2, len(ck)):  # the base (0) is not a candidate; a rise is seen from the second checkpoint
+            if loss[i] > loss[i - 1]:
+                keep, trained = i - 1, i
+                break
+        rows.append({"constraint_type": ctype, "rule": "loss", "kept_checkpoint": ck[keep], "trained_checkpoint": ck[trained]})
+        c = compare.filter((pl.col("constraint_type") == ctype) & (pl.col("versus") == "previous")) \
+            .group_by("checkpoint").agg(pl.col("feature_jaccard").mean()).sort("checkpoint")
+        keep = last
+        for i, j in zip(c["checkpoint"].to_list(), c["feature_jaccard"].to_list(), strict=True):
+            if i >= 2 and j >= settle:
+                keep = i
+                break
+        rows.append({"constraint_type": ctype, "rule": "circuit", "kept_checkpoint": keep, "trained_checkpoint": keep})
+        hit = [i for i in ck[1:] if acc[i] >= LEARNED]
+        o = hit[0] if hit else last
+        rows.append({"constraint_type": ctype, "rule": "oracle", "kept_checkpoint": o, "trained_checkpoint": o})
+    out = pl.DataFrame(rows)
+    info = frame.select("constraint_type", pl.col("checkpoint").alias("kept_checkpoint"), "fraction", "accuracy",
+                        "val_loss", "mean_margin")
+    steps = frame.select("constraint_type", pl.col("checkpoint").alias("trained_checkpoint"),
+                         pl.col("step").alias("steps_trained"))
+    return out.join(info, on=["constraint_type", "kept_checkpoint"]).join(
+        steps, on=["constraint_type", "trained_checkpoint"]).sort("constraint_type", "rule")
+
+
+GRAPH_METRICS = ("feature_jaccard", "edge_correlation", "error_share", "target_from_features", "target_prob")
+
+
+def circuit_stats(graphs: pl.DataFrame, compare: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Per constraint type and checkpoint, each metric's mean over prompts with a 95 % bootstrap interval; and
+    sign-flip tests of the change from the base model to the final checkpoint (per prompt, paired)."""
+    from lab.circuits import bootstrap_mean, sign_flip_test
+
+    rows = []
+    wide = graphs.join(compare.filter(pl.col("versus") == "final").select(
+        "prompt_id", "checkpoint", "feature_jaccard", "edge_correlation"), on=["prompt_id", "checkpoint"], how="left")
+    for (ctype, ck), g in wide.group_by("constraint_type", "checkpoint"):
+        for m in GRAPH_METRICS:
+            mean, lo, hi = bootstrap_mean(g[m].to_list())
+            rows.append({"constraint_type": ctype, "checkpoint": ck, "fraction": g["fraction"][0], "metric": m,
+                         "mean": mean, "lo": lo, "hi": hi, "n": g.height})
+    stats = pl.DataFrame(rows).sort("metric", "constraint_type", "checkpoint")
+    tests = []
+    last = graphs["checkpoint"].max()
+    for ctype in graphs["constraint_type"].unique().sort().to_list():
+        g = graphs.filter(pl.col("constraint_type") == ctype)
+        base = g.filter(pl.col("checkpoint") == 0).sort("prompt_id")
+        final = g.filter(pl.col("checkpoint") == last).sort("prompt_id")
+        for m in ("error_share", "target_from_features", "target_prob", "n_kept_features"):
+            d = (final[m].cast(pl.Float64) - base[m].cast(pl.Float64)).to_list()
+            mean, lo, hi = bootstrap_mean(d)
+            tests.append({"constraint_type": ctype, "metric": m, "base_mean": float(base[m].mean()),
+                          "final_mean": float(final[m].mean()), "diff_mean": mean, "diff_lo": lo, "diff_hi": hi,
+                          "p_sign_flip": sign_flip_test(d), "n": len(d)})
+    return stats, pl.DataFrame(tests)
+
+
+def plot_transcoders(df: pl.DataFrame) -> alt.HConcatChart:
+    """Held-out FVU and the share of never-active features per layer."""
+    base = alt.Chart(df).encode(x=alt.X("layer:O", title="layer"))
+    f = base.mark_bar().encode(y=alt.Y("fvu:Q", title="held-out FVU", scale=alt.Scale(domain=[0, 1])),
+                               tooltip=["layer:O", alt.Tooltip("fvu:Q", format=".3f"), alt.Tooltip("l0:Q", format=".1f"),
+                                        alt.Tooltip("dead_share:Q", format=".1%")]).properties(width=420, height=160)
+    d = base.mark_bar(color="#999").encode(
+        y=alt.Y("dead_share:Q", title="never-active features", axis=alt.Axis(format="%")),
+        tooltip=["layer:O", alt.Tooltip("dead_share:Q", format=".1%")]).properties(width=420, height=100)
+    return alt.vconcat(f, d)
+
+
+_METRIC_TITLES = {"feature_jaccard": "feature overlap with final (Jaccard)",
+                  "edge_correlation": "edge-weight correlation with final",
+                  "error_share": "error-node share of influence",
+                  "target_from_features": "direct attribution from features to target logit",
+                  "target_prob": "probability of the target token"}
+
+
+def plot_circuit_stats(df: pl.DataFrame) -> alt.VConcatChart:
+    """Each circuit metric's mean (95 % bootstrap interval) per constraint type across checkpoints."""
+    charts = []
+    for m, title in _METRIC_TITLES.items():
+        d = df.filter(pl.col("metric") == m)
+        base = alt.Chart(d).encode(
+            x=alt.X("fraction:Q", title="share of training", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
+            color=alt.Color("constraint_type:N", title="prompts"))
+        line = base.mark_line(point=True).encode(
+            y=alt.Y("mean:Q", title=title, scale=alt.Scale(zero=False)),
+            tooltip=["constraint_type:N", "checkpoint:Q", alt.Tooltip("mean:Q", format=".3f"),
+                     alt.Tooltip("lo:Q", format=".3f"), alt.Tooltip("hi:Q", format=".3f"), "n:Q"])
+        band = base.mark_errorbar().encode(y="lo:Q", y2="hi:Q")
+        charts.append((line + band).properties(width=420, height=130))
+    return alt.vconcat(*charts)
+
+
+def graph_frames(records: list[dict], keep_nodes: int = 60, keep_edges: int = 80) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """For drawing each graph: the ``keep_nodes`` most influential kept features, the tokens and the target
+    logit, and the ``keep_edges`` strongest kept edges among them."""
+    nodes, edges = [], []
+    for r in records:
+        tag = {"checkpoint": r["checkpoint"], "fraction": r["fraction"], "prompt_id": r["prompt_id"]}
+        last = r["n_pos"] - 1
+        pos_of = {}
+        for f in sorted(r["features"], key=lambda f: -f["influence"])[:keep_nodes]:
+            layer, pos, feat = (int(x) for x in f["key"][1:].split("."))
+            nodes.append({**tag, "key": f["key"], "kind": "feature", "layer": layer + 1, "pos": pos, "feature": feat,
+                          "influence": f["influence"], "label": f"L{layer} #{feat}"})
+            pos_of[f["key"]] = (pos, layer + 1)
+        for pos, label in enumerate(r["tokens"]):
+            nodes.append({**tag, "key": f"T{pos}", "kind": "token", "layer": 0, "pos": pos, "feature": -1,
+                          "influence": 0.0, "label": label})
+            pos_of[f"T{pos}"] = (pos, 0)
+        lk = f"L{r['target_id']}"
+        nodes.append({**tag, "key": lk, "kind": "logit", "layer": r["n_layers"] + 1, "pos": last, "feature": -1,
+                      "influence": 1.0, "label": r["target_token"]})
+        pos_of[lk] = (last, r["n_layers"] + 1)
+        kept = sorted((e for e in r["edges"] if e[0] in pos_of and e[1] in pos_of), key=lambda e: -abs(e[2]))
+        for s, t, w in kept[:keep_edges]:
+            (x, y), (x2, y2) = pos_of[s], pos_of[t]
+            edges.append({**tag, "source": s, "target": t, "weight": w, "pos": x, "layer": y, "pos2": x2, "layer2": y2})
+    return pl.DataFrame(nodes), pl.DataFrame(edges)
+
+
+def plot_graph(nodes: pl.DataFrame, edges: pl.DataFrame, prompt_id: str | None = None) -> alt.FacetChart:
+    """One prompt's pruned attribution graph per checkpoint, drawn offline: token position across, layer up
+    (0 = token embeddings, top = the target logit); features sized by influence on the target, edges red when
+    positive and blue when negative. ``prompt_id`` defaults to the first prompt in ``nodes``."""
+    prompt_id = prompt_id or nodes["prompt_id"][0]
+    nodes = nodes.filter(pl.col("prompt_id") == prompt_id)
+    edges = edges.filter(pl.col("prompt_id") == prompt_id)
+    data = pl.concat([nodes, edges.with_columns(kind=pl.lit("edge"))], how="diagonal_relaxed")
+    base = alt.Chart(data)
+    e = base.transform_filter("datum.kind == 'edge'").mark_rule(opacity=0.35).encode(
+        x=alt.X("pos:Q", title="token position"), y=alt.Y("layer:Q", title="layer (0 = embeddings)"),
+        x2="pos2:Q", y2="layer2:Q",
+        color=alt.condition("datum.weight > 0", alt.value("#d62728"), alt.value("#1f77b4")),
+        strokeWidth=alt.StrokeWidth("weight:Q", legend=None, scale=alt.Scale(type="sqrt", range=[0.3, 3])))
+    n = base.transform_filter("datum.kind != 'edge'").mark_circle(opacity=0.85).encode(
+        x="pos:Q", y="layer:Q", size=alt.Size("influence:Q", legend=None, scale=alt.Scale(range=[15, 250])),
+        color=alt.Color("kind:N", title="node", scale=alt.Scale(domain=["token", "feature", "logit"])),
+        tooltip=["label:N", "kind:N", "layer:Q", "pos:Q", alt.Tooltip("influence:Q", format=".3f")])
+    return alt.layer(e, n).properties(width=200, height=220).facet(
+        column=alt.Column("fraction:Q", title="share of training", header=alt.Header(format="%")))
+
+
+def circuits(p: Profile, cfg: CircuitsConfig, stages: list[tuple[int, object]], total: int,
+             progress: bool = True) -> dict:
+    """Attribution graphs for every stage and graph prompt (cached per stage and prompt); frames and stats."""
+    from circuit_tracer.utils.create_graph_files import create_graph_files
+    from tqdm.auto import tqdm
+
+    from lab.circuits import compare, export_model, replacement_model, trace
+    from lab.transcoders import build, load_transcoders
+
+    t0 = time.perf_counter()
+    meta = build(p, progress=progress)  # cached: trains only when missing or its config changed
+    tc_set, meta = load_transcoders(p)
+    # cached per transcoder build and per adapter content, so a retrained checkpoint never reuses an old graph
+    tc_key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]
+    work = run_dir(p).parent / "circuits" / f"tc-{tc_key}-nodes{cfg.max_feature_nodes}"
+    base_lm = fresh_base(p)
+    prompts = graph_prompts(base_lm.tokenizer, cfg)
+    records: list[dict] = []
+    attr_s: list[float] = []
+    json_dir = work / f"json-{time.time_ns()}"  # this run's copies, renamed by stage index
+    bar = tqdm(total=len(stages) * len(prompts), desc="attribution graphs", disable=not progress, unit="graph")
+    for i, (step, ck) in enumerate(stages):
+        key = "base" if ck is None else hashlib.sha256((ck / "adapter_model.safetensors").read_bytes()).hexdigest()[:10]
+        stage_dir = work / f"stage-{key}"
+        todo = [pr for pr in prompts if not (stage_dir / f"{pr['prompt_id']}.json").exists()]
+        if todo:
+            lm = fresh_base(p)
+            model = lm.model if ck is None else load_adapter(lm, ck)
+            folder = export_model(model, lm.tokenizer, work / "models" / f"stage-{key}")
+            rm = replacement_model(folder, tc_set)
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            for pr in todo:
+                t1 = time.perf_counter()
+                rec, graph = trace(rm, pr["text"], target_id=pr["target_id"], max_feature_nodes=cfg.max_feature_nodes)
+                rec["attribution_s"] = time.perf_counter() - t1
+                rec["tokens"] = [lm.tokenizer.decode([t]) for t in rec["input_tokens"]]
+                if pr["constraint_type"] == "seed":
+                    create_graph_files(graph, f"{pr['prompt_id']}-stage-{i}", str(stage_dir / "json"),
+                                       scan=tc_set.scan)
+                tmp = stage_dir / f"{pr['prompt_id']}.json.tmp"
+                tmp.write_text(json.dumps(rec))
+                tmp.replace(stage_dir / f"{pr['prompt_id']}.json")
+                bar.update(1)
+            del rm, model, lm
+        bar.update(len(prompts) - len(todo))
+        for f in (stage_dir / "json").glob("*.json"):
+            if f.name != "graph-metadata.json":
+                json_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, json_dir / f.name)
+        for pr in prompts:
+            rec = json.loads((stage_dir / f"{pr['prompt_id']}.json").read_text())
+            rec |= {"checkpoint": i, "step": step, "fraction": step / total, "prompt_id": pr["prompt_id"],
+                    "constraint_type": pr["constraint_type"], "word": pr["word"], "n_layers": meta["n_layers"]}
+            records.append(rec)
+            attr_s.append(rec["attribution_s"])
+    bar.close()
+
+    scalar = [k for k, v in records[0].items() if isinstance(v, (int, float, str))]
+    graphs = pl.DataFrame([{k: r[k] for k in scalar} for r in records]).with_columns(
+        pl.col("target_from_features", "target_from_errors", "target_from_tokens").cast(pl.Float64))
+    by = {(r["prompt_id"], r["checkpoint"]): r for r in records}
+    last = len(stages) - 1
+    cmp_rows = []
+    for r in records:
+        i = r["checkpoint"]
+        for versus, j in (("previous", i - 1), ("final", last), ("base", 0)):
+            if j < 0 or j == i:
+                continue
+            cmp_rows.append({"prompt_id": r["prompt_id"], "constraint_type": r["constraint_type"], "checkpoint": i,
+                             "fraction": r["fraction"], "versus": versus,
+                             **compare(by[(r["prompt_id"], j)], r)})
+    cmp = pl.DataFrame(cmp_rows)
+    stats, tests = circuit_stats(graphs, cmp)
+    layers = pl.DataFrame(meta["layers"])
+    nodes, edges = graph_frames(records)
+    return {"graphs": graphs, "compare": cmp, "stats": stats, "tests": tests, "transcoders": layers, "nodes": nodes,
+            "edges": edges, "json_dir": json_dir, "meta": meta, "attr_s": attr_s, "wall_s": time.perf_counter() - t0,
+            "n_prompts": len(prompts)}
+
+
 def run(profile: str | Profile | None = None, *, fresh: bool = False, write: bool = True,
         progress: bool = True) -> dict:
     """Fine-tune on the constraint corpus (resuming unless ``fresh``), score every checkpoint, write results."""
@@ -166,13 +457,60 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, write: boo
         summary |= {f"{c}_base_accuracy": rows["accuracy"][0], f"{c}_final_accuracy": rows["accuracy"][-1],
                     f"{c}_base_val_loss": rows["val_loss"][0], f"{c}_final_val_loss": rows["val_loss"][-1],
                     f"{c}_learned_at": at if at is not None else -1.0}
-    summary |= {"train_time_s": float((steps["tokens"] / steps["tokens_per_s"]).sum()) if steps.height else 0.0,
-                "wall_time_s": time.perf_counter() - t0}
+    summary |= {"train_time_s": float((steps["tokens"] / steps["tokens_per_s"]).sum()) if steps.height else 0.0}
+
+    circ = circuits(p, cfg, stages, total, progress=progress)
+    stop = stopping_rules(frame, circ["compare"], cfg.settle)
+    tq = circ["transcoders"]
+    summary |= {"transcoder_layers": tq.height, "transcoder_features": circ["meta"]["d_transcoder"],
+                "transcoder_k": circ["meta"]["k"], "transcoder_fvu_mean": float(tq["fvu"].mean()),
+                "transcoder_fvu_max": float(tq["fvu"].max()), "transcoder_fvu_min": float(tq["fvu"].min()),
+                "transcoder_worst_layer": int(tq.sort("fvu")["layer"][-1]),
+                "transcoder_dead_share_mean": float(tq["dead_share"].mean()),
+                "transcoder_train_s": circ["meta"]["train_s"],
+                "transcoder_tokens_per_layer": circ["meta"]["train_tokens_per_layer"],
+                "graph_prompts": circ["n_prompts"], "graphs": circ["graphs"].height,
+                "attribution_s_median": float(pl.Series(circ["attr_s"]).median()),
+                "attribution_s_total": float(sum(circ["attr_s"])), "circuits_wall_s": circ["wall_s"],
+                "settle_threshold": cfg.settle}
+    for row in stop.iter_rows(named=True):
+        k = f"{row['constraint_type']}_{row['rule']}"
+        summary |= {f"{k}_stop_fraction": row["fraction"], f"{k}_steps": row["steps_trained"],
+                    f"{k}_accuracy": row["accuracy"]}
+    summary["wall_time_s"] = time.perf_counter() - t0
     if write:
-        kw = dict(config={"per_type": cfg.per_type, "finetune": asdict(ft), "loss": cfg.loss, "learned_threshold": LEARNED},
+        kw = dict(config={"per_type": cfg.per_type, "finetune": asdict(ft), "loss": cfg.loss, "learned_threshold": LEARNED,
+                          "graph_words": cfg.graph_words, "graph_per_word": cfg.graph_per_word,
+                          "max_feature_nodes": cfg.max_feature_nodes, "settle": cfg.settle,
+                          "transcoders": circ["meta"]["config"]},
                   seed=ft.seed, profile=p.name, wall_time_s=summary["wall_time_s"])
         write_result(TRACK, "checkpoints", frame, chart=plot_checkpoints, **kw)
         write_result(TRACK, "prompts", prompts, **kw)
         write_result(TRACK, "loss", steps.select("step", "loss", "lr", "grad_norm"), chart=plot_loss, **kw)
+        write_result(TRACK, "transcoders", tq, chart=plot_transcoders, **kw)
+        write_result(TRACK, "graphs", circ["graphs"], **kw)
+        write_result(TRACK, "circuit_compare", circ["compare"], **kw)
+        write_result(TRACK, "circuit_stats", circ["stats"], chart=plot_circuit_stats, **kw)
+        write_result(TRACK, "circuit_tests", circ["tests"], **kw)
+        write_result(TRACK, "stopping", stop, **kw)
+        edges_path = write_result(TRACK, "graph_edges", circ["edges"], **kw)
+        nodes_path = write_result(TRACK, "graph_nodes", circ["nodes"],
+                                  chart=lambda nodes: plot_graph(nodes, pl.read_parquet(edges_path)), **kw)
+        _copy_graph_json(circ["json_dir"], nodes_path.parent / "graphs")
         write_result(TRACK, "summary", pl.DataFrame([summary]), **kw)
     return summary
+
+
+def _copy_graph_json(src, dst) -> None:
+    """circuit-tracer's frontend JSON of the seed prompts' graphs (one per stage) into results/."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if Path(src).exists():
+        shutil.copytree(src, tmp)
+    else:
+        tmp.mkdir()
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+    shutil.rmtree(src, ignore_errors=True)

@@ -1,0 +1,149 @@
+"""lab.circuits on a tiny Llama with tiny trained transcoders: the attribution split against the model's own
+logits, graph comparison identities, the statistics, and Track E's stopping rules / graph prompts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from lab import circuits as C
+from lab import transcoders as T
+from lab.constraints import CONSTRAINTS
+from lab.models import load_tiny_model
+from lab.tracks import E_circuits as E
+
+PROMPT = "The king speaks of the"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_tiny_model("llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def traced(lm, tmp_path_factory):
+    """Graphs of PROMPT followed at ' moon'. Two terms of the logit sit outside every node: the transcoders'
+    constant ``b_dec`` and the MLP output at the BOS position (circuit-tracer zeroes position 0's features and
+    errors). Zeroing ``b_dec`` and every MLP's ``down_proj`` removes both, so the nodes must explain the logit
+    exactly; the features still fire (their input is unchanged) and the errors carry ``0 - reconstruction``."""
+    import copy
+
+    root = tmp_path_factory.mktemp("circ")
+    T.build("smoke", loaded=lm, progress=False, folder=root / "tc")
+    tcs, _ = T.load_transcoders(folder=root / "tc")
+    with torch.no_grad():
+        for tc in tcs:
+            tc.b_dec.zero_()
+    model = copy.deepcopy(lm.model)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.zero_()
+    folder = C.export_model(model, lm.tokenizer, root / "model")
+    rm = C.replacement_model(folder, tcs)
+    target = lm.tokenizer(" moon", add_special_tokens=False)["input_ids"][0]
+    rec, graph = C.trace(rm, PROMPT, target_id=target, max_feature_nodes=100)
+    rec2, _ = C.trace(rm, PROMPT, target_id=target, max_feature_nodes=100)
+    return rec, rec2, graph, target, model
+
+
+def test_direct_attributions_add_up_to_the_demeaned_logit(lm, traced):
+    rec, _, _, target, model = traced
+    ids = torch.tensor([rec["input_tokens"]])
+    assert rec["input_tokens"][0] == lm.tokenizer.bos_token_id  # circuit-tracer prepended the BOS
+    assert rec["n_selected_features"] > 0 and rec["target_from_errors"] != 0
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1].double()
+    total = rec["target_from_features"] + rec["target_from_errors"] + rec["target_from_tokens"]
+    assert rec["target_id"] == target
+    assert total == pytest.approx(float(logits[target] - logits.mean()), abs=1e-4)
+    assert rec["target_prob"] == pytest.approx(float(logits.softmax(-1)[target]), rel=1e-4)
+
+
+def test_record_is_consistent_with_the_graph(traced):
+    rec, _, graph, _, _ = traced
+    assert rec["n_selected_features"] == len(graph.selected_features) <= 100
+    assert 0 <= rec["error_share"] <= 1 and 0 <= rec["feature_share"] <= 1
+    assert rec["error_share"] + rec["feature_share"] <= 1 + 1e-9  # the rest is the token embeddings
+    kept = {f["key"] for f in rec["features"]}
+    assert len(kept) == rec["n_kept_features"]
+    for s, t, w in rec["edges"]:
+        assert w != 0 and s != t
+        for key in (s, t):
+            assert key[0] in "FETL"
+    assert all(f["key"].startswith("F") for f in rec["features"])
+
+
+def test_compare_identities(traced):
+    rec, rec2, _, _, _ = traced
+    same = C.compare(rec, rec2)  # attribution is deterministic: the same graph twice
+    assert same["feature_jaccard"] == 1.0 and same["edge_correlation"] == pytest.approx(1.0)
+    assert C.jaccard({1, 2}, {3}) == 0.0 and C.jaccard({1, 2}, {2, 3}) == pytest.approx(1 / 3)
+    a = [("x", "y", 1.0), ("y", "z", 2.0), ("x", "z", 3.0)]
+    b = [("x", "y", 1.0), ("y", "z", 2.0), ("z", "w", 5.0)]
+    # union of 4 edges, absent = 0: a = (1, 2, 3, 0), b = (1, 2, 0, 5) in sorted-key order
+    xa = np.array([1.0, 3.0, 2.0, 0.0])  # sorted keys (x,y) (x,z) (y,z) (z,w)
+    xb = np.array([1.0, 0.0, 2.0, 5.0])
+    assert C.edge_correlation(a, b) == pytest.approx(float(np.corrcoef(xa, xb)[0, 1]))
+    assert math.isnan(C.edge_correlation(a[:1], b[:1]))
+    other = dict(rec, input_tokens=rec["input_tokens"][:-1])
+    with pytest.raises(Exception, match="same prompt"):
+        C.compare(rec, other)
+
+
+def test_sign_flip_test_exact_values():
+    assert C.sign_flip_test([1.0, 1.0, 1.0]) == pytest.approx(2 / 8)  # only all + or all - reach |mean| = 1
+    assert C.sign_flip_test([0.0, 0.0]) == 1.0
+    assert C.sign_flip_test([1.0, -1.0, 2.0, -2.0]) == 1.0  # mean 0 is as extreme as anything
+    assert math.isnan(C.sign_flip_test([]))
+
+
+def test_bootstrap_mean():
+    m, lo, hi = C.bootstrap_mean([2.0] * 5)
+    assert m == lo == hi == 2.0
+    m, lo, hi = C.bootstrap_mean([0.0, 1.0, float("nan"), 2.0])
+    assert m == 1.0 and 0.0 <= lo < 1.0 < hi <= 2.0
+    assert all(math.isnan(x) for x in C.bootstrap_mean([]))
+
+
+def _frame(loss_m, loss_s, acc_m, acc_s):
+    rows = []
+    for ctype, loss, acc in (("mapping", loss_m, acc_m), ("spatial", loss_s, acc_s)):
+        for i, (lo, ac) in enumerate(zip(loss, acc, strict=True)):
+            rows.append({"constraint_type": ctype, "checkpoint": i, "step": 10 * i, "fraction": i / 4,
+                         "accuracy": ac, "val_loss": lo, "mean_margin": 0.0})
+    return pl.DataFrame(rows)
+
+
+def test_stopping_rules():
+    frame = _frame([5, 2, 1, 1.5, 1.8], [5, 4, 3, 2, 1], [0.25, 0.5, 1, 1, 1], [0.2, 0.2, 0.4, 0.95, 1])
+    cmp = pl.DataFrame([{"constraint_type": c, "checkpoint": i, "versus": "previous", "feature_jaccard": j}
+                        for c, js in (("mapping", [0.1, 0.3, 0.6, 0.7]), ("spatial", [0.1, 0.2, 0.3, 0.4]))
+                        for i, j in zip(range(1, 5), js, strict=True)])
+    out = {(r["constraint_type"], r["rule"]): r for r in E.stopping_rules(frame, cmp, settle=0.5).iter_rows(named=True)}
+    # mapping: loss rises at checkpoint 3 -> keep 2, trained to 3 (30 steps)
+    assert (out["mapping", "loss"]["kept_checkpoint"], out["mapping", "loss"]["steps_trained"]) == (2, 30)
+    assert out["mapping", "loss"]["accuracy"] == 1
+    # mapping: Jaccard with the previous checkpoint reaches 0.5 at checkpoint 3
+    assert (out["mapping", "circuit"]["kept_checkpoint"], out["mapping", "circuit"]["steps_trained"]) == (3, 30)
+    assert out["mapping", "oracle"]["kept_checkpoint"] == 2
+    # spatial: neither rule fires -> both run to the end; oracle at the first accuracy >= 0.9
+    assert out["spatial", "loss"]["kept_checkpoint"] == out["spatial", "circuit"]["kept_checkpoint"] == 4
+    assert out["spatial", "oracle"]["kept_checkpoint"] == 3
+
+
+def test_graph_prompts(lm):
+    cfg = E.CONFIGS["cpu"]
+    rows = E.graph_prompts(lm.tokenizer, cfg)
+    seeds = [r for r in rows if r["constraint_type"] == "seed"]
+    assert [r["text"] for r in seeds] == [f"User: {s}\nAssistant: " for s in E.SEED_PROMPTS]  # smoke BPE: no template
+    for ctype, words in CONSTRAINTS.items():
+        mine = [r for r in rows if r["constraint_type"] == ctype]
+        assert len(mine) == cfg.graph_words * cfg.graph_per_word
+        for r in mine:
+            assert r["target"] == words[r["word"]] and r["word"] in r["text"]
+            assert r["target_id"] == lm.tokenizer(" " + r["target"], add_special_tokens=False)["input_ids"][0]
+    assert len({r["prompt_id"] for r in rows}) == len(rows)

@@ -1,0 +1,129 @@
+"""Transcoders: the activations they learn from, the unit folding, FVU, the build (learns, saves, reloads into
+circuit-tracer, resumes exactly after an interruption) and its errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from lab import transcoders as T
+from lab.capture import capture
+from lab.errors import LabError
+from lab.models import load_tiny_model
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_tiny_model("llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def built(lm, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tc") / "smoke"
+    meta = T.build("smoke", loaded=lm, fresh=True, progress=False, folder=folder)
+    return folder, meta
+
+
+def test_mlp_activations_are_the_mlp_input_and_the_residual_update(lm):
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45]])
+    ins, outs = T.mlp_activations(lm.model, ids)
+    names = [f"blocks.{i}.hook_{k}" for i in range(2) for k in ("resid_mid", "mlp_out")]
+    cache = capture(lm.model, ids, names)
+    for layer, block in enumerate(lm.model.model.layers):
+        mid = cache[f"blocks.{layer}.hook_resid_mid"][0, 1:]
+        with torch.no_grad():
+            expected_in = block.post_attention_layernorm(mid)
+        assert torch.equal(ins[layer], expected_in)  # circuit-tracer's mlp.hook_in for Llama
+        assert torch.equal(outs[layer], cache[f"blocks.{layer}.hook_mlp_out"][0, 1:])  # position 0 left out
+
+
+def test_fold_scales_makes_the_raw_transcoder_exactly_the_scaled_one():
+    cfg = T.CONFIGS["smoke"]
+    gen = torch.Generator().manual_seed(0)
+    tc = T.new_transcoder(16, cfg, 0, gen)
+    with torch.no_grad():
+        tc.b_enc.normal_(generator=gen)
+        tc.b_dec.normal_(generator=gen)
+    x = torch.randn(50, 16, generator=gen) * 7.0
+    sx, sy = T.unit_scale(x), 3.5
+    with torch.no_grad():
+        scaled_acts = tc.encode(x / sx)
+        expected = tc(x / sx) * sy
+        T.fold_scales(tc, sx, sy)
+        assert torch.equal(tc.encode(x) != 0, scaled_acts != 0)  # the same features fire
+        assert torch.allclose(tc(x), expected, rtol=1e-5, atol=1e-5)
+    assert T.unit_scale(torch.full((4, 9), 2.0)) == pytest.approx(2.0)  # rows of norm 6 = 2 * sqrt(9)
+
+
+def test_fvu_identities():
+    y = torch.randn(100, 8)
+    assert T.fvu(y, y) == 0.0
+    assert T.fvu(y, y.mean(0).expand_as(y)) == pytest.approx(1.0)
+    assert T.fvu(y, torch.zeros_like(y)) == pytest.approx(float((y ** 2).sum() / ((y - y.mean(0)) ** 2).sum()))
+
+
+def test_build_learns_and_reports_what_the_saved_transcoders_do(lm, built):
+    folder, meta = built
+    cfg = T.CONFIGS["smoke"]
+    assert meta["n_layers"] == 2 and meta["d_transcoder"] == cfg.d_transcoder and meta["k"] == cfg.k
+    assert meta["curve"][0]["train_fvu_mean"] > 1.0  # random features at step 1
+    for row in meta["layers"]:
+        assert row["fvu"] < 0.8 and row["l0"] == cfg.k  # TopK: exactly k active per token
+    # reloaded from safetensors as circuit-tracer's TranscoderSet: the same held-out numbers, recomputed
+    tcs, meta2 = T.load_transcoders(folder=folder)
+    assert meta2 == json.loads((folder / "meta.json").read_text())
+    assert tcs.feature_input_hook == "mlp.hook_in" and tcs.feature_output_hook == "mlp.hook_out"
+    _, val = T.training_texts(lm.tokenizer, "smoke")
+    ids = T.token_sequences(lm.tokenizer, val, cfg.seq_len, cfg.eval_seqs, cfg.seed + 1)
+    ins, outs = T.mlp_activations(lm.model, ids)
+    again = T.evaluate(list(tcs), ins, outs)
+    for a, b in zip(again, meta["layers"], strict=True):
+        assert a["fvu"] == pytest.approx(b["fvu"], rel=1e-5) and a["dead_share"] == b["dead_share"]
+    # built already with the same config: returned without training
+    assert T.build("smoke", loaded=lm, progress=False, folder=folder)["train_s"] == meta["train_s"]
+
+
+def test_interrupted_build_resumes_to_the_same_weights(lm, built, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    ref_folder, _ = built
+    folder = tmp_path / "smoke"
+    real = T.mlp_activations
+    calls = {"n": 0}
+
+    def dies_midway(model, ids):
+        calls["n"] += 1
+        if calls["n"] == 40:  # after the checkpoint at step 30 (steps // 4 = 15, 30, 45)
+            raise KeyboardInterrupt
+        return real(model, ids)
+
+    monkeypatch.setattr(T, "mlp_activations", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        T.build("smoke", loaded=lm, fresh=True, progress=False, folder=folder)
+    assert not (folder / "meta.json").exists()  # nothing half-built is presented as built
+    monkeypatch.setattr(T, "mlp_activations", real)
+    meta = T.build("smoke", loaded=lm, progress=False, folder=folder)
+    assert meta["resumed_from_step"] == 30
+    for layer in range(2):
+        a = load_file(folder / f"layer_{layer}.safetensors")
+        b = load_file(ref_folder / f"layer_{layer}.safetensors")
+        for k in b:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_errors_name_the_fix(tmp_path):
+    with pytest.raises(LabError, match="lab transcoders build"):
+        T.load_transcoders(folder=tmp_path)
+    with pytest.raises(LabError, match="GemmaScope"):
+        T.transcoder_config("gpu")
+
+
+def test_short_text_source_is_refused(lm):
+    with pytest.raises(LabError, match="seq_len"):
+        T.token_sequences(lm.tokenizer, {"tiny": "a b"}, 32, 4, 0)
+    cfg = replace(T.CONFIGS["smoke"], seq_len=8)
+    ids = T.token_sequences(lm.tokenizer, {"x": "the king speaks of the moon " * 20}, cfg.seq_len, 5, 0)
+    assert ids.shape == (5, 9) and (ids[:, 0] == lm.tokenizer.bos_token_id).all()
