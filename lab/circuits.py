@@ -75,8 +75,8 @@ def direct_split(graph, target_index: int) -> dict[str, float]:
             "from_tokens": float(row[n_feat + n_err:n_feat + n_err + graph.n_pos].sum())}
 
 
-def trace(model, prompt: str, *, target_id: int | None = None, max_feature_nodes: int = 1000,
-          batch_size: int = 256, max_n_logits: int = 5) -> tuple[dict, object]:
+def trace(model, prompt: str, *, target_id: int | None = None, max_feature_nodes: int = 300,
+          batch_size: int = 64, max_n_logits: int = 5) -> tuple[dict, object]:
     """Attribute ``prompt``'s next token and reduce the pruned graph to a record.
 
     ``target_id`` (a token id) is the logit the metrics follow; None follows the model's top prediction.

@@ -17,7 +17,7 @@ validation loss rises (loss rule) or when the circuit stops changing (circuit ru
 Writes to results/E_circuits/: ``checkpoints`` (+ chart), ``prompts``, ``loss`` (+ chart), ``transcoders``
 (+ chart), ``graphs``, ``circuit_compare``, ``circuit_stats`` (+ chart), ``circuit_tests``, ``stopping``,
 ``graph_nodes`` / ``graph_edges`` (+ chart of one graph per stage), ``summary``; circuit-tracer's own JSON of the
-seed prompts' pruned graphs under ``graphs/``.
+seed prompts' pruned graphs (base and final model) under ``graphs/``.
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ from lab.results import write_result
 
 TRACK = "E_circuits"
 LEARNED = 0.9  # a constraint type counts as learned from the first checkpoint with this held-out accuracy
+# circuit-tracer's JSON of the seed prompts' graphs (base and final model) is committed; at its default pruning
+# (0.8 / 0.98) one graph is ~2.6 MB, at these thresholds ~0.4 MB. The metrics use the defaults (lab.circuits).
+JSON_NODE_THRESHOLD, JSON_EDGE_THRESHOLD = 0.6, 0.9
 SEED_PROMPTS = ("Write a poem about trees", "Describe a happy day")  # the seed plan's prompts, in chat format
 
 
@@ -63,7 +66,7 @@ class CircuitsConfig:
     graph_words: int = 4  # invented words per constraint type whose held-out prompts get attribution graphs
     graph_per_word: int = 2  # held-out prompts per such word
     seed_prompts: int = 2  # how many of SEED_PROMPTS get graphs
-    max_feature_nodes: int = 1000  # circuit-tracer's cap on feature nodes per graph
+    max_feature_nodes: int = 300  # circuit-tracer's cap on feature nodes per graph (cost grows with it: ~100 s at 1000 for a 35-token prompt on 2 cores)
     settle: float = 0.5  # circuit rule: stop once the mean feature Jaccard with the previous checkpoint reaches this
 
 
@@ -361,9 +364,10 @@ def circuits(p: Profile, cfg: CircuitsConfig, stages: list[tuple[int, object]], 
                 rec, graph = trace(rm, pr["text"], target_id=pr["target_id"], max_feature_nodes=cfg.max_feature_nodes)
                 rec["attribution_s"] = time.perf_counter() - t1
                 rec["tokens"] = [lm.tokenizer.decode([t]) for t in rec["input_tokens"]]
-                if pr["constraint_type"] == "seed":
+                if pr["constraint_type"] == "seed" and i in (0, len(stages) - 1):
                     create_graph_files(graph, f"{pr['prompt_id']}-stage-{i}", str(stage_dir / "json"),
-                                       scan=tc_set.scan)
+                                       scan=tc_set.scan, node_threshold=JSON_NODE_THRESHOLD,
+                                       edge_threshold=JSON_EDGE_THRESHOLD)
                 tmp = stage_dir / f"{pr['prompt_id']}.json.tmp"
                 tmp.write_text(json.dumps(rec))
                 tmp.replace(stage_dir / f"{pr['prompt_id']}.json")
