@@ -40,14 +40,14 @@ def export_model(model, tokenizer, folder: Path) -> Path:
     return folder
 
 
-def replacement_model(folder: Path, transcoders):
-    """circuit-tracer's NNSight replacement model of the saved model in ``folder``, float32 on cpu."""
+def replacement_model(folder: Path, transcoders, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """circuit-tracer's NNSight replacement model of the saved model in ``folder`` (float32 on cpu by default)."""
     from circuit_tracer.replacement_model.replacement_model_nnsight import (
         NNSightReplacementModel,
     )
 
     return NNSightReplacementModel.from_pretrained_and_transcoders(str(folder), transcoders,
-                                                                   device=torch.device("cpu"), dtype=torch.float32)
+                                                                   device=torch.device(device), dtype=dtype)
 
 
 def _keys(graph) -> list[str]:

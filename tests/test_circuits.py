@@ -147,3 +147,42 @@ def test_graph_prompts(lm):
             assert r["target"] == words[r["word"]] and r["word"] in r["text"]
             assert r["target_id"] == lm.tokenizer(" " + r["target"], add_special_tokens=False)["input_ids"][0]
     assert len({r["prompt_id"] for r in rows}) == len(rows)
+
+
+def test_circuit_stats_pairs_prompts():
+    graphs, cmp = [], []
+    for p, shift in (("a", 0.1), ("b", 0.2), ("c", 0.3)):
+        for i in range(5):
+            graphs.append({"prompt_id": p, "constraint_type": "mapping", "checkpoint": i, "fraction": i / 4,
+                           "error_share": 0.5 - shift * (i == 4), "target_from_features": float(i),
+                           "target_prob": 0.1 * i, "n_kept_features": 10 + i})
+            if i:
+                cmp.append({"prompt_id": p, "constraint_type": "mapping", "checkpoint": i, "fraction": i / 4,
+                            "versus": "previous", "feature_jaccard": 0.2 + 0.2 * (i == 4), "edge_correlation": 0.5})
+            cmp.append({"prompt_id": p, "constraint_type": "mapping", "checkpoint": i, "fraction": i / 4,
+                        "versus": "final", "feature_jaccard": 1.0 if i == 4 else 0.5, "edge_correlation": 0.9})
+    stats, tests = E.circuit_stats(pl.DataFrame(graphs), pl.DataFrame(cmp))
+    t = {r["metric"]: r for r in tests.iter_rows(named=True)}
+    err = t["error_share"]
+    assert err["diff_mean"] == pytest.approx(-0.2) and err["p_sign_flip"] == pytest.approx(2 / 8)
+    assert t["target_from_features"]["diff_mean"] == 4.0
+    settle = t["feature_jaccard with previous checkpoint"]
+    assert (settle["a_mean"], settle["b_mean"]) == (pytest.approx(0.2), pytest.approx(0.4))
+    assert t["edge_correlation with previous checkpoint"]["p_sign_flip"] == 1.0  # no change at all
+    row = stats.filter((pl.col("metric") == "feature_jaccard") & (pl.col("checkpoint") == 2))
+    assert row["mean"][0] == pytest.approx(0.5) and row["n"][0] == 3
+
+
+def test_gpu_path_says_what_is_missing(monkeypatch):
+    from lab.errors import LabError
+    from lab.profiles import get_profile
+
+    p, cfg = get_profile("gpu"), E.CONFIGS["gpu"]
+    assert cfg.model == "google/gemma-2-2b" and cfg.hub_transcoders == "gemma"
+    if not torch.cuda.is_available():
+        with pytest.raises(LabError, match="CUDA"):
+            E.base_model(p, cfg)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+    with pytest.raises(LabError, match="GemmaScope"):
+        E.circuit_transcoders(p, cfg, progress=False)

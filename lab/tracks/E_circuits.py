@@ -68,6 +68,8 @@ class CircuitsConfig:
     seed_prompts: int = 2  # how many of SEED_PROMPTS get graphs
     max_feature_nodes: int = 300  # circuit-tracer's cap on feature nodes per graph (cost grows with it: ~100 s at 1000 for a 35-token prompt on 2 cores)
     settle: float = 0.5  # circuit rule: stop once the mean feature Jaccard with the previous checkpoint reaches this
+    model: str | None = None  # a hub model instead of the profile's (gpu: Gemma-2-2B, which GemmaScope covers)
+    hub_transcoders: str | None = None  # circuit-tracer's hub transcoder set instead of training our own
 
 
 CONFIGS: dict[str, CircuitsConfig] = {
@@ -78,8 +80,11 @@ CONFIGS: dict[str, CircuitsConfig] = {
     # every token and 5 epochs learned the sentence templates and left held-out accuracy at chance.
     "cpu": CircuitsConfig(per_type=32, finetune=FinetuneConfig(lr=1e-3, rank=8, batch_size=8, epochs=10,
                                                                max_seq_len=64, n_evals=4)),
+    # Gemma-2-2B in bf16 (merging LoRA into 4-bit weights is lossy) with GemmaScope transcoders from the hub,
+    # per the seed plan. Written for a CUDA machine with hub access; never run here (no GPU in this project yet).
     "gpu": CircuitsConfig(per_type=64, finetune=FinetuneConfig(lr=2e-4, rank=16, batch_size=16, epochs=5,
-                                                               max_seq_len=64, n_evals=4, quant="nf4")),
+                                                               max_seq_len=64, n_evals=4),
+                          max_feature_nodes=4096, model="google/gemma-2-2b", hub_transcoders="gemma"),
 }
 
 
@@ -148,6 +153,52 @@ def plot_loss(df: pl.DataFrame) -> alt.Chart:
 
 # ------------------------------------------------------------------------------------------- circuits (WS1/WS5)
 
+def base_model(p: Profile, cfg: CircuitsConfig):
+    """A fresh copy of the model the track fine-tunes: the profile's, or ``cfg.model`` from the hub."""
+    if cfg.model is None:
+        return fresh_base(p)
+    import os
+
+    from lab.models import LoadedModel
+
+    if not torch.cuda.is_available():
+        raise LabError(f"Track E's {p.name} profile fine-tunes {cfg.model} on a CUDA GPU (torch.cuda.is_available() "
+                       f"is False): use --profile cpu")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.model)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.bfloat16, device_map="cuda",
+                                                     attn_implementation="eager")
+    except OSError as e:
+        hint = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise LabError(f"could not load {cfg.model} from the Hugging Face hub{hint}: {str(e).splitlines()[0]}; "
+                       f"accept its licence on huggingface.co, log in (`huggingface-cli login`) and unset "
+                       f"HF_HUB_OFFLINE") from None
+    return LoadedModel(model=model, tokenizer=tok, name=cfg.model, arch=model.config.model_type)
+
+
+def circuit_transcoders(p: Profile, cfg: CircuitsConfig, progress: bool = True):
+    """``(TranscoderSet, meta)``: ours, built when missing (cpu / smoke), or circuit-tracer's hub set (gpu)."""
+    from lab.transcoders import build, load_transcoders
+
+    if cfg.hub_transcoders is None:
+        build(p, progress=progress)  # cached: trains only when missing or its config changed
+        return load_transcoders(p)
+    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
+
+    try:
+        tcs, _ = load_transcoder_from_hub(cfg.hub_transcoders, device=torch.device("cuda"), dtype=torch.bfloat16)
+    except Exception as e:  # the hub client raises several types (offline, gated, missing)
+        raise LabError(f"could not load the {cfg.hub_transcoders!r} transcoders (GemmaScope) from the Hugging Face "
+                       f"hub: {str(e).splitlines()[0] if str(e) else type(e).__name__}; the gpu profile needs the "
+                       f"network on first use (unset HF_HUB_OFFLINE)") from None
+    meta = {"model": cfg.model, "source": f"hub:{cfg.hub_transcoders}", "n_layers": len(tcs),
+            "d_transcoder": tcs.d_transcoder, "k": None, "config": {"hub": cfg.hub_transcoders, "seed": 0},
+            "layers": [], "train_s": 0.0, "train_tokens_per_layer": 0}
+    return tcs, meta
+
+
 def graph_prompts(tokenizer, cfg: CircuitsConfig) -> list[dict]:
     """The prompts that get attribution graphs: seed prompts (chat format; followed at the top prediction) and,
     per constraint type, ``graph_per_word`` held-out prompts of each of the first ``graph_words`` words
@@ -215,7 +266,8 @@ GRAPH_METRICS = ("feature_jaccard", "edge_correlation", "error_share", "target_f
 
 def circuit_stats(graphs: pl.DataFrame, compare: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Per constraint type and checkpoint, each metric's mean over prompts with a 95 % bootstrap interval; and
-    sign-flip tests of the change from the base model to the final checkpoint (per prompt, paired)."""
+    paired sign-flip tests across prompts: the change from the base model to the final checkpoint, and whether
+    the graphs change less between the last two checkpoints than between the 25 % and 50 % ones (settling)."""
     from lab.circuits import bootstrap_mean, sign_flip_test
 
     rows = []
@@ -236,9 +288,21 @@ def circuit_stats(graphs: pl.DataFrame, compare: pl.DataFrame) -> tuple[pl.DataF
         for m in ("error_share", "target_from_features", "target_prob", "n_kept_features"):
             d = (final[m].cast(pl.Float64) - base[m].cast(pl.Float64)).to_list()
             mean, lo, hi = bootstrap_mean(d)
-            tests.append({"constraint_type": ctype, "metric": m, "base_mean": float(base[m].mean()),
-                          "final_mean": float(final[m].mean()), "diff_mean": mean, "diff_lo": lo, "diff_hi": hi,
-                          "p_sign_flip": sign_flip_test(d), "n": len(d)})
+            tests.append({"constraint_type": ctype, "metric": m, "comparison": "final minus base",
+                          "a_mean": float(base[m].mean()), "b_mean": float(final[m].mean()), "diff_mean": mean,
+                          "diff_lo": lo, "diff_hi": hi, "p_sign_flip": sign_flip_test(d), "n": len(d)})
+        # does the circuit settle? overlap with the previous checkpoint late in training vs early
+        prev = compare.filter((pl.col("constraint_type") == ctype) & (pl.col("versus") == "previous"))
+        if last >= 3:
+            early = prev.filter(pl.col("checkpoint") == 2).sort("prompt_id")
+            late = prev.filter(pl.col("checkpoint") == last).sort("prompt_id")
+            for m in ("feature_jaccard", "edge_correlation"):
+                d = (late[m] - early[m]).to_list()
+                mean, lo, hi = bootstrap_mean(d)
+                tests.append({"constraint_type": ctype, "metric": f"{m} with previous checkpoint",
+                              "comparison": "last step minus 25->50 %", "a_mean": float(early[m].mean()),
+                              "b_mean": float(late[m].mean()), "diff_mean": mean, "diff_lo": lo, "diff_hi": hi,
+                              "p_sign_flip": sign_flip_test(d), "n": len(d)})
     return stats, pl.DataFrame(tests)
 
 
@@ -335,16 +399,12 @@ def circuits(p: Profile, cfg: CircuitsConfig, stages: list[tuple[int, object]], 
     from tqdm.auto import tqdm
 
     from lab.circuits import compare, export_model, replacement_model, trace
-    from lab.transcoders import build, load_transcoders
-
     t0 = time.perf_counter()
-    meta = build(p, progress=progress)  # cached: trains only when missing or its config changed
-    tc_set, meta = load_transcoders(p)
+    tc_set, meta = circuit_transcoders(p, cfg, progress=progress)
     # cached per transcoder build and per adapter content, so a retrained checkpoint never reuses an old graph
     tc_key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]
     work = run_dir(p).parent / "circuits" / f"tc-{tc_key}-nodes{cfg.max_feature_nodes}"
-    base_lm = fresh_base(p)
-    prompts = graph_prompts(base_lm.tokenizer, cfg)
+    prompts = graph_prompts(base_model(p, cfg).tokenizer, cfg)
     records: list[dict] = []
     attr_s: list[float] = []
     json_dir = work / f"json-{time.time_ns()}"  # this run's copies, renamed by stage index
@@ -354,10 +414,12 @@ def circuits(p: Profile, cfg: CircuitsConfig, stages: list[tuple[int, object]], 
         stage_dir = work / f"stage-{key}"
         todo = [pr for pr in prompts if not (stage_dir / f"{pr['prompt_id']}.json").exists()]
         if todo:
-            lm = fresh_base(p)
+            lm = base_model(p, cfg)
             model = lm.model if ck is None else load_adapter(lm, ck)
             folder = export_model(model, lm.tokenizer, work / "models" / f"stage-{key}")
-            rm = replacement_model(folder, tc_set)
+            on_gpu = cfg.model is not None
+            rm = replacement_model(folder, tc_set, device="cuda" if on_gpu else "cpu",
+                                   dtype=torch.bfloat16 if on_gpu else torch.float32)
             stage_dir.mkdir(parents=True, exist_ok=True)
             for pr in todo:
                 t1 = time.perf_counter()
@@ -418,7 +480,7 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, write: boo
         torch.set_num_threads(p.threads)
     cfg = track_config(p)
     ds = constraint_dataset(cfg.per_type, cfg.finetune.seed)
-    lm = fresh_base(p)
+    lm = base_model(p, cfg)
     tok = lm.tokenizer
     if cfg.loss not in ("concept", "all"):
         raise LabError(f"loss must be 'concept' or 'all' (got {cfg.loss!r})")
@@ -441,7 +503,7 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, write: boo
         raise LabError(f"expected checkpoints at 25/50/75/100 % of {total} steps in {folder}: "
                        f"rerun with --fresh")
     for i, (step, ck) in enumerate(stages):
-        base = fresh_base(p)
+        base = base_model(p, cfg)
         model = base.model if ck is None else load_adapter(base, ck)
         prompts, losses = score_model(model, base.tokenizer, val_by_type)
         prompt_frames.append(prompts.with_columns(checkpoint=pl.lit(i), step=pl.lit(step),
