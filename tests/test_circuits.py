@@ -186,3 +186,12 @@ def test_gpu_path_says_what_is_missing(monkeypatch):
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
     with pytest.raises(LabError, match="GemmaScope"):
         E.circuit_transcoders(p, cfg, progress=False)
+
+
+def test_settle_sweep_is_the_circuit_rule_at_each_threshold():
+    frame = _frame([5, 2, 1, 1.5, 1.8], [5, 4, 3, 2, 1], [0.25, 0.5, 1, 1, 1], [0.2, 0.2, 0.4, 0.95, 1])
+    cmp = pl.DataFrame([{"constraint_type": c, "checkpoint": i, "versus": "previous", "feature_jaccard": j}
+                        for c in ("mapping", "spatial") for i, j in zip(range(1, 5), [0.5, 0.55, 0.85, 0.99], strict=True)])
+    sweep = E.settle_sweep(frame, cmp, thresholds=(0.5, 0.6, 0.9, 1.0))
+    got = sweep.filter(pl.col("constraint_type") == "mapping").sort("settle")["kept_checkpoint"].to_list()
+    assert got == [2, 3, 4, 4]  # 0.55 >= 0.5 at checkpoint 2; 0.85 >= 0.6 at 3; 0.99 >= 0.9 at 4; never -> last

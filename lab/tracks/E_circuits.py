@@ -16,7 +16,7 @@ validation loss rises (loss rule) or when the circuit stops changing (circuit ru
 
 Writes to results/E_circuits/: ``checkpoints`` (+ chart), ``prompts``, ``loss`` (+ chart), ``transcoders``
 (+ chart), ``graphs``, ``circuit_compare``, ``circuit_stats`` (+ chart), ``circuit_tests``, ``stopping``,
-``graph_nodes`` / ``graph_edges`` (+ chart of one graph per stage), ``summary``; circuit-tracer's own JSON of the
+``stopping_sweep``, ``graph_nodes`` / ``graph_edges`` (+ chart of one graph per stage), ``summary``; circuit-tracer's own JSON of the
 seed prompts' pruned graphs (base and final model) under ``graphs/``.
 """
 
@@ -259,6 +259,18 @@ def stopping_rules(frame: pl.DataFrame, compare: pl.DataFrame, settle: float) ->
                          pl.col("step").alias("steps_trained"))
     return out.join(info, on=["constraint_type", "kept_checkpoint"]).join(
         steps, on=["constraint_type", "trained_checkpoint"]).sort("constraint_type", "rule")
+
+
+SETTLE_SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def settle_sweep(frame: pl.DataFrame, compare: pl.DataFrame, thresholds=SETTLE_SWEEP) -> pl.DataFrame:
+    """The circuit rule at every threshold in ``thresholds``: where it stops, what it keeps, steps, accuracy."""
+    rows = []
+    for t in thresholds:
+        got = stopping_rules(frame, compare, t).filter(pl.col("rule") == "circuit")
+        rows.append(got.with_columns(settle=pl.lit(t)))
+    return pl.concat(rows).select("settle", *[c for c in rows[0].columns if c != "settle"])
 
 
 GRAPH_METRICS = ("feature_jaccard", "edge_correlation", "error_share", "target_from_features", "target_prob")
@@ -527,6 +539,7 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, write: boo
 
     circ = circuits(p, cfg, stages, total, progress=progress)
     stop = stopping_rules(frame, circ["compare"], cfg.settle)
+    sweep = settle_sweep(frame, circ["compare"])
     tq = circ["transcoders"]
     summary |= {"transcoder_layers": tq.height, "transcoder_features": circ["meta"]["d_transcoder"],
                 "transcoder_k": circ["meta"]["k"], "transcoder_fvu_mean": float(tq["fvu"].mean()),
@@ -559,6 +572,7 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, write: boo
         write_result(TRACK, "circuit_stats", circ["stats"], chart=plot_circuit_stats, **kw)
         write_result(TRACK, "circuit_tests", circ["tests"], **kw)
         write_result(TRACK, "stopping", stop, **kw)
+        write_result(TRACK, "stopping_sweep", sweep, **kw)
         edges_path = write_result(TRACK, "graph_edges", circ["edges"], **kw)
         nodes_path = write_result(TRACK, "graph_nodes", circ["nodes"],
                                   chart=lambda nodes: plot_graph(nodes, pl.read_parquet(edges_path)), **kw)
