@@ -273,7 +273,8 @@ def settle_sweep(frame: pl.DataFrame, compare: pl.DataFrame, thresholds=SETTLE_S
     return pl.concat(rows).select("settle", *[c for c in rows[0].columns if c != "settle"])
 
 
-GRAPH_METRICS = ("feature_jaccard", "edge_correlation", "error_share", "target_from_features", "target_prob")
+GRAPH_METRICS = ("feature_jaccard", "feature_jaccard_previous", "edge_correlation", "error_share",
+                 "target_from_features", "target_prob")
 
 
 def circuit_stats(graphs: pl.DataFrame, compare: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -283,8 +284,11 @@ def circuit_stats(graphs: pl.DataFrame, compare: pl.DataFrame) -> tuple[pl.DataF
     from lab.circuits import bootstrap_mean, sign_flip_test
 
     rows = []
+    prev = compare.filter(pl.col("versus") == "previous").select(
+        "prompt_id", "checkpoint", pl.col("feature_jaccard").alias("feature_jaccard_previous"))
     wide = graphs.join(compare.filter(pl.col("versus") == "final").select(
-        "prompt_id", "checkpoint", "feature_jaccard", "edge_correlation"), on=["prompt_id", "checkpoint"], how="left")
+        "prompt_id", "checkpoint", "feature_jaccard", "edge_correlation"), on=["prompt_id", "checkpoint"], how="left"
+    ).join(prev, on=["prompt_id", "checkpoint"], how="left")
     for (ctype, ck), g in wide.group_by("constraint_type", "checkpoint"):
         for m in GRAPH_METRICS:
             mean, lo, hi = bootstrap_mean(g[m].to_list())
@@ -331,6 +335,7 @@ def plot_transcoders(df: pl.DataFrame) -> alt.HConcatChart:
 
 
 _METRIC_TITLES = {"feature_jaccard": "feature overlap with final (Jaccard)",
+                  "feature_jaccard_previous": "feature overlap with previous checkpoint",
                   "edge_correlation": "edge-weight correlation with final",
                   "error_share": "error-node share of influence",
                   "target_from_features": "direct attribution from features to target logit",
