@@ -157,7 +157,12 @@ def write_result(
     atomic_write_bytes(pq, buf.getvalue())
     if chart is not None:
         spec = chart(pl.read_parquet(pq)).to_dict()
-        atomic_write_text(folder / f"{name}.vl.json", json.dumps(spec, indent=1))
+        try:  # NaN is not JSON: vega-embed would refuse the whole spec in the browser
+            text = json.dumps(spec, indent=1, allow_nan=False)
+        except ValueError:
+            raise LabError(f"the chart of {track}/{name} contains NaN or infinity: filter them out in its plot "
+                           f"function") from None
+        atomic_write_text(folder / f"{name}.vl.json", text)
     record = provenance(config=config, seed=seed, profile=profile, wall_time_s=wall_time_s)
     record["files"] = [pq.name] + ([f"{name}.vl.json"] if chart is not None else [])
     update_manifest(folder, name, record)

@@ -39,6 +39,12 @@ class TestWriteResult:
         results.write_result("t", "c", df, config={}, seed=None, profile="cpu", wall_time_s=0, chart=chart)
         assert seen["df"] is not df and seen["df"].equals(df)
 
+    def test_chart_with_nan_is_refused(self, results_dir):
+        df = pl.DataFrame({"step": [0, 1], "loss": [1.0, float("nan")]})
+        with pytest.raises(LabError, match="NaN"):
+            results.write_result("t", "n", df, config={}, seed=None, profile="cpu", wall_time_s=0, chart=_chart)
+        assert not (results_dir / "t" / "n.vl.json").exists()
+
     def test_provenance(self, results_dir):
         results.write_result("t", "x", pl.DataFrame({"v": [1]}), config={"lr": 0.1}, seed=7, profile="cpu",
                              wall_time_s=2.0)

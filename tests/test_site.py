@@ -146,6 +146,34 @@ class TestBuild:
         page = (built_site / "tracks" / "pretrain" / "index.html").read_text()
         assert re.search(r'<div class="arithmatex">\\\[.*\\log p_\\theta', page, re.S)
 
+    def test_blog_index_and_posts(self, built_site: Path) -> None:
+        import yaml
+
+        from lab.results import REPO_ROOT
+
+        index = built_site / "blog" / "index.html"
+        assert index.is_file()
+        home_hrefs = [a.get("href") for tag, a in _tags((built_site / "index.html").read_text()) if tag == "a"]
+        assert "blog/" in home_hrefs  # in the navigation, with the plugin's archive and category pages
+        assert any(h.startswith("blog/archive/") for h in home_hrefs if h)
+        assert any(h.startswith("blog/category/") for h in home_hrefs if h)
+        index_hrefs = {a.get("href") for tag, a in _tags(index.read_text()) if tag == "a"}
+        posts = sorted((REPO_ROOT / "site-src" / "blog" / "posts").glob("*.md"))
+        assert "circuits-during-finetuning.md" in [p.name for p in posts]
+        for src in posts:
+            meta = yaml.safe_load(src.read_text().split("---\n")[1])
+            assert meta.get("slug"), f"{src.name}: set `slug:` so the post's URL does not follow its title"
+            url = f"{meta['date']:%Y/%m/%d}/{meta['slug']}/"
+            page = built_site / "blog" / url / "index.html"
+            assert page.is_file(), url
+            assert url in index_hrefs  # listed on the blog index
+            html = page.read_text()
+            assert "{{" not in html, f"{url}: a result macro was left unexpanded"
+            for category in meta.get("categories", []):
+                assert (built_site / "blog" / "category" / category.lower() / "index.html").is_file()
+        post = (built_site / "blog" / "2026" / "11" / "22" / "circuits-during-finetuning" / "index.html").read_text()
+        assert '<h1 id="watching-a-small-model-learn-invented-words">' in post
+
     def test_no_external_assets(self, built_site: Path) -> None:
         for html in built_site.rglob("*.html"):
             for tag, attrs in _tags(html.read_text()):

@@ -345,6 +345,7 @@ _METRIC_TITLES = {"feature_jaccard": "feature overlap with final (Jaccard)",
 def plot_circuit_stats(df: pl.DataFrame) -> alt.VConcatChart:
     """Each circuit metric's mean (95 % bootstrap interval) per constraint type across checkpoints."""
     charts = []
+    df = df.filter(pl.col("mean").is_not_nan())  # no overlap "with the previous checkpoint" at the base model
     for m, title in _METRIC_TITLES.items():
         d = df.filter(pl.col("metric") == m)
         base = alt.Chart(d).encode(
@@ -405,8 +406,8 @@ def plot_graph(nodes: pl.DataFrame, edges: pl.DataFrame, prompt_id: str | None =
         x="pos:Q", y="layer:Q", size=alt.Size("influence:Q", legend=None, scale=alt.Scale(range=[15, 250])),
         color=alt.Color("kind:N", title="node", scale=alt.Scale(domain=["token", "feature", "logit"])),
         tooltip=["label:N", "kind:N", "layer:Q", "pos:Q", alt.Tooltip("influence:Q", format=".3f")])
-    return alt.layer(e, n).properties(width=200, height=220).facet(
-        column=alt.Column("fraction:Q", title="share of training", header=alt.Header(format="%")))
+    return alt.layer(e, n).properties(width=230, height=260).facet(
+        column=alt.Column("fraction:Q", title="share of training", header=alt.Header(format=".0%")))
 
 
 def circuits(p: Profile, cfg: CircuitsConfig, stages: list[tuple[int, object]], total: int,
