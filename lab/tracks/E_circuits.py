@@ -355,7 +355,7 @@ def plot_circuit_stats(df: pl.DataFrame) -> alt.VConcatChart:
             y=alt.Y("mean:Q", title=title, scale=alt.Scale(zero=False)),
             tooltip=["constraint_type:N", "checkpoint:Q", alt.Tooltip("mean:Q", format=".3f"),
                      alt.Tooltip("lo:Q", format=".3f"), alt.Tooltip("hi:Q", format=".3f"), "n:Q"])
-        band = base.mark_errorbar().encode(y="lo:Q", y2="hi:Q")
+        band = base.mark_errorbar().encode(y=alt.Y("lo:Q", title=title), y2="hi:Q")
         charts.append((line + band).properties(width=420, height=130))
     return alt.vconcat(*charts)
 
