@@ -109,7 +109,7 @@ def architecture_table(seed: int = 0, tokens: int = 40) -> pl.DataFrame:
 def _nnsight_diff(lm: LoadedModel, ids: torch.Tensor, layer: torch.nn.Module, ours: torch.Tensor) -> float | None:
     """nnsight's view of a block's output vs ours; the block is found by identity, not by path."""
     try:
-        from nnsight import LanguageModel
+        from nnsight import LanguageModel, save
     except ImportError:
         return None
     path = {m: n for n, m in lm.model.named_modules()}[layer]
@@ -118,7 +118,8 @@ def _nnsight_diff(lm: LoadedModel, ids: torch.Tensor, layer: torch.nn.Module, ou
     for part in path.split("."):
         env = env[int(part)] if part.isdigit() else getattr(env, part)
     with wrapped.trace(ids):
-        out = env.output.save()
+        # nnsight.save, not the .save() method: importing circuit-tracer turns nnsight's PYMOUNT off (Track E)
+        out = save(env.output)
     out = out[0] if isinstance(out, tuple) else out
     return float((out.detach().cpu() - ours).abs().max())
 
