@@ -50,6 +50,11 @@ def replacement_model(folder: Path, transcoders, device: str = "cpu", dtype: tor
                                                                    device=torch.device(device), dtype=dtype)
 
 
+def _sizes(graph) -> tuple[int, int, int]:
+    """How many feature, error and logit nodes the graph has (tokens: ``graph.n_pos``)."""
+    return len(graph.selected_features), graph.cfg.n_layers * graph.n_pos, len(graph.logit_targets)
+
+
 def _keys(graph) -> list[str]:
     """One key per adjacency row/column: selected features, error nodes, tokens, logits (circuit-tracer's order)."""
     n_layers, n_pos = graph.cfg.n_layers, graph.n_pos
@@ -67,9 +72,7 @@ def direct_split(graph, target_index: int) -> dict[str, float]:
     With transcoders whose ``b_dec`` is zero the three add up to the target's logit minus the mean logit
     (circuit-tracer's demeaned logit), which the tests check against the model's own output.
     """
-    n_feat = len(graph.selected_features)
-    n_err = graph.cfg.n_layers * graph.n_pos
-    n_logits = len(graph.logit_targets)
+    n_feat, n_err, n_logits = _sizes(graph)
     row = graph.adjacency_matrix[-n_logits + target_index].double()
     return {"from_features": float(row[:n_feat].sum()), "from_errors": float(row[n_feat:n_feat + n_err].sum()),
             "from_tokens": float(row[n_feat + n_err:n_feat + n_err + graph.n_pos].sum())}
@@ -94,9 +97,7 @@ def trace(model, prompt: str, *, target_id: int | None = None, max_feature_nodes
                       batch_size=batch_size, max_feature_nodes=max_feature_nodes, verbose=False)
     graph.to("cpu")
     keys = _keys(graph)
-    n_feat = len(graph.selected_features)
-    n_err = graph.cfg.n_layers * graph.n_pos
-    n_logits = len(graph.logit_targets)
+    n_feat, n_err, n_logits = _sizes(graph)
     ti = 0 if target_id is None else [t.vocab_idx for t in graph.logit_targets].index(target_id)
     adj = graph.adjacency_matrix
     node_mask, edge_mask, _ = prune_graph(graph, NODE_THRESHOLD, EDGE_THRESHOLD)

@@ -297,28 +297,28 @@ def circuit_stats(graphs: pl.DataFrame, compare: pl.DataFrame) -> tuple[pl.DataF
     stats = pl.DataFrame(rows).sort("metric", "constraint_type", "checkpoint")
     tests = []
     last = graphs["checkpoint"].max()
+
+    def paired(ctype: str, metric: str, comparison: str, a: pl.Series, b: pl.Series) -> dict:
+        d = (b.cast(pl.Float64) - a.cast(pl.Float64)).to_list()
+        mean, lo, hi = bootstrap_mean(d)
+        return {"constraint_type": ctype, "metric": metric, "comparison": comparison, "a_mean": float(a.mean()),
+                "b_mean": float(b.mean()), "diff_mean": mean, "diff_lo": lo, "diff_hi": hi,
+                "p_sign_flip": sign_flip_test(d), "n": len(d)}
+
     for ctype in graphs["constraint_type"].unique().sort().to_list():
         g = graphs.filter(pl.col("constraint_type") == ctype)
         base = g.filter(pl.col("checkpoint") == 0).sort("prompt_id")
         final = g.filter(pl.col("checkpoint") == last).sort("prompt_id")
         for m in ("error_share", "target_from_features", "target_prob", "n_kept_features"):
-            d = (final[m].cast(pl.Float64) - base[m].cast(pl.Float64)).to_list()
-            mean, lo, hi = bootstrap_mean(d)
-            tests.append({"constraint_type": ctype, "metric": m, "comparison": "final minus base",
-                          "a_mean": float(base[m].mean()), "b_mean": float(final[m].mean()), "diff_mean": mean,
-                          "diff_lo": lo, "diff_hi": hi, "p_sign_flip": sign_flip_test(d), "n": len(d)})
+            tests.append(paired(ctype, m, "final minus base", base[m], final[m]))
         # does the circuit settle? overlap with the previous checkpoint late in training vs early
         prev = compare.filter((pl.col("constraint_type") == ctype) & (pl.col("versus") == "previous"))
         if last >= 3:
             early = prev.filter(pl.col("checkpoint") == 2).sort("prompt_id")
             late = prev.filter(pl.col("checkpoint") == last).sort("prompt_id")
             for m in ("feature_jaccard", "edge_correlation"):
-                d = (late[m] - early[m]).to_list()
-                mean, lo, hi = bootstrap_mean(d)
-                tests.append({"constraint_type": ctype, "metric": f"{m} with previous checkpoint",
-                              "comparison": "last step minus 25->50 %", "a_mean": float(early[m].mean()),
-                              "b_mean": float(late[m].mean()), "diff_mean": mean, "diff_lo": lo, "diff_hi": hi,
-                              "p_sign_flip": sign_flip_test(d), "n": len(d)})
+                tests.append(paired(ctype, f"{m} with previous checkpoint", "last step minus 25->50 %",
+                                    early[m], late[m]))
     return stats, pl.DataFrame(tests)
 
 
@@ -410,7 +410,7 @@ def plot_graph(nodes: pl.DataFrame, edges: pl.DataFrame, prompt_id: str | None =
         column=alt.Column("fraction:Q", title="share of training", header=alt.Header(format=".0%")))
 
 
-def circuits(p: Profile, cfg: CircuitsConfig, stages: list[tuple[int, object]], total: int,
+def circuits(p: Profile, cfg: CircuitsConfig, tokenizer, stages: list[tuple[int, object]], total: int,
              progress: bool = True) -> dict:
     """Attribution graphs for every stage and graph prompt (cached per stage and prompt); frames and stats."""
     from circuit_tracer.utils.create_graph_files import create_graph_files
@@ -422,10 +422,10 @@ def circuits(p: Profile, cfg: CircuitsConfig, stages: list[tuple[int, object]], 
     # cached per transcoder build and per adapter content, so a retrained checkpoint never reuses an old graph
     tc_key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]
     work = run_dir(p).parent / "circuits" / f"tc-{tc_key}-nodes{cfg.max_feature_nodes}"
-    prompts = graph_prompts(base_model(p, cfg).tokenizer, cfg)
+    prompts = graph_prompts(tokenizer, cfg)
     records: list[dict] = []
     attr_s: list[float] = []
-    json_dir = work / f"json-{time.time_ns()}"  # this run's copies, renamed by stage index
+    json_files: list[Path] = []  # circuit-tracer's JSON of the seed prompts (base and final), for results/
     bar = tqdm(total=len(stages) * len(prompts), desc="attribution graphs", disable=not progress, unit="graph")
     for i, (step, ck) in enumerate(stages):
         key = "base" if ck is None else hashlib.sha256((ck / "adapter_model.safetensors").read_bytes()).hexdigest()[:10]
@@ -454,10 +454,7 @@ def circuits(p: Profile, cfg: CircuitsConfig, stages: list[tuple[int, object]], 
                 bar.update(1)
             del rm, model, lm
         bar.update(len(prompts) - len(todo))
-        for f in (stage_dir / "json").glob("*.json"):
-            if f.name != "graph-metadata.json":
-                json_dir.mkdir(parents=True, exist_ok=True)
-                shutil.copy(f, json_dir / f.name)
+        json_files += [f for f in (stage_dir / "json").glob(f"*-stage-{i}.json")]
         for pr in prompts:
             rec = json.loads((stage_dir / f"{pr['prompt_id']}.json").read_text())
             rec |= {"checkpoint": i, "step": step, "fraction": step / total, "prompt_id": pr["prompt_id"],
@@ -485,7 +482,7 @@ def circuits(p: Profile, cfg: CircuitsConfig, stages: list[tuple[int, object]], 
     layers = pl.DataFrame(meta["layers"])
     nodes, edges = graph_frames(records)
     return {"graphs": graphs, "compare": cmp, "stats": stats, "tests": tests, "transcoders": layers, "nodes": nodes,
-            "edges": edges, "json_dir": json_dir, "meta": meta, "attr_s": attr_s, "wall_s": time.perf_counter() - t0,
+            "edges": edges, "json_files": json_files, "meta": meta, "attr_s": attr_s, "wall_s": time.perf_counter() - t0,
             "n_prompts": len(prompts)}
 
 
@@ -543,7 +540,7 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, write: boo
                     f"{c}_learned_at": at if at is not None else -1.0}
     summary |= {"train_time_s": float((steps["tokens"] / steps["tokens_per_s"]).sum()) if steps.height else 0.0}
 
-    circ = circuits(p, cfg, stages, total, progress=progress)
+    circ = circuits(p, cfg, tok, stages, total, progress=progress)
     stop = stopping_rules(frame, circ["compare"], cfg.settle)
     sweep = settle_sweep(frame, circ["compare"])
     tq = circ["transcoders"]
@@ -582,21 +579,19 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, write: boo
         edges_path = write_result(TRACK, "graph_edges", circ["edges"], **kw)
         nodes_path = write_result(TRACK, "graph_nodes", circ["nodes"],
                                   chart=lambda nodes: plot_graph(nodes, pl.read_parquet(edges_path)), **kw)
-        _copy_graph_json(circ["json_dir"], nodes_path.parent / "graphs")
+        _copy_graph_json(circ["json_files"], nodes_path.parent / "graphs")
         write_result(TRACK, "summary", pl.DataFrame([summary]), **kw)
     return summary
 
 
-def _copy_graph_json(src, dst) -> None:
-    """circuit-tracer's frontend JSON of the seed prompts' graphs (one per stage) into results/."""
+def _copy_graph_json(files: list[Path], dst: Path) -> None:
+    """circuit-tracer's frontend JSON of the seed prompts' graphs into results/ (the folder replaced whole)."""
     tmp = dst.with_name(dst.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    if Path(src).exists():
-        shutil.copytree(src, tmp)
-    else:
-        tmp.mkdir()
+    tmp.mkdir()
+    for f in files:
+        shutil.copy(f, tmp / f.name)
     if dst.exists():
         shutil.rmtree(dst)
     tmp.rename(dst)
-    shutil.rmtree(src, ignore_errors=True)
