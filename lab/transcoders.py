@@ -208,8 +208,8 @@ def load_transcoders(profile: str | Profile | None = None, folder: Path | None =
     folder = Path(folder) if folder is not None else transcoder_dir(profile)
     meta_file = folder / "meta.json"
     if not meta_file.exists():
-        name = get_profile(profile).name if folder is None or profile is not None else "<profile>"
-        raise LabError(f"no transcoders in {folder}: run `lab transcoders build --profile {name}` first")
+        raise LabError(f"no transcoders in {folder}: run `lab transcoders build --profile "
+                       f"{get_profile(profile).name}` first")
     meta = json.loads(meta_file.read_text())
     tcs = {}
     for layer in range(meta["n_layers"]):
