@@ -21,7 +21,8 @@ from lab.errors import LabError
 
 def _run(args: argparse.Namespace) -> None:
     from lab.profiles import get_profile
-    from lab.tracks import TRACKS, get_track
+    from lab.tracks import TRACKS
+    from lab.tracks import get_track
 
     profile = get_profile(args.profile)
     names = list(TRACKS) if args.track == "all" else [args.track]
@@ -35,7 +36,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _site(args: argparse.Namespace) -> None:
-    from lab import site
+    from lab.site import build as site
 
     if args.action == "build":
         print(f"site built into {site.build_site()}")
@@ -77,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "run":
             _run(args)
         elif args.cmd == "bench":
-            from lab.bench import pretrain_throughput
+            from lab.bench.pretrain import pretrain_throughput
             from lab.profiles import get_profile
 
             pretrain_throughput(get_profile(args.profile), steps=args.steps, write=True)
         elif args.cmd == "transcoders":
-            from lab.transcoders import build, transcoder_dir
+            from lab.interp.transcoders import build, transcoder_dir
 
             meta = build(args.profile, fresh=args.fresh)
             worst = max(meta["layers"], key=lambda r: r["fvu"])
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "site":
             _site(args)
         elif args.cmd == "questions":
-            from lab.questions import check_evidence
+            from lab.site.questions import check_evidence
 
             problems = check_evidence()
             for p in problems:

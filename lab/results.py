@@ -7,12 +7,10 @@ built from the Parquet file as written, never from in-memory state the Parquet l
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import platform
 import subprocess
-import tempfile
 import time
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
@@ -23,41 +21,10 @@ from typing import Any, Callable
 import polars as pl
 
 from lab.errors import LabError
+from lab.io import atomic_write_bytes, atomic_write_text, parquet_bytes
+from lab.paths import REPO_ROOT, results_root
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "polars", "altair", "numpy", "marimo")
-
-
-def results_root(profile: str = "cpu") -> Path:
-    """Where a profile's results go: ``results/`` for the default ``cpu`` profile, ``results/<profile>/`` otherwise.
-
-    ``LAB_RESULTS_DIR`` overrides the base folder (tests use it).
-    """
-    base = Path(os.environ.get("LAB_RESULTS_DIR", REPO_ROOT / "results"))
-    return base if profile == "cpu" else base / profile
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``.
-
-    A crash mid-write leaves the previous file intact (or no file), never a truncated one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Text flavour of :func:`atomic_write_bytes` (UTF-8)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _git_commit() -> str:
@@ -152,9 +119,7 @@ def write_result(
     folder = (root if root is not None else results_root(profile)) / track
     folder.mkdir(parents=True, exist_ok=True)
     pq = folder / f"{name}.parquet"
-    buf = io.BytesIO()
-    frame.write_parquet(buf)
-    atomic_write_bytes(pq, buf.getvalue())
+    atomic_write_bytes(pq, parquet_bytes(frame))
     if chart is not None:
         spec = chart(pl.read_parquet(pq)).to_dict()
         try:  # NaN is not JSON: vega-embed would refuse the whole spec in the browser

@@ -14,7 +14,7 @@ def _():
     from lab.notebook import or_exit, script_mode, script_profile
     from lab.profiles import PROFILES, get_profile
     from lab.results import read_result
-    from lab.tracks import A_finetuning as track
+    from lab.tracks.A_finetuning import run as track
     return LabError, PROFILES, alt, get_profile, mo, or_exit, pl, read_result, script_mode, script_profile, track
 
 
@@ -28,7 +28,7 @@ def _(mo):
     almost never does. The learning rate matters most (1e-5 barely moves, 5e-3 breaks things), LoRA rank
     matters little for so narrow a task, and the price is a small rise in perplexity on unrelated text.
 
-    **METHOD.** `lab.finetune.train_lora`: peft LoRA on all attention and MLP projections, transformers
+    **METHOD.** `lab.train.lora.train_lora`: peft LoRA on all attention and MLP projections, transformers
     `Trainer` (AdamW, warmup + cosine), loss on the answer tokens only. One main run (LR 2e-4, rank 8, batch 8)
     is shared by all six experiments; each sweep changes one thing from it. Success is scored on 30 held-out
     prompts with names and cities never seen in training: greedy decoding, `json.loads` plus an exact schema

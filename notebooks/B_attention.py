@@ -9,13 +9,13 @@ def _():
     import marimo as mo
     import polars as pl
 
-    from lab import attention as att
+    from lab.interp import attention as att
     from lab.errors import LabError
-    from lab.models import load_model
+    from lab.models.loading import load_model
     from lab.notebook import or_exit, script_mode, script_profile
     from lab.profiles import PROFILES
     from lab.results import read_result
-    from lab.tracks import B_attention as track
+    from lab.tracks.B_attention import run as track
     return LabError, PROFILES, att, load_model, mo, or_exit, pl, read_result, script_mode, script_profile, track
 
 

@@ -9,15 +9,15 @@ def _():
     import marimo as mo
     import polars as pl
 
-    from lab import residual as res
-    from lab.attention import token_labels
+    from lab.interp import residual as res
+    from lab.interp.attention import token_labels
     from lab.errors import LabError
-    from lab.models import load_model
+    from lab.models.loading import load_model
     from lab.notebook import or_exit, script_mode, script_profile
     from lab.profiles import PROFILES
     from lab.results import read_result
-    from lab.tracks import C_probing as track
-    from lab.tracks.B_attention import encode
+    from lab.tracks.C_probing import run as track
+    from lab.tracks.B_attention.run import encode
     return (LabError, PROFILES, encode, load_model, mo, or_exit, pl, read_result, res, script_mode, script_profile,
             token_labels, track)
 
@@ -47,7 +47,7 @@ def _(mo):
 
 @app.cell
 def _(PROFILES, mo, script_mode, track):
-    from lab.tracks.B_attention import PROMPTS
+    from lab.tracks.B_attention.run import PROMPTS
 
     script, cli = script_mode(mo)
     profile_ui = mo.ui.dropdown(options=[p for p in PROFILES if p != "gpu"], value="cpu", label="model profile")

@@ -9,15 +9,16 @@ def _():
     import marimo as mo
     import polars as pl
 
-    from lab.bayes import ModelSpec, uniform_floor_bits
-    from lab.bayes_train import TrainConfig, train_run
+    from lab.models.windtunnel import ModelSpec
+    from lab.data.windtunnel import uniform_floor_bits
+    from lab.train.windtunnel import TrainConfig, train_run
     from lab.errors import LabError
-    from lab.models import DATA_DIR
+    from lab.paths import checkpoint_dir
     from lab.notebook import or_exit, script_mode, script_profile
     from lab.profiles import PROFILES, get_profile
     from lab.results import read_result
-    from lab.tracks import D_bayes as track
-    return (DATA_DIR, LabError, ModelSpec, PROFILES, TrainConfig, get_profile, mo, or_exit, pl, read_result,
+    from lab.tracks.D_bayes import run as track
+    return (checkpoint_dir, LabError, ModelSpec, PROFILES, TrainConfig, get_profile, mo, or_exit, pl, read_result,
             script_mode, script_profile, track, train_run, uniform_floor_bits)
 
 
@@ -77,7 +78,7 @@ def _(cli, mo, or_exit, script, script_profile, track):
 
 
 @app.cell
-def _(DATA_DIR, LabError, ModelSpec, TrainConfig, get_profile, layers_ui, lr_ui, mo, pl, profile_ui, script,
+def _(checkpoint_dir, LabError, ModelSpec, TrainConfig, get_profile, layers_ui, lr_ui, mo, pl, profile_ui, script,
       steps_ui, track, train_run, train_ui, uniform_floor_bits, width_ui):
     # App/editor: train one transformer with the chosen shape, the curve redrawn after every evaluation.
     mo.stop(script or not train_ui.value, mo.md("Press **Train one transformer** to watch the entropy MAE fall."))
@@ -100,7 +101,7 @@ def _(DATA_DIR, LabError, ModelSpec, TrainConfig, get_profile, layers_ui, lr_ui,
         ]))
 
     try:
-        _res = train_run("notebook", _cfg.V, _spec, _tc, 0, DATA_DIR / "checkpoints" / _p.name / "D_bayes-notebook",
+        _res = train_run("notebook", _cfg.V, _spec, _tc, 0, checkpoint_dir(_p.name, "D_bayes-notebook"),
                          progress=False, on_eval=_show)
     except LabError as err:
         mo.output.replace(mo.md(f"**Error:** {err}"))

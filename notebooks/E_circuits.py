@@ -9,13 +9,13 @@ def _():
     import marimo as mo
     import polars as pl
 
-    from lab import constraints as C
+    from lab.data import constraints as C
     from lab.errors import LabError
-    from lab.finetune import fresh_base, load_adapter
+    from lab.train.lora import fresh_base, load_adapter
     from lab.notebook import or_exit, script_mode, script_profile
     from lab.profiles import PROFILES
     from lab.results import read_result
-    from lab.tracks import E_circuits as track
+    from lab.tracks.E_circuits import run as track
     return (C, LabError, PROFILES, fresh_base, load_adapter, mo, or_exit, pl, read_result, script_mode,
             script_profile, track)
 

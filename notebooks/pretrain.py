@@ -13,7 +13,7 @@ def _():
     from lab.notebook import or_exit, script_mode, script_profile
     from lab.profiles import PROFILES, get_profile
     from lab.results import read_result
-    from lab.tracks import pretrain as track
+    from lab.tracks.pretrain import run as track
     return LabError, PROFILES, get_profile, mo, or_exit, pl, read_result, script_mode, script_profile, track
 
 

@@ -23,7 +23,7 @@ def results_dir(tmp_path, monkeypatch):
 @pytest.fixture(scope="module", params=["llama", "qwen2", "gemma2", "gpt2"])
 def tiny_model(request):
     """A tiny random model of each architecture family (module-scoped)."""
-    from lab.models import load_tiny_model
+    from lab.models.loading import load_tiny_model
 
     return load_tiny_model(request.param, seed=0)
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lab import attention as att
+from lab.interp import attention as att
 from lab.errors import LabError
 
 
@@ -170,7 +170,7 @@ class TestFrames:
         att.plot_layer_profile(prof).to_dict()
 
     def test_token_labels_are_unique(self):
-        from lab.models import smoke_tokenizer
+        from lab.models.loading import smoke_tokenizer
 
         tok = smoke_tokenizer()
         ids = tok("the the the").input_ids

@@ -8,20 +8,8 @@ import math
 import pytest
 import torch
 
-from lab.bayes import (
-    ModelSpec,
-    bayes_entropy_bits,
-    bayes_posterior,
-    build_model,
-    key_positions,
-    n_params,
-    posterior_metrics,
-    sample_batch,
-    seq_len,
-    summarize,
-    uniform_floor_bits,
-    value_log_probs,
-)
+from lab.models.windtunnel import ModelSpec, build_model, n_params
+from lab.data.windtunnel import bayes_entropy_bits, bayes_posterior, key_positions, posterior_metrics, sample_batch, seq_len, summarize, uniform_floor_bits, value_log_probs
 from lab.errors import LabError
 
 

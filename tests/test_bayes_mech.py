@@ -8,18 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lab.bayes import ModelSpec, build_model, posterior_metrics, sample_batch, summarize, value_log_probs
-from lab.bayes_mech import (
-    ablate,
-    ablations,
-    attention_routing,
-    final_state_pca,
-    key_orthogonality,
-    lens_stages,
-    logit_lens,
-    mean_abs_offdiag_cos,
-    random_vectors_abs_cos,
-)
+from lab.models.windtunnel import ModelSpec, build_model
+from lab.data.windtunnel import posterior_metrics, sample_batch, summarize, value_log_probs
+from lab.interp.windtunnel import ablate, ablations, attention_routing, final_state_pca, key_orthogonality, lens_stages, logit_lens, mean_abs_offdiag_cos, random_vectors_abs_cos
 from lab.errors import LabError
 
 V = 8
@@ -163,5 +154,5 @@ class TestAblation:
             ablate(model, batch, "ffn", 5)
         with pytest.raises(LabError, match="head must be"):
             ablate(model, batch, "head", 0, 7)
-        with pytest.raises(LabError, match="lab.gpt.GPT"):
+        with pytest.raises(LabError, match="lab.models.gpt.GPT"):
             logit_lens(build_model(ModelSpec("mlp", d_model=8, d_hidden=8), V), batch)

@@ -12,10 +12,11 @@ import polars as pl
 import pytest
 import torch
 
-from lab.bayes import ModelSpec, uniform_floor_bits
-from lab.bayes_train import TrainConfig, lr_at, train_run
+from lab.models.windtunnel import ModelSpec
+from lab.data.windtunnel import uniform_floor_bits
+from lab.train.windtunnel import TrainConfig, lr_at, train_run
 from lab.errors import LabError
-from lab.tracks import D_bayes
+from lab.tracks.D_bayes import run as D_bayes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +71,7 @@ class TestTrack:
         base = tmp_path_factory.mktemp("res")
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("LAB_RESULTS_DIR", str(base))
-            mp.setattr(D_bayes, "DATA_DIR", tmp_path_factory.mktemp("data"))
+            mp.setenv("LAB_DATA_DIR", str(tmp_path_factory.mktemp("data")))
             summary = D_bayes.run("smoke", progress=False)
             again = D_bayes.run("smoke", progress=False)
         return summary, again, base / "smoke" / "D_bayes"

@@ -51,7 +51,7 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 def site_url(tmp_path_factory: pytest.TempPathFactory, smoke_results: Path) -> Iterator[tuple[str, Path]]:
     """Build the site on the smoke run's results and serve it on 127.0.0.1 from a thread."""
     _chromium()
-    from lab.site import build_site
+    from lab.site.build import build_site
 
     results = smoke_results
     site = tmp_path_factory.mktemp("browser") / "site"

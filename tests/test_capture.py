@@ -6,20 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lab.capture import (
-    FINAL_NAME,
-    KINDS,
-    PATTERN_KIND,
-    adapter_for,
-    capture,
-    estimate,
-    hook_names,
-    invariant_errors,
-    load_streamed,
-    model_shape,
-    run_with_ablation,
-    unembed,
-)
+from lab.interp.names import FINAL_NAME, KINDS, PATTERN_KIND, hook_names
+from lab.interp.capture import adapter_for, capture, estimate, invariant_errors, load_streamed, model_shape, unembed
+from lab.interp.interventions import run_with_ablation
 from lab.errors import LabError
 
 ATOL = 1e-6  # float32; the identities hold to 0.0 on all four families in practice (see the C_probing page)
@@ -118,7 +107,7 @@ class TestArchitectureSpecifics:
     """What each name holds where families differ."""
 
     def test_gemma2_attn_out_is_post_normed(self):
-        from lab.models import load_tiny_model
+        from lab.models.loading import load_tiny_model
 
         lm = load_tiny_model("gemma2")
         block = lm.model.model.layers[0]
@@ -140,7 +129,7 @@ class TestArchitectureSpecifics:
         """Recompute layer-0 patterns from resid_pre with the q/k projections, RoPE and GQA head sharing."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        from lab.models import load_tiny_model
+        from lab.models.loading import load_tiny_model
 
         lm = load_tiny_model("llama")
         m, cfg = lm.model, lm.model.config
@@ -164,7 +153,7 @@ class TestArchitectureSpecifics:
     def test_peft_wrapped_model_is_unwrapped(self):
         from peft import LoraConfig, get_peft_model
 
-        from lab.models import load_tiny_model
+        from lab.models.loading import load_tiny_model
 
         base = load_tiny_model("llama")
         ids = _ids(base)
@@ -187,7 +176,7 @@ class TestEagerSwitch:
     """Eager attention only while patterns are captured; hooks never left behind."""
 
     def _sdpa_llama(self):
-        from lab.models import load_tiny_model
+        from lab.models.loading import load_tiny_model
 
         lm = load_tiny_model("llama")
         assert lm.model.config._attn_implementation == "sdpa"
@@ -233,7 +222,7 @@ class TestMemoryGuard:
     """Estimates, refusal before compute, heads subsets, streaming to disk."""
 
     def _llama(self):
-        from lab.models import load_tiny_model
+        from lab.models.loading import load_tiny_model
 
         return load_tiny_model("llama")
 

@@ -10,11 +10,11 @@ import polars as pl
 import pytest
 import torch
 
-from lab import circuits as C
-from lab import transcoders as T
-from lab.constraints import CONSTRAINTS
-from lab.models import load_tiny_model
-from lab.tracks import E_circuits as E
+from lab.interp import circuits as C
+from lab.interp import transcoders as T
+from lab.data.constraints import CONSTRAINTS
+from lab.models.loading import load_tiny_model
+from lab.tracks.E_circuits import run as E
 
 PROMPT = "The king speaks of the"
 

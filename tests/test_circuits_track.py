@@ -6,11 +6,11 @@ import polars as pl
 import pytest
 import torch
 
-from lab import constraints as C
+from lab.data import constraints as C
 from lab.errors import LabError
-from lab.finetune import schedule_steps
-from lab.models import load_tiny_model
-from lab.tracks import E_circuits as E
+from lab.train.lora import schedule_steps
+from lab.models.loading import load_tiny_model
+from lab.tracks.E_circuits import run as E
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lab import constraints as C
+from lab.data import constraints as C
 from lab.errors import LabError
 
 
@@ -52,7 +52,7 @@ class TestScoring:
 
     @pytest.fixture(scope="class")
     def lm(self):
-        from lab.models import load_tiny_model
+        from lab.models.loading import load_tiny_model
 
         return load_tiny_model("llama", seed=0)
 

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from lab.errors import LabError
-from lab.finetune import (ALL_LINEAR, FinetuneConfig, attach_lora, collate, encode_examples, final_adapter_dir,
-                          finetune_config, greedy_answers, load_adapter, moment_stats, perplexity, quantize_nf4,
-                          save_adapter, schedule_steps, train_lora)
-from lab.finetune_data import (CITIES, NAMES, N_TRAIN_CITIES, N_TRAIN_NAMES, answer_for, chat_text, encode_example,
-                               end_token_id, field_scores, make_task, score_answer, wilson_interval)
-from lab.models import DATA_DIR, load_tiny_model
+from lab.train.lora import ALL_LINEAR, FinetuneConfig, attach_lora, collate, encode_examples, load_adapter, quantize_nf4, save_adapter, schedule_steps, train_lora
+from lab.tracks.A_finetuning.config import final_adapter_dir, finetune_config
+from lab.train.evaluation import greedy_answers, perplexity
+from lab.train.callbacks import moment_stats
+from lab.data.records import CITIES, NAMES, N_TRAIN_CITIES, N_TRAIN_NAMES, answer_for, chat_text, encode_example, end_token_id, field_scores, make_task, score_answer, wilson_interval
+from lab.paths import data_dir
+from lab.models.loading import load_tiny_model
 
 SMOKE = finetune_config("smoke")
 
@@ -108,13 +109,13 @@ class TestValidation:
         (dict(max_seq_len=20), "more than max_seq_len 20"),
     ])
     def test_bad_config_raises_before_compute(self, change, match, tmp_path, monkeypatch):
-        import lab.finetune
+        import lab.train.lora
 
         def no_compute(*a, **k):
             raise AssertionError("compute started before validation")
 
-        monkeypatch.setattr(lab.finetune, "attach_lora", no_compute)
-        monkeypatch.setattr(lab.finetune, "quantize_nf4", no_compute)
+        monkeypatch.setattr(lab.train.lora, "attach_lora", no_compute)
+        monkeypatch.setattr(lab.train.lora, "quantize_nf4", no_compute)
         with pytest.raises(LabError, match=match):
             train_lora(load_tiny_model("llama"), replace(SMOKE, **change), tmp_path / "run", progress=False)
         assert not (tmp_path / "run").exists()
@@ -163,7 +164,7 @@ class TestLora:
             load_adapter(load_tiny_model("llama"), tmp_path)
 
     def test_final_adapter_dir(self):
-        assert final_adapter_dir("smoke") == DATA_DIR / "adapters" / "smoke" / "A_finetuning" / "main"
+        assert final_adapter_dir("smoke") == data_dir() / "adapters" / "smoke" / "A_finetuning" / "main"
 
 
 class TestTraining:
@@ -335,7 +336,7 @@ class TestEvaluation:
 
     def test_perplexity_matches_hf_loss(self):
         lm = load_tiny_model("llama")
-        from lab.corpus import smoke_text
+        from lab.data.corpus import smoke_text
 
         text = smoke_text()
         ids = torch.tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"][:64 * 3]).view(3, 64)
@@ -357,7 +358,7 @@ class TestTrack:
     """The track's plan and its results, from a real smoke run of the notebook as a script."""
 
     def test_plan_shares_the_main_run(self):
-        from lab.tracks.A_finetuning import plan
+        from lab.tracks.A_finetuning.run import plan
 
         cfg = finetune_config("cpu")
         runs = plan(cfg)
@@ -378,13 +379,13 @@ class TestTrack:
         ([3.0, 2.0, 1.5, 1.51], None),  # within tolerance
     ])
     def test_divergence_step(self, losses, expected):
-        from lab.tracks.A_finetuning import divergence_step
+        from lab.tracks.A_finetuning.run import divergence_step
 
         evals = pl.DataFrame({"step": list(range(len(losses))), "eval_loss": losses})
         assert divergence_step(evals) == expected
 
     def test_moments_summary_weights_by_parameter_count(self):
-        from lab.tracks.A_finetuning import moments_summary
+        from lab.tracks.A_finetuning.run import moments_summary
 
         rows = [  # (step, layer, module, matrix, n, sqrt v); only the last step counts
             (1, 0, "q_proj", "A", 10, 9.0), (2, 0, "q_proj", "A", 10, 1.0), (2, 0, "q_proj", "B", 30, 3.0),

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lab.errors import LabError
-from lab.gpt import GPT, GPTConfig, hook_names
+from lab.models.gpt import GPT, GPTConfig, hook_names
 
 CFG = GPTConfig(vocab_size=50, block_size=16, n_layer=3, n_head=4, d_model=32)
 
@@ -100,7 +100,7 @@ class TestRoPE:
     """Rotary embeddings: attention scores depend only on the offset between positions."""
 
     def test_scores_depend_on_relative_position_only(self):
-        from lab.gpt import apply_rope, rope_tables
+        from lab.models.gpt import apply_rope, rope_tables
 
         torch.manual_seed(0)
         hs, T = 8, 12
@@ -115,7 +115,7 @@ class TestRoPE:
         assert not torch.allclose(S[5, 5], S[5, 2])  # but it does depend on the offset
 
     def test_rotation_preserves_norm(self):
-        from lab.gpt import apply_rope, rope_tables
+        from lab.models.gpt import apply_rope, rope_tables
 
         x = torch.randn(2, 3, 10, 16)
         cos, sin = rope_tables(10, 16)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lab.errors import LabError
-from lab.models import load_model, load_tiny_model, tiny_config
+from lab.models.loading import load_model, load_tiny_model, tiny_config
 
 
 class TestTinyModels:

@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lab.corpus import smoke_corpus
+from lab.data.corpus import smoke_corpus
 from lab.errors import LabError
-from lab.pretrain import lr_at, train_gpt
+from lab.train.pretraining import lr_at, train_gpt
 from lab.profiles import get_profile
 
 CFG = get_profile("smoke").pretrain

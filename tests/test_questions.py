@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.questions import STATUSES, check_evidence, check_questions, main, parse_questions
-from lab.results import REPO_ROOT
+from lab.site.questions import STATUSES, check_evidence, check_questions, main, parse_questions
+from lab.paths import REPO_ROOT
 
 
 def _log(*entries: str) -> str:

@@ -9,14 +9,14 @@ import polars as pl
 import pytest
 import torch
 
-from lab import residual as res
-from lab.attention import token_labels
+from lab.interp import residual as res
+from lab.interp.attention import token_labels
 from lab.errors import LabError
 
 
 @pytest.fixture(scope="module")
 def llama():
-    from lab.models import load_tiny_model
+    from lab.models.loading import load_tiny_model
 
     return load_tiny_model("llama")
 

@@ -68,7 +68,7 @@ def results_env(fixture_results: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="module")
 def built_site(smoke_results: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    from lab.site import build_site
+    from lab.site.build import build_site
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LAB_RESULTS_DIR", str(smoke_results))
@@ -107,7 +107,7 @@ class TestBuild:
             assert f">{expected}<" in page, expected
 
     def test_charts_point_at_specs_in_the_site(self, built_site: Path, smoke_results: Path) -> None:
-        from lab.results import REPO_ROOT
+        from lab.paths import REPO_ROOT
 
         n_macros = (REPO_ROOT / "site-src" / "tracks" / "pretrain.md").read_text().count("{{ chart(")
         page = built_site / "tracks" / "pretrain" / "index.html"
@@ -131,8 +131,8 @@ class TestBuild:
         assert "<code>1337</code>" in page
 
     def test_questions_page(self, built_site: Path) -> None:
-        from lab.questions import parse_questions
-        from lab.results import REPO_ROOT
+        from lab.site.questions import parse_questions
+        from lab.paths import REPO_ROOT
 
         questions = parse_questions((REPO_ROOT / "QUESTIONS.md").read_text())
         page = (built_site / "questions" / "index.html").read_text()
@@ -149,7 +149,7 @@ class TestBuild:
     def test_blog_index_and_posts(self, built_site: Path) -> None:
         import yaml
 
-        from lab.results import REPO_ROOT
+        from lab.paths import REPO_ROOT
 
         index = built_site / "blog" / "index.html"
         assert index.is_file()
@@ -186,7 +186,7 @@ class TestFailures:
     """Missing inputs stop the build with the fix in the message."""
 
     def test_missing_chart_names_the_command(self, smoke_results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        from lab.site import build_site
+        from lab.site.build import build_site
 
         partial = tmp_path / "results"
         shutil.copytree(smoke_results, partial)
@@ -196,18 +196,18 @@ class TestFailures:
             build_site(site_dir=tmp_path / "site")
 
     def test_missing_vendor_js_says_run_setup(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        import lab.site
+        import lab.site.build
 
-        monkeypatch.setattr(lab.site, "VENDOR_DIR", tmp_path / "vendor")
+        monkeypatch.setattr(lab.site.build, "VENDOR_DIR", tmp_path / "vendor")
         with pytest.raises(LabError, match=r"\./\.ci/setup"):
-            lab.site.build_site(site_dir=tmp_path / "site")
+            lab.site.build.build_site(site_dir=tmp_path / "site")
 
 
 class TestMacros:
     """The macro expander on its own."""
 
     def test_value_and_missing_column(self, results_env: Path) -> None:
-        from lab.site_hooks import expand_macros
+        from lab.site.hooks import expand_macros
 
         md = 'Loss {{ value("pretrain/summary", "best_val_loss", ".2f") }}, iters {{value("pretrain/summary","iters")}}.'
         assert expand_macros(md, "tracks/pretrain/") == f"Loss {SUMMARY['best_val_loss']:.2f}, iters {SUMMARY['iters']}."
@@ -215,13 +215,13 @@ class TestMacros:
             expand_macros('{{ value("pretrain/summary", "nope") }}', "")
 
     def test_missing_parquet_names_the_command(self, results_env: Path) -> None:
-        from lab.site_hooks import expand_macros
+        from lab.site.hooks import expand_macros
 
         with pytest.raises(LabError, match=r"lab run C_probing --profile cpu"):
             expand_macros('{{ table("C_probing/logit_lens") }}', "")
 
     def test_chart_url_is_relative_to_the_page(self, results_env: Path) -> None:
-        from lab.site_hooks import expand_macros
+        from lab.site.hooks import expand_macros
 
         assert 'data-spec="results/pretrain/loss.vl.json"' in expand_macros('{{ chart("pretrain/loss", "c") }}', "")
         assert 'data-spec="../../results/pretrain/loss.vl.json"' in expand_macros(
@@ -231,7 +231,7 @@ class TestMacros:
     def test_samples_table_escapes_text(self, results_env: Path) -> None:
         import markdown
 
-        from lab.site_hooks import expand_macros
+        from lab.site.hooks import expand_macros
 
         html = markdown.markdown(expand_macros('{{ table("pretrain/samples", columns=["step", "text"]) }}', ""),
                                  extensions=["tables", "pymdownx.arithmatex"],
@@ -244,19 +244,19 @@ class TestMacros:
         assert "arithmatex" not in html and "<em>" not in html
 
     def test_table_columns_and_rows(self, results_env: Path) -> None:
-        from lab.site_hooks import expand_macros
+        from lab.site.hooks import expand_macros
 
         out = expand_macros('{{ table("pretrain/benchmark", columns=["loop", "ratio"], max_rows=1) }}', "").strip()
         assert out.splitlines() == ["| loop | ratio |", "| --- | ---: |", "| eager | 1 |"]
 
     def test_code_and_comments_are_left_alone(self, results_env: Path) -> None:
-        from lab.site_hooks import expand_macros
+        from lab.site.hooks import expand_macros
 
         md = '`{{ value("x/y", "z") }}`\n\n```md\n{{ chart("x/y") }}\n```\n\n<!-- {{ value("x/y", "z") }} -->\n'
         assert expand_macros(md, "") == md
 
     def test_unknown_macro_and_bad_arguments(self, results_env: Path) -> None:
-        from lab.site_hooks import expand_macros
+        from lab.site.hooks import expand_macros
 
         with pytest.raises(LabError, match="unknown macro"):
             expand_macros('{{ plot("pretrain/loss") }}', "")
@@ -268,7 +268,7 @@ class TestRepoPages:
     """QUESTIONS.md and docs/ become pages with working links."""
 
     def test_rewrite_repo_links(self) -> None:
-        from lab.site_hooks import rewrite_repo_links
+        from lab.site.hooks import rewrite_repo_links
 
         md = "[a](site-src/tracks/pretrain.md#results) [b](results/pretrain/loss.parquet) [c](https://x.org/a.md) [d](docs/blog.md)"
         assert rewrite_repo_links(md, "QUESTIONS.md", "questions.md") == (
@@ -282,8 +282,8 @@ class TestRepoPages:
     def test_docs_pages_are_built_with_working_links(
         self, smoke_results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        import lab.site_hooks as hooks
-        from lab.site import build_site
+        import lab.site.hooks as hooks
+        from lab.site.build import build_site
 
         monkeypatch.setenv("LAB_RESULTS_DIR", str(smoke_results))
         docs = tmp_path / "docs"
@@ -305,7 +305,7 @@ class TestRepoPages:
         assert "Notes" in home and "Bayes notes" in home  # appended to the navigation, titled by heading
 
     def test_empty_docs_folder_is_fine(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        import lab.site_hooks as hooks
+        import lab.site.hooks as hooks
 
         monkeypatch.setattr(hooks, "DOCS_DIR", tmp_path / "absent")
         assert hooks._docs_files() == []

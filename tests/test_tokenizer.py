@@ -2,9 +2,9 @@
 
 import pytest
 
-from lab.corpus import smoke_text
+from lab.data.corpus import smoke_text
 from lab.errors import LabError
-from lab.tokenizer import CharTokenizer, train_bpe_tokenizer
+from lab.models.tokenizer import CharTokenizer, train_bpe_tokenizer
 
 SAMPLES = ["To be, or not to be: that is the question.", "  leading spaces\n\ttabs\n", "naïve café — ünïcödé ✓ 漢字", ""]
 

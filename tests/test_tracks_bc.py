@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def own_adapter_dirs(tmp_path, monkeypatch):
     """No Track A adapter anywhere: B must train its own smoke LoRA (into a temp folder)."""
-    from lab.tracks import B_attention as B
+    from lab.tracks.B_attention import run as B
 
-    monkeypatch.setattr(B, "DATA_DIR", tmp_path / "data")
+    monkeypatch.setenv("LAB_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setattr(B, "adapter_dir", lambda profile: tmp_path / "absent" / profile.name)
     return tmp_path
 
@@ -31,7 +31,7 @@ class TestAttentionTrack:
     """B_attention on smoke."""
 
     def test_smoke_run_writes_consistent_results(self, results_dir, own_adapter_dirs):
-        from lab.tracks import B_attention as B
+        from lab.tracks.B_attention import run as B
 
         summary = B.run("smoke", progress=False)
         out = results_dir / "smoke" / "B_attention"
@@ -54,10 +54,10 @@ class TestAttentionTrack:
         assert guard["refused"] and "stream_to" in guard["message"] and guard["stream_readback_rows_sum_to_one"]
 
     def test_tuned_model_differs_and_base_is_untouched(self, own_adapter_dirs):
-        from lab import attention as att
-        from lab.models import load_model
+        from lab.interp import attention as att
+        from lab.models.loading import load_model
         from lab.profiles import get_profile
-        from lab.tracks import B_attention as B
+        from lab.tracks.B_attention import run as B
 
         p = get_profile("smoke")
         folder, _source = B.resolve_adapter(p)
@@ -70,7 +70,7 @@ class TestAttentionTrack:
         torch.testing.assert_close(pb, att.patterns_for(fresh.model, ids), atol=0, rtol=0)
 
     def test_missing_adapter_on_cpu_fails_before_loading(self, own_adapter_dirs, monkeypatch):
-        from lab.tracks import B_attention as B
+        from lab.tracks.B_attention import run as B
 
         def no_load(*a, **k):
             raise AssertionError("the model must not be loaded before the adapter check")
@@ -83,7 +83,7 @@ class TestProbingTrack:
     """C_probing on smoke."""
 
     def test_smoke_run(self, results_dir):
-        from lab.tracks import C_probing as C
+        from lab.tracks.C_probing import run as C
 
         summary = C.run("smoke", progress=False)
         out = results_dir / "smoke" / "C_probing"
@@ -102,8 +102,8 @@ class TestProbingTrack:
         assert bench.height == 5 and bench["tl_logits_max_abs_diff"][0] < 1e-4
 
     def test_benchmark_refuses_a_short_text(self):
-        from lab.capture_bench import capture_benchmark
-        from lab.models import load_tiny_model
+        from lab.bench.capture import capture_benchmark
+        from lab.models.loading import load_tiny_model
 
         with pytest.raises(LabError, match="only"):
             capture_benchmark(load_tiny_model("llama"), tokens=512, reps=1, text="too short")

@@ -9,10 +9,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lab import transcoders as T
-from lab.capture import capture
+from lab.interp import transcoders as T
+from lab.interp.capture import capture
 from lab.errors import LabError
-from lab.models import load_tiny_model
+from lab.models.loading import load_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ from lab.errors import LabError
 
 # name -> module path; a track is listed here only once it runs end to end.
 TRACKS: dict[str, str] = {
-    "pretrain": "lab.tracks.pretrain",
-    "A_finetuning": "lab.tracks.A_finetuning",
-    "B_attention": "lab.tracks.B_attention",
-    "C_probing": "lab.tracks.C_probing",
-    "D_bayes": "lab.tracks.D_bayes",
-    "E_circuits": "lab.tracks.E_circuits",  # WS2 + WS3 so far (corpus, checkpointed fine-tune); no circuits yet
+    "pretrain": "lab.tracks.pretrain.run",
+    "A_finetuning": "lab.tracks.A_finetuning.run",
+    "B_attention": "lab.tracks.B_attention.run",
+    "C_probing": "lab.tracks.C_probing.run",
+    "D_bayes": "lab.tracks.D_bayes.run",
+    "E_circuits": "lab.tracks.E_circuits.run",
 }
 
 

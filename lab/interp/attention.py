@@ -1,0 +1,256 @@
+"""Attention analyses on captured patterns: entropy, sink share, previous-token and induction scores,
+base-vs-fine-tuned divergence. Functions return tensors or polars frames; ``plot_*`` return Altair charts.
+
+Conventions: a pattern stack is ``(L, H, T, T)`` (layer, query head, query, key) for one sequence; rows sum
+to one over keys ``<= query``. Averages over query positions skip the trivial rows: position 0 can only look
+at itself (entropy 0, sink share 1), and at position 1 "previous token" and "first token" are the same key, so
+entropy and sink share average over queries ``q >= 1`` and the previous-token score over ``q >= 2``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import altair as alt
+import polars as pl
+import torch
+
+from lab.interp.names import PATTERN_KIND, hook_names
+from lab.interp.capture import capture, model_shape
+from lab.errors import LabError
+
+EPS = 1e-12
+
+
+# ----------------------------------------------------------------------------- capture helpers
+
+
+def patterns_for(model: Any, input_ids: torch.Tensor, *, layers: Sequence[int] | None = None,
+                 max_bytes: int | None = None) -> torch.Tensor:
+    """Attention patterns of one sequence ``(1, T)`` for ``layers`` (all by default): ``(L, H, T, T)`` float32."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise LabError(f"patterns_for takes one sequence of shape (1, T), got {tuple(input_ids.shape)}")
+    shape = model_shape(model)
+    layers = list(range(int(shape["n_layers"]))) if layers is None else list(layers)
+    kw = {} if max_bytes is None else {"max_bytes": max_bytes}
+    cap = capture(model, input_ids, hook_names(int(shape["n_layers"]), [PATTERN_KIND], layers), logits=False, **kw)
+    return cap.stack(PATTERN_KIND, layers)[:, 0].float()
+
+
+def token_labels(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """``"<position>:<token text>"`` for each id: unique, readable axis labels for heatmaps."""
+    out = []
+    for i, t in enumerate(ids):
+        text = tokenizer.decode([int(t)]).replace("\n", "\\n").replace(" ", "·")
+        out.append(f"{i}:{text if text.strip() else repr(text)}")
+    return out
+
+
+# ----------------------------------------------------------------------------- per-row quantities
+
+
+def row_entropy(patterns: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of every attention row: ``(..., T, T) -> (..., T)``."""
+    p = patterns.double().clamp_min(0)
+    return -(p * torch.log(p.clamp_min(EPS))).sum(-1).to(patterns.dtype)
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen–Shannon divergence in bits between distributions along the last axis (0 = same, 1 = disjoint)."""
+    p, q = p.double().clamp_min(0), q.double().clamp_min(0)
+    m = 0.5 * (p + q)
+
+    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a * (torch.log2(a.clamp_min(EPS)) - torch.log2(b.clamp_min(EPS)))).sum(-1)
+
+    return (0.5 * kl(p, m) + 0.5 * kl(q, m)).clamp_min(0).float()
+
+
+# ----------------------------------------------------------------------------- per-head scores
+
+
+def head_scores(patterns: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-head averages over query rows of a ``(L, H, T, T)`` stack, each ``(L, H)``.
+
+    - ``entropy``: mean row entropy (nats), queries ``q >= 1``.
+    - ``entropy_norm``: mean of entropy / ln(q + 1), i.e. relative to uniform attention over the visible keys.
+    - ``sink_share``: mean weight on key 0 (the first token), queries ``q >= 1``.
+    - ``prev_token``: mean weight on key ``q - 1``, queries ``q >= 2``.
+    """
+    T = patterns.shape[-1]
+    if T < 3:
+        raise LabError(f"head scores need at least 3 tokens, got {T}: use a longer prompt")
+    ent = row_entropy(patterns)  # (L, H, T)
+    q = torch.arange(T, dtype=patterns.dtype)
+    norm = ent[..., 1:] / torch.log(q[1:] + 1)
+    sink = patterns[..., 1:, 0]
+    prev = torch.diagonal(patterns, offset=-1, dim1=-2, dim2=-1)[..., 1:]  # rows 2.. -> key q-1
+    return {"entropy": ent[..., 1:].mean(-1), "entropy_norm": norm.mean(-1), "sink_share": sink.mean(-1),
+            "prev_token": prev.mean(-1)}
+
+
+def repeated_random_tokens(n: int, vocab: Sequence[int], *, generator: torch.Generator,
+                           prefix: Sequence[int] = ()) -> torch.Tensor:
+    """``prefix + R + R`` with ``R`` = ``n`` distinct tokens drawn from ``vocab``: shape ``(1, len(prefix) + 2n)``."""
+    vocab = torch.as_tensor(list(vocab))
+    if n > len(vocab):
+        raise LabError(f"cannot draw {n} distinct tokens from a vocabulary of {len(vocab)}")
+    r = vocab[torch.randperm(len(vocab), generator=generator)[:n]]
+    return torch.cat([torch.as_tensor(list(prefix), dtype=torch.long), r, r]).long().unsqueeze(0)
+
+
+def induction_scores(patterns: torch.Tensor, n: int, prefix: int = 0) -> torch.Tensor:
+    """Mean attention from each token of the second copy to the token *after* its first occurrence.
+
+    For ``prefix + R + R`` with ``|R| = n``, the query at ``t = prefix + n + i`` (token ``R_i``) scores its weight
+    on key ``t - n + 1`` (``R_{i+1}`` in the first copy, or the second copy's first token for ``i = n - 1``).
+    ``(..., T, T) -> (...)``.
+    """
+    T = patterns.shape[-1]
+    if T != prefix + 2 * n:
+        raise LabError(f"induction_scores: pattern length {T} != prefix {prefix} + 2 x {n}")
+    diag = torch.diagonal(patterns, offset=1 - n, dim1=-2, dim2=-1)  # entries (t, t - n + 1) for t >= n - 1
+    start = prefix + n - (n - 1)  # diag index of t = prefix + n
+    return diag[..., start:start + n].mean(-1)
+
+
+def head_frame(scores: dict[str, torch.Tensor]) -> pl.DataFrame:
+    """``{metric: (L, H)}`` -> one row per (layer, head)."""
+    first = next(iter(scores.values()))
+    L, H = first.shape
+    cols: dict[str, Any] = {"layer": [l for l in range(L) for _ in range(H)], "head": [h for _ in range(L) for h in range(H)]}
+    for k, v in scores.items():
+        cols[k] = v.reshape(-1).tolist()
+    return pl.DataFrame(cols)
+
+
+def compare_patterns(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-head change between two ``(L, H, T, T)`` stacks of the same tokens, each ``(L, H)``:
+    mean JS divergence over rows ``q >= 1`` (bits), mean row entropy of each, and the entropy change."""
+    if base.shape != tuned.shape:
+        raise LabError(f"pattern stacks differ in shape: {tuple(base.shape)} vs {tuple(tuned.shape)}")
+    js = js_divergence(base, tuned)[..., 1:].mean(-1)
+    eb, et = row_entropy(base)[..., 1:].mean(-1), row_entropy(tuned)[..., 1:].mean(-1)
+    return {"js_bits": js, "entropy_base": eb, "entropy_tuned": et, "entropy_change": et - eb}
+
+
+def pattern_frame(patterns: torch.Tensor, labels: Sequence[str], heads: Sequence[tuple[int, int]],
+                  **extra: Any) -> pl.DataFrame:
+    """Long frame (layer, head, query, key, q_label, k_label, weight) of the chosen ``(layer, head)`` patterns
+    (lower triangle only); ``extra`` adds constant columns (e.g. ``model="base"``)."""
+    rows: dict[str, list] = {k: [] for k in ("layer", "head", "query", "key", "q_label", "k_label", "weight")}
+    T = patterns.shape[-1]
+    for layer, head in heads:
+        m = patterns[layer, head]
+        for qi in range(T):
+            for ki in range(qi + 1):
+                rows["layer"].append(layer)
+                rows["head"].append(head)
+                rows["query"].append(qi)
+                rows["key"].append(ki)
+                rows["q_label"].append(labels[qi])
+                rows["k_label"].append(labels[ki])
+                rows["weight"].append(float(m[qi, ki]))
+    df = pl.DataFrame(rows)
+    return df.with_columns([pl.lit(v).alias(k) for k, v in extra.items()]) if extra else df
+
+
+def layer_profile(heads: pl.DataFrame, metrics: tuple[str, ...] = ("entropy_norm", "sink_share", "prev_token", "induction")
+                  ) -> pl.DataFrame:
+    """Per (layer, metric): mean and max over heads."""
+    long = heads.unpivot(index=["layer", "head"], on=list(metrics), variable_name="metric", value_name="value")
+    return (long.group_by("layer", "metric").agg(pl.col("value").mean().alias("mean over heads"),
+                                                 pl.col("value").max().alias("max over heads"))
+            .unpivot(index=["layer", "metric"], variable_name="summary", value_name="value")
+            .sort("metric", "summary", "layer"))
+
+
+# ----------------------------------------------------------------------------- charts
+
+
+def plot_head_grid(df: pl.DataFrame, metrics: Sequence[str] = ("entropy_norm", "sink_share", "prev_token", "induction"),
+                   titles: dict[str, str] | None = None) -> alt.HConcatChart:
+    """One layer x head heatmap per metric."""
+    titles = titles or {}
+    panels = []
+    for m in metrics:
+        if m not in df.columns:
+            continue
+        panels.append(alt.Chart(df).mark_rect().encode(
+            x=alt.X("head:O", title="head"),
+            y=alt.Y("layer:O", title="layer", sort="descending"),
+            color=alt.Color(f"{m}:Q", title=None, scale=alt.Scale(scheme="viridis")),
+            tooltip=["layer:O", "head:O", alt.Tooltip(f"{m}:Q", format=".3f")],
+        ).properties(title=titles.get(m, m), width=130, height=alt.Step(9)))
+    return alt.hconcat(*panels).resolve_scale(color="independent")
+
+
+def plot_layer_profile(df: pl.DataFrame) -> alt.FacetChart:
+    """Mean over heads (line) and max over heads (dashed) of each metric, per layer (from :func:`layer_profile`)."""
+    return alt.Chart(df).mark_line(point=True).encode(
+        x=alt.X("layer:Q", title="layer"),
+        y=alt.Y("value:Q", title=None),
+        color=alt.Color("summary:N", title=None),
+        strokeDash=alt.StrokeDash("summary:N", legend=None),
+        tooltip=["layer:Q", "metric:N", "summary:N", alt.Tooltip("value:Q", format=".3f")],
+    ).properties(width=260, height=140).facet(facet=alt.Facet("metric:N", title=None), columns=2)
+
+
+def plot_patterns(df: pl.DataFrame, column: str = "head_label") -> alt.FacetChart:
+    """Attention heatmaps (query down, key across, token labels), one panel per value of ``column``."""
+    order = df["q_label"].unique(maintain_order=True).to_list()
+    return alt.Chart(df).mark_rect().encode(
+        x=alt.X("k_label:N", title="key (attended-to token)", sort=order, axis=alt.Axis(labelAngle=-60)),
+        y=alt.Y("q_label:N", title="query token", sort=order),
+        color=alt.Color("weight:Q", title="weight", scale=alt.Scale(scheme="blues", domain=[0, 1])),
+        tooltip=["q_label:N", "k_label:N", alt.Tooltip("weight:Q", format=".3f")],
+    ).properties(width=alt.Step(14), height=alt.Step(14)).facet(
+        facet=alt.Facet(f"{column}:N", title=None), columns=2)
+
+
+def plot_head_shift(df: pl.DataFrame) -> alt.HConcatChart:
+    """Fine-tuning's effect per head: JS divergence of patterns and entropy change (layer x head)."""
+    js = alt.Chart(df).mark_rect().encode(
+        x=alt.X("head:O"), y=alt.Y("layer:O", sort="descending"),
+        color=alt.Color("js_bits:Q", title="JS (bits)", scale=alt.Scale(scheme="oranges")),
+        tooltip=["layer:O", "head:O", alt.Tooltip("js_bits:Q", format=".4f"),
+                 alt.Tooltip("entropy_change:Q", format="+.4f")],
+    ).properties(title="JS divergence base vs fine-tuned", width=130, height=alt.Step(9))
+    lim = float(df["entropy_change"].abs().max() or 1e-9)
+    ent = alt.Chart(df).mark_rect().encode(
+        x=alt.X("head:O"), y=alt.Y("layer:O", sort="descending"),
+        color=alt.Color("entropy_change:Q", title="Δ entropy (nats)",
+                        scale=alt.Scale(scheme="redblue", domain=[-lim, lim], reverse=True)),
+        tooltip=["layer:O", "head:O", alt.Tooltip("entropy_change:Q", format="+.4f")],
+    ).properties(title="entropy change (tuned − base)", width=130, height=alt.Step(9))
+    return alt.hconcat(js, ent).resolve_scale(color="independent")
+
+
+def plot_memory(df: pl.DataFrame) -> alt.Chart:
+    """Estimated vs measured memory of capturing every layer's patterns, against sequence length (log-log)."""
+    long = df.filter(pl.col("mode") == "in memory").unpivot(
+        index=["tokens"], on=["estimate_mib", "captured_mib", "peak_rss_delta_mib"], variable_name="quantity",
+        value_name="MiB")
+    return alt.Chart(long).mark_line(point=True).encode(
+        x=alt.X("tokens:Q", scale=alt.Scale(type="log", base=2), title="tokens"),
+        y=alt.Y("MiB:Q", scale=alt.Scale(type="log"), title="MiB"),
+        color=alt.Color("quantity:N", title=None),
+        tooltip=["tokens:Q", "quantity:N", alt.Tooltip("MiB:Q", format=",.1f")],
+    ).properties(width="container", height=260)
+
+
+def uniform_induction_score(n: int, prefix: int = 0) -> float:
+    """Induction score of a head that attends uniformly to every visible key (a chance baseline)."""
+    return sum(1.0 / (prefix + n + i + 1) for i in range(n)) / n
+
+
+def chance_prev_token(T: int) -> float:
+    """Previous-token score of uniform causal attention over ``T`` tokens (rows ``q >= 2``)."""
+    return sum(1.0 / (q + 1) for q in range(2, T)) / (T - 2)
+
+
+def max_entropy(T: int) -> float:
+    """Mean entropy of uniform causal attention over rows ``q >= 1`` (nats)."""
+    return sum(math.log(q + 1) for q in range(1, T)) / (T - 1)

@@ -1,0 +1,511 @@
+"""Opt-in activation capture with TransformerLens names, one adapter per architecture family.
+
+Names (``l`` = layer index, as in TransformerLens):
+
+- ``blocks.{l}.hook_resid_pre``   residual stream entering block ``l`` (``(B, T, d)``)
+- ``blocks.{l}.hook_attn_out``    what the attention sublayer adds to the residual stream
+- ``blocks.{l}.hook_resid_mid``   residual stream after the attention add, before the MLP
+- ``blocks.{l}.hook_mlp_out``     what the MLP sublayer adds to the residual stream
+- ``blocks.{l}.hook_resid_post``  residual stream leaving block ``l`` (= ``hook_resid_pre`` of ``l + 1``)
+- ``blocks.{l}.attn.hook_pattern`` attention probabilities per *query* head, ``(B, n_heads, T_query, T_key)``
+- ``ln_final.hook_normalized``    the final norm's output (weight included): what the unembedding reads.
+  (TransformerLens's RMSNorm takes its ``hook_normalized`` *before* the learned scale, and folds that scale into
+  the unembedding by default; for RMSNorm models ours equals TransformerLens's times ``ln_final.w``.)
+
+So that ``resid_pre + attn_out = resid_mid`` and ``resid_mid + mlp_out = resid_post`` hold exactly on every
+family, ``attn_out`` and ``mlp_out`` are always *the tensors added to the residual stream*. For Gemma2 that
+means after its extra norms: ``hook_attn_out`` = ``post_attention_layernorm(self_attn(...))`` and
+``hook_mlp_out`` = ``post_feedforward_layernorm(mlp(...))``; ``hook_resid_mid`` is the input of
+``pre_feedforward_layernorm``. (In Llama/Qwen2 ``post_attention_layernorm`` is the *pre*-MLP norm; the same
+HF name means different things in the two families, which is why only the adapters know module paths.)
+
+Under grouped-query attention (SmolLM2: 9 query heads share 3 key/value heads) patterns are per query head.
+sdpa attention returns no weights, so pattern capture switches the model to eager attention for the one
+forward pass and restores the previous implementation afterwards, also on errors.
+
+Captured tensors are detached CPU copies. Pattern capture estimates its memory first (batch x layers x
+heads x T^2 x bytes) and refuses past ``max_bytes`` with a :class:`LabError` naming the ways out; with
+``stream_to=folder`` every requested tensor is written to ``folder/<name>.safetensors`` as soon as its layer
+has run and dropped from memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lab.errors import LabError
+from lab.interp.names import FINAL_NAME, KINDS, PATTERN_KIND, hook_names, parse_name
+DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB of captured tensors held in memory at once
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a hook name lives in a model: a module and whether we read its input or its output."""
+
+    module: nn.Module
+    slot: str  # "input" (first positional argument or ``hidden_states``), "output" (tensor or first of a tuple),
+    #            "weights" (second element of the attention module's output tuple)
+
+
+class Adapter:
+    """Maps TransformerLens names to the modules of one architecture family. Subclasses set the paths."""
+
+    family = ""
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model  # the *ForCausalLM module (peft wrappers already removed)
+
+    # the family-specific parts ------------------------------------------------------------------
+    def body(self) -> nn.Module:
+        """The transformer without the LM head (forward returns hidden states)."""
+        raise NotImplementedError
+
+    def layers(self) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    def sites(self, layer: int) -> dict[str, Site]:
+        """Kind (e.g. ``"hook_attn_out"``) -> where it is read in block ``layer``."""
+        raise NotImplementedError
+
+    def n_heads(self) -> int:
+        return int(self.model.config.num_attention_heads)
+
+    # shared ----------------------------------------------------------------------------------------
+    def n_layers(self) -> int:
+        return len(self.layers())
+
+    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head (+ Gemma2's logit soft-capping): residual ``(..., d)`` -> logits ``(..., V)``."""
+        logits = self.model.get_output_embeddings()(self.final_norm()(resid))
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def site(self, name: str) -> Site:
+        if name == FINAL_NAME:
+            return Site(self.final_norm(), "output")
+        layer, kind = parse_name(name, self.n_layers())
+        return self.sites(layer)[kind]
+
+
+class LlamaAdapter(Adapter):
+    """Llama / SmolLM2 and Qwen2: pre-norm blocks ``input_layernorm -> self_attn``, ``post_attention_layernorm -> mlp``."""
+
+    family = "llama"
+    model_types = ("llama", "qwen2")
+
+    def body(self) -> nn.Module:
+        return self.model.model
+
+    def layers(self) -> Sequence[nn.Module]:
+        return self.model.model.layers
+
+    def final_norm(self) -> nn.Module:
+        return self.model.model.norm
+
+    def sites(self, layer: int) -> dict[str, Site]:
+        block = self.model.model.layers[layer]
+        return {
+            "hook_resid_pre": Site(block, "input"),
+            "hook_attn_out": Site(block.self_attn, "output"),
+            "hook_resid_mid": Site(block.post_attention_layernorm, "input"),  # the pre-MLP norm's input
+            "hook_mlp_out": Site(block.mlp, "output"),
+            "hook_resid_post": Site(block, "output"),
+            PATTERN_KIND: Site(block.self_attn, "weights"),
+        }
+
+
+class Gemma2Adapter(LlamaAdapter):
+    """Gemma2: sandwich norms. The sublayer outputs are normed *before* the residual add, so ``hook_attn_out`` is
+    ``post_attention_layernorm``'s output and ``hook_mlp_out`` is ``post_feedforward_layernorm``'s output."""
+
+    family = "gemma2"
+    model_types = ("gemma2",)
+
+    def sites(self, layer: int) -> dict[str, Site]:
+        block = self.model.model.layers[layer]
+        return {
+            "hook_resid_pre": Site(block, "input"),
+            "hook_attn_out": Site(block.post_attention_layernorm, "output"),
+            "hook_resid_mid": Site(block.pre_feedforward_layernorm, "input"),
+            "hook_mlp_out": Site(block.post_feedforward_layernorm, "output"),
+            "hook_resid_post": Site(block, "output"),
+            PATTERN_KIND: Site(block.self_attn, "weights"),
+        }
+
+
+class GPT2Adapter(Adapter):
+    """GPT-2: ``transformer.h[l]`` with ``ln_1 -> attn``, ``ln_2 -> mlp``; final ``transformer.ln_f``."""
+
+    family = "gpt2"
+    model_types = ("gpt2",)
+
+    def body(self) -> nn.Module:
+        return self.model.transformer
+
+    def layers(self) -> Sequence[nn.Module]:
+        return self.model.transformer.h
+
+    def final_norm(self) -> nn.Module:
+        return self.model.transformer.ln_f
+
+    def n_heads(self) -> int:
+        return int(self.model.config.n_head)
+
+    def sites(self, layer: int) -> dict[str, Site]:
+        block = self.model.transformer.h[layer]
+        return {
+            "hook_resid_pre": Site(block, "input"),
+            "hook_attn_out": Site(block.attn, "output"),
+            "hook_resid_mid": Site(block.ln_2, "input"),
+            "hook_mlp_out": Site(block.mlp, "output"),
+            "hook_resid_post": Site(block, "output"),
+            PATTERN_KIND: Site(block.attn, "weights"),
+        }
+
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, Gemma2Adapter, GPT2Adapter)
+
+
+def unwrap(model: Any) -> nn.Module:
+    """The ``*ForCausalLM`` inside a peft wrapper (or the model itself)."""
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        return model.get_base_model()
+    return model
+
+
+def adapter_for(model: Any) -> Adapter:
+    """The adapter for ``model``'s architecture family; unsupported families raise :class:`LabError`."""
+    model = unwrap(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for cls in ADAPTERS:
+        if model_type in cls.model_types:
+            return cls(model)
+    supported = ", ".join(t for cls in ADAPTERS for t in cls.model_types)
+    raise LabError(f"no capture adapter for model_type {model_type!r}: supported are {supported} "
+                   "(add an Adapter subclass in lab/capture.py for a new family)")
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def pattern_bytes(batch: int, n_layers: int, n_heads: int, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of captured attention patterns: ``batch x layers x heads x T^2 x itemsize``."""
+    return batch * n_layers * n_heads * seq_len * seq_len * torch.empty((), dtype=dtype).element_size()
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
+
+
+@dataclass(frozen=True)
+class CaptureEstimate:
+    """What a capture will hold in memory (bytes), computed before any forward pass."""
+
+    patterns: int  # all requested patterns together
+    pattern_per_layer: int  # one layer's patterns (what streaming holds at once)
+    residuals: int
+    logits: int
+    seq_len: int
+    n_pattern_layers: int
+    n_heads: int
+
+    def held(self, streaming: bool) -> int:
+        """Bytes held at the peak: everything, or (streaming) one layer's patterns plus the logits."""
+        if streaming:
+            return self.pattern_per_layer + self.logits
+        return self.patterns + self.residuals + self.logits
+
+
+def estimate(model: Any, input_ids: torch.Tensor, names: Sequence[str], *, heads: Sequence[int] | None = None,
+             logits: bool = True) -> CaptureEstimate:
+    """Memory that :func:`capture` would hold for these names and this input (no forward pass)."""
+    ad = adapter_for(model)
+    batch, seq = input_ids.shape
+    n_layers = ad.n_layers()
+    parsed = [parse_name(n, n_layers) if n != FINAL_NAME else (-1, FINAL_NAME) for n in names]
+    dtype = next(ad.model.parameters()).dtype
+    item = torch.empty((), dtype=dtype).element_size()
+    n_heads = len(heads) if heads is not None else ad.n_heads()
+    n_pat = sum(1 for _, k in parsed if k == PATTERN_KIND)
+    d = int(getattr(ad.model.config, "hidden_size", 0) or getattr(ad.model.config, "n_embd", 0))
+    n_res = len(parsed) - n_pat
+    vocab = int(ad.model.config.vocab_size)
+    return CaptureEstimate(
+        patterns=pattern_bytes(batch, n_pat, n_heads, seq, dtype),
+        pattern_per_layer=pattern_bytes(batch, 1 if n_pat else 0, n_heads, seq, dtype),
+        residuals=n_res * batch * seq * d * item,
+        logits=batch * seq * vocab * item if logits else 0,
+        seq_len=seq, n_pattern_layers=n_pat, n_heads=n_heads,
+    )
+
+
+def max_tokens_within(budget: int, batch: int, n_layers: int, n_heads: int, item: int = 4) -> int:
+    """Longest sequence whose patterns fit ``budget`` bytes."""
+    return int((budget / max(1, batch * n_layers * n_heads * item)) ** 0.5)
+
+
+def check_budget(est: CaptureEstimate, max_bytes: int, *, streaming: bool, batch: int = 1) -> None:
+    """Raise :class:`LabError` naming the ways out when the capture would hold more than ``max_bytes``."""
+    need = est.held(streaming)
+    if need <= max_bytes:
+        return
+    fit = max_tokens_within(max_bytes, batch, 1 if streaming else max(1, est.n_pattern_layers), est.n_heads)
+    what = (f"attention patterns for {est.n_pattern_layers} layer(s) x {est.n_heads} head(s) x {est.seq_len}^2 "
+            f"positions ({format_bytes(est.patterns)})" if est.n_pattern_layers else "the requested activations")
+    ways = ["fewer layers (names=...)", "fewer heads (heads=[...])",
+            f"a shorter text (at most ~{fit} tokens fit with these layers and heads)" if est.n_pattern_layers else
+            "a shorter text"]
+    if not streaming:
+        one_layer = est.pattern_per_layer + est.logits
+        if one_layer <= max_bytes or not est.logits:
+            ways.append(f"streaming to disk (stream_to=<folder>: one layer in memory at a time, {format_bytes(one_layer)})")
+        else:
+            ways.append("streaming to disk with logits=False (stream_to=<folder>: one layer in memory at a time, "
+                        f"{format_bytes(est.pattern_per_layer)})")
+    if est.logits:
+        ways.append(f"logits=False (saves {format_bytes(est.logits)})")
+    raise LabError(f"capture would hold {format_bytes(need)} ({what}; residuals {format_bytes(est.residuals)}, "
+                   f"logits {format_bytes(est.logits)}), over the budget of {format_bytes(max_bytes)}: use "
+                   + ", ".join(ways) + ", or raise max_bytes")
+
+
+# ----------------------------------------------------------------------------- capture
+
+
+@dataclass
+class Capture:
+    """Captured activations by name (detached CPU tensors), the logits, and streamed files."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    logits: torch.Tensor | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+    estimate: CaptureEstimate | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.tensors:
+            return self.tensors[name]
+        if name in self.files:
+            return load_streamed(self.files[name], name)
+        raise KeyError(f"{name} was not captured (captured: {', '.join([*self.tensors, *self.files][:8])}...)")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors or name in self.files
+
+    def stack(self, kind: str, layers: Iterable[int]) -> torch.Tensor:
+        """``kind`` over ``layers`` stacked on a new first axis, e.g. ``(L, B, T, d)``."""
+        return torch.stack([self[f"blocks.{l}.{kind}"] for l in layers])
+
+
+def load_streamed(path: Path, name: str) -> torch.Tensor:
+    """One tensor written by a streaming capture."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))[name]
+
+
+def _first(x: Any) -> torch.Tensor:
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+@contextmanager
+def eager_attention(model: Any) -> Iterator[None]:
+    """Switch ``model`` to eager attention (which returns weights) for the block; restore the previous one after."""
+    inner = unwrap(model)
+    previous = inner.config._attn_implementation
+    if previous != "eager":
+        inner.set_attn_implementation("eager")
+        if inner.config._attn_implementation != "eager":
+            raise LabError(f"{type(inner).__name__} cannot switch to eager attention, so its patterns cannot be "
+                           "captured: load it with attn_implementation='eager'")
+    try:
+        yield
+    finally:
+        if previous != "eager":
+            inner.set_attn_implementation(previous)
+
+
+@contextmanager
+def hooks_removed(handles: list[Any]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def capture(model: Any, input_ids: torch.Tensor, names: Iterable[str], *, attention_mask: torch.Tensor | None = None,
+            heads: Sequence[int] | None = None, logits: bool = True, max_bytes: int = DEFAULT_MAX_BYTES,
+            stream_to: str | Path | None = None, progress: bool = False) -> Capture:
+    """Run one forward pass of ``model`` on ``input_ids`` and keep the activations called ``names``.
+
+    Args:
+        model: A causal LM of a supported family (or a peft model wrapping one).
+        input_ids: ``(B, T)`` token ids.
+        names: TransformerLens names (see the module docstring); :func:`hook_names` builds lists.
+        attention_mask: Optional ``(B, T)`` padding mask, passed to the model.
+        heads: Keep only these query heads of each captured pattern.
+        logits: Also return the logits; ``False`` runs the model body only (no ``(B, T, V)`` tensor).
+        max_bytes: Refuse (before running) when the capture would hold more than this.
+        stream_to: Folder: write each tensor to ``<name>.safetensors`` as its layer finishes, keep none in memory.
+        progress: tqdm bar over blocks.
+
+    Returns:
+        A :class:`Capture`; ``capture[name]`` reads streamed tensors back from disk.
+    """
+    names = list(dict.fromkeys(names))
+    if input_ids.dim() != 2:
+        raise LabError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}: add a batch axis")
+    ad = adapter_for(model)
+    n_rows = ad.model.get_input_embeddings().num_embeddings
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= n_rows):
+        raise LabError(f"token ids must lie in 0..{n_rows - 1} (the model's vocabulary), got "
+                       f"{int(input_ids.min())}..{int(input_ids.max())}: encode text with the model's own tokenizer")
+    n_heads = ad.n_heads()
+    if heads is not None and any(h < 0 or h >= n_heads for h in heads):
+        raise LabError(f"heads={list(heads)}: the model has {n_heads} query heads (0..{n_heads - 1})")
+    est = estimate(model, input_ids, names, heads=heads, logits=logits)  # validates the names too
+    check_budget(est, max_bytes, streaming=stream_to is not None, batch=input_ids.shape[0])
+    folder = Path(stream_to) if stream_to is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    out = Capture(estimate=est)
+    head_index = torch.tensor(list(heads)) if heads is not None else None
+
+    def keep(name: str, value: torch.Tensor) -> None:
+        value = value.detach()
+        if name.endswith(PATTERN_KIND) and head_index is not None:
+            value = value.index_select(1, head_index.to(value.device))
+        value = value.to("cpu", copy=True)  # a copy: later in-place ops inside the model cannot change it
+        if folder is None:
+            out.tensors[name] = value
+        else:
+            from safetensors.torch import save_file
+
+            path = folder / f"{name}.safetensors"
+            save_file({name: value.contiguous()}, str(path))
+            out.files[name] = path
+
+    # Group names by (module, slot) so one hook serves every name read at the same place.
+    groups: dict[tuple[int, str], tuple[nn.Module, list[str]]] = {}
+    for name in names:
+        s = ad.site(name)
+        groups.setdefault((id(s.module), s.slot), (s.module, []))[1].append(name)
+
+    handles = []
+    for (_, slot), (module, group) in groups.items():
+        if slot == "input":
+            def pre_hook(mod, args, kwargs, group=group):
+                x = args[0] if args else kwargs["hidden_states"]
+                for n in group:
+                    keep(n, x)
+            handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        else:
+            def post_hook(mod, args, output, group=group, slot=slot):
+                if slot == "weights":
+                    if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
+                        raise LabError(f"{type(mod).__name__} returned no attention weights: it must run with eager "
+                                       "attention (lab.capture switches it; report this as a bug)")
+                    x = output[1]
+                else:
+                    x = _first(output)
+                for n in group:
+                    keep(n, x)
+            handles.append(module.register_forward_hook(post_hook))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=ad.n_layers(), desc="capture", unit="block", leave=False)
+        handles += [layer.register_forward_hook(lambda *a: bar.update(1)) for layer in ad.layers()]
+
+    wants_patterns = est.n_pattern_layers > 0
+    kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
+    with hooks_removed(handles), torch.no_grad(), (eager_attention(model) if wants_patterns else _null()):
+        if logits:
+            out.logits = model(input_ids=input_ids, **kwargs).logits.detach().to("cpu")
+        else:
+            ad.body()(input_ids=input_ids, **kwargs)
+    if bar is not None:
+        bar.close()
+    return out
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
+
+
+def unembed(model: Any, resid: torch.Tensor) -> torch.Tensor:
+    """Logits that the model's final norm and unembedding make of residual vectors ``(..., d)`` (logit lens)."""
+    ad = adapter_for(model)
+    p = next(ad.model.parameters())
+    with torch.no_grad():
+        return ad.unembed(resid.to(p.device, p.dtype)).detach().to("cpu")
+
+
+def model_shape(model: Any) -> dict[str, int | str]:
+    """Family, layers, query heads, key/value heads and width of ``model``."""
+    ad = adapter_for(model)
+    cfg = ad.model.config
+    return {"family": ad.family, "model_type": cfg.model_type, "n_layers": ad.n_layers(), "n_heads": ad.n_heads(),
+            "n_kv_heads": int(getattr(cfg, "num_key_value_heads", None) or ad.n_heads()),
+            "d_model": int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0))}
+
+
+
+def invariant_errors(model: Any, input_ids: torch.Tensor) -> dict[str, float]:
+    """Largest absolute violation of each identity the capture must satisfy, on ``input_ids``:
+    ``resid_pre + attn_out = resid_mid``, ``resid_mid + mlp_out = resid_post``, ``resid_post[l] = resid_pre[l+1]``,
+    patterns = HF's own eager ``output_attentions``, pattern rows sum to 1, unembed(last resid_post) = logits,
+    unembedding ``ln_final.hook_normalized`` = logits, and captured logits = an uncaptured forward's logits."""
+    ad = adapter_for(model)
+    n = ad.n_layers()
+    cap = capture(model, input_ids, [*hook_names(n, KINDS), FINAL_NAME])
+    err: dict[str, float] = {}
+
+    def worst(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        return max(float((a.double() - b.double()).abs().max()) for a, b in pairs)
+
+    err["pre_plus_attn_minus_mid"] = worst((cap[f"blocks.{l}.hook_resid_pre"] + cap[f"blocks.{l}.hook_attn_out"],
+                                            cap[f"blocks.{l}.hook_resid_mid"]) for l in range(n))
+    err["mid_plus_mlp_minus_post"] = worst((cap[f"blocks.{l}.hook_resid_mid"] + cap[f"blocks.{l}.hook_mlp_out"],
+                                            cap[f"blocks.{l}.hook_resid_post"]) for l in range(n))
+    err["post_minus_next_pre"] = worst((cap[f"blocks.{l}.hook_resid_post"], cap[f"blocks.{l + 1}.hook_resid_pre"])
+                                       for l in range(n - 1)) if n > 1 else 0.0
+    with torch.no_grad(), eager_attention(model):
+        ref = model(input_ids=input_ids, output_attentions=True, use_cache=False)
+    err["pattern_minus_hf_eager"] = worst((cap[f"blocks.{l}.{PATTERN_KIND}"], ref.attentions[l].cpu()) for l in range(n))
+    err["pattern_row_sum_minus_1"] = worst((cap[f"blocks.{l}.{PATTERN_KIND}"].sum(-1),
+                                            torch.ones(())) for l in range(n))
+    err["unembed_last_post_minus_logits"] = float(
+        (unembed(model, cap[f"blocks.{n - 1}.hook_resid_post"]).double() - cap.logits.double()).abs().max())
+    head = ad.model.get_output_embeddings()
+    with torch.no_grad():
+        from_final = head(cap[FINAL_NAME].to(next(ad.model.parameters()).device))
+        cap_val = getattr(ad.model.config, "final_logit_softcapping", None)
+        if cap_val is not None:
+            from_final = torch.tanh(from_final / cap_val) * cap_val
+        plain = model(input_ids=input_ids, use_cache=False).logits
+    err["unembed_ln_final_minus_logits"] = float((from_final.cpu().double() - cap.logits.double()).abs().max())
+    err["captured_minus_plain_logits"] = float((plain.cpu().double() - cap.logits.double()).abs().max())
+    return err

@@ -1,0 +1,75 @@
+"""The TransformerLens bridge: a ``HookedTransformer`` with the same weights as an HF model, built offline
+with TransformerLens's own weight converters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lab.interp.capture import unwrap
+from lab.errors import LabError
+
+
+def transformer_lens_config(hf_config: Any, dtype: torch.dtype) -> Any:
+    """A ``HookedTransformerConfig`` for an HF Llama / Qwen2 / Gemma2 / GPT-2 config, built offline.
+
+    TransformerLens 2.18 builds configs only for its list of hub names (``from_pretrained`` refuses local
+    folders, and its local-config path fails for these four families), so the fields are mapped here, following
+    its own per-architecture tables in ``loading_from_pretrained.py``.
+    """
+    from transformer_lens import HookedTransformerConfig
+
+    c = hf_config
+    mt = c.model_type
+    common: dict[str, Any] = {"dtype": dtype, "device": "cpu", "default_prepend_bos": False}
+    if mt in ("llama", "qwen2", "gemma2"):
+        if getattr(c, "rope_scaling", None):
+            raise LabError("the TransformerLens conversion here does not handle rope_scaling")
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        kv = c.num_key_value_heads if c.num_key_value_heads != c.num_attention_heads else None
+        rot = {"d_model": c.hidden_size, "d_head": head_dim, "n_heads": c.num_attention_heads,
+               "d_mlp": c.intermediate_size, "n_layers": c.num_hidden_layers,
+               "n_ctx": min(c.max_position_embeddings, 4096), "eps": c.rms_norm_eps, "d_vocab": c.vocab_size,
+               "n_key_value_heads": kv, "normalization_type": "RMS", "positional_embedding_type": "rotary",
+               "rotary_adjacent_pairs": False, "rotary_dim": head_dim, "rotary_base": c.rope_theta,
+               "final_rms": True, "gated_mlp": True}
+        if mt == "llama":
+            return HookedTransformerConfig(**rot, act_fn=c.hidden_act, original_architecture="LlamaForCausalLM",
+                                           **common)
+        if mt == "qwen2":
+            return HookedTransformerConfig(**rot, act_fn=c.hidden_act, original_architecture="Qwen2ForCausalLM",
+                                           **common)
+        n = c.num_hidden_layers  # gemma2: sandwich norms, soft-capping, sliding-window layers
+        return HookedTransformerConfig(
+            **rot, act_fn=c.hidden_activation, original_architecture="Gemma2ForCausalLM",
+            attn_scale=float(c.query_pre_attn_scalar) ** 0.5, use_normalization_before_and_after=True,
+            attn_scores_soft_cap=c.attn_logit_softcapping or -1.0, output_logits_soft_cap=c.final_logit_softcapping or -1.0,
+            window_size=c.sliding_window, use_local_attn=True,
+            attn_types=["local" if t == "sliding_attention" else "global" for t in c.layer_types[:n]], **common)
+    if mt == "gpt2":
+        return HookedTransformerConfig(
+            d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head, d_mlp=c.n_inner or 4 * c.n_embd,
+            n_layers=c.n_layer, n_ctx=c.n_positions, eps=c.layer_norm_epsilon, d_vocab=c.vocab_size,
+            act_fn=c.activation_function, normalization_type="LN", positional_embedding_type="standard",
+            scale_attn_by_inverse_layer_idx=c.scale_attn_by_inverse_layer_idx,
+            original_architecture="GPT2LMHeadModel", **common)
+    raise LabError(f"no TransformerLens config mapping for model_type {mt!r} (llama, qwen2, gemma2, gpt2 are mapped)")
+
+
+def transformer_lens_model(model: Any) -> Any:
+    """A TransformerLens ``HookedTransformer`` holding the same weights as the HF ``model`` (Llama, Qwen2, Gemma2
+    or GPT-2), converted with TransformerLens's own weight converters and left unprocessed (no LayerNorm folding
+    or centring), so that activations compare one to one."""
+    from transformer_lens import HookedTransformer
+    from transformer_lens.pretrained import weight_conversions as wc
+
+    hf = unwrap(model)
+    cfg = transformer_lens_config(hf.config, next(hf.parameters()).dtype)
+    convert = {"LlamaForCausalLM": wc.convert_llama_weights, "Qwen2ForCausalLM": wc.convert_qwen2_weights,
+               "Gemma2ForCausalLM": wc.convert_gemma_weights, "GPT2LMHeadModel": wc.convert_gpt2_weights}
+    tl = HookedTransformer(cfg)
+    tl.load_and_process_state_dict(convert[cfg.original_architecture](hf, cfg), fold_ln=False,
+                                   center_writing_weights=False, center_unembed=False, fold_value_biases=False)
+    tl.eval()
+    return tl

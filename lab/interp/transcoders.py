@@ -1,0 +1,348 @@
+"""Per-layer transcoders for circuit-tracer, trained here on the base model (circuit-tracer has no trainer).
+
+A transcoder for layer ``l`` reads the MLP's input (the normalised residual stream, circuit-tracer's
+``mlp.hook_in``) and predicts the MLP's output (``mlp.hook_out``) through ``d_transcoder`` sparse features:
+``y_hat = TopK(W_enc x + b_enc) @ W_dec + b_dec``. We train circuit-tracer's own ``SingleLayerTranscoder``
+with its ``TopK`` activation, so the modules that attribution uses are exactly the ones that were optimised.
+
+All layers train together from one stream of activations: each step runs the frozen base model on a batch of
+text (BOS + ``seq_len`` tokens; position 0 is left out, as circuit-tracer zeroes it) and takes one Adam step
+per layer on normalised MSE. Training happens in rescaled units (each layer's inputs and outputs divided by
+their mean norm / sqrt(d_model), measured on the first batch), and the scales are folded into the weights
+before saving (``fold_scales``), so the saved transcoders read and write raw activations. Quality is measured
+on held-out text: fraction of variance unexplained (FVU), L0 (active features per token) and the share of features that never fire.
+
+``build(profile)`` is what ``lab transcoders build`` runs. The folder it writes (``.data/transcoders/<profile>``:
+``layer_{i}.safetensors`` + ``meta.json``) is a build artifact, never committed; an interrupted build resumes
+from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lab.errors import LabError
+from lab.paths import transcoder_dir as transcoders_folder
+from lab.models.loading import LoadedModel, load_model
+from lab.profiles import Profile, get_profile
+
+
+@dataclass(frozen=True)
+class TranscoderConfig:
+    """How the transcoders of a profile are trained."""
+
+    d_transcoder: int  # features per layer
+    k: int  # TopK: active features per token
+    steps: int  # optimiser steps (each layer sees steps * batch_tokens tokens, each once)
+    batch_seqs: int  # sequences per step
+    seq_len: int  # tokens per sequence after the BOS
+    lr: float
+    eval_seqs: int  # held-out sequences for FVU / L0
+    checkpoints: int = 4  # resumable checkpoints during the build
+    seed: int = 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_seqs * self.seq_len
+
+
+CONFIGS: dict[str, TranscoderConfig] = {
+    "smoke": TranscoderConfig(d_transcoder=128, k=8, steps=60, batch_seqs=8, seq_len=32, lr=3e-3, eval_seqs=8),
+    # SmolLM2-135M: 30 layers, d_model 576 -> 4x expansion. Budget on 2 CPU cores: about 25 minutes.
+    "cpu": TranscoderConfig(d_transcoder=2304, k=32, steps=400, batch_seqs=8, seq_len=64, lr=5e-3, eval_seqs=64),
+}
+
+
+def transcoder_config(profile: str | Profile | None = None) -> TranscoderConfig:
+    p = get_profile(profile)
+    if p.name not in CONFIGS:
+        raise LabError(f"profile {p.name!r} does not train transcoders: it loads GemmaScope's from the hub "
+                       f"(`lab transcoders build` runs for {', '.join(CONFIGS)})")
+    return CONFIGS[p.name]
+
+
+def transcoder_dir(profile: str | Profile | None = None) -> Path:
+    return transcoders_folder(get_profile(profile).name)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+SOURCE_WEIGHTS = {"corpus": 0.6, "constraints": 0.2, "chat": 0.2}
+
+
+def training_texts(tokenizer, profile: str | Profile | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """(train, held-out) text per source: the profile's corpus (Shakespeare), the constraint corpus's texts and
+    chat-formatted instructions (Track A's event records and probe questions with their answers), so that the
+    features cover the kinds of text Track E attributes. Short texts are joined into one stream per source.
+    Track E's held-out prompts and the two seed prompts are in none of them."""
+    from lab.data.constraints import constraint_dataset
+    from lab.data.corpus import load_corpus
+    from lab.data.records import PROBES, chat_text, make_task
+
+    corpus = load_corpus(profile)
+    ds = constraint_dataset(32, 0)
+    task = make_task(100, 30, 0)
+    chats = [chat_text(tokenizer, ex.prompt, ex.answer) for ex in task.train] + \
+        [chat_text(tokenizer, q, a) for q, a in PROBES]
+    chats_val = [chat_text(tokenizer, ex.prompt, ex.answer) for ex in task.test]
+    train = {"corpus": corpus.train_text, "constraints": "\n\n".join(ds["train"]["text"]), "chat": "\n".join(chats)}
+    val = {"corpus": corpus.val_text, "constraints": "\n\n".join(ds["validation"]["text"]),
+           "chat": "\n".join(chats_val)}
+    return train, val
+
+
+def token_sequences(tokenizer, texts: dict[str, str], seq_len: int, n: int, seed: int,
+                    weights: dict[str, float] | None = None) -> torch.Tensor:
+    """``n`` sequences of BOS + ``seq_len`` tokens: a source drawn by ``weights`` (default ``SOURCE_WEIGHTS``;
+    sources it does not name weigh 1), then a seeded random offset in it."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id
+    if bos is None:
+        raise LabError("the tokenizer has neither a BOS nor a PAD token: circuit-tracer needs one to prepend")
+    weights = weights or SOURCE_WEIGHTS
+    streams = {k: torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long)
+               for k, t in texts.items()}
+    short = [k for k, s in streams.items() if len(s) <= seq_len]
+    if short:
+        raise LabError(f"text source(s) {short} have no more than seq_len={seq_len} tokens")
+    names = list(streams)
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        s = streams[rng.choices(names, [weights.get(k, 1.0) for k in names])[0]]
+        start = rng.randrange(0, len(s) - seq_len)
+        rows.append(torch.cat([torch.tensor([bos]), s[start:start + seq_len]]))
+    return torch.stack(rows)
+
+
+def mlp_modules(model) -> list:
+    """Each decoder layer's MLP module (Llama / Qwen2 / Gemma2 layout: ``model.model.layers[i].mlp``)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise LabError(f"{type(model).__name__} has no model.layers[i].mlp: transcoders support Llama-style models")
+    return [layer.mlp for layer in layers]
+
+
+@torch.no_grad()
+def mlp_activations(model, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, the MLP's input and output at every position but the first: two lists of (tokens, d_model)."""
+    ins: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+
+    def grab(_m, args, out):
+        ins.append(args[0][:, 1:].reshape(-1, args[0].shape[-1]).float())
+        outs.append(out[:, 1:].reshape(-1, out.shape[-1]).float())
+
+    handles = [m.register_forward_hook(grab) for m in mlp_modules(model)]
+    try:
+        model(input_ids=input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return ins, outs
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+def new_transcoder(d_model: int, cfg: TranscoderConfig, layer: int, gen: torch.Generator):
+    """A circuit-tracer ``SingleLayerTranscoder`` (TopK, float32, cpu) with unit-norm decoder rows and a tied
+    encoder (``W_enc = W_dec``), the initialisation of Gao et al. (2024)."""
+    from circuit_tracer.transcoder import SingleLayerTranscoder
+    from circuit_tracer.transcoder.activation_functions import TopK
+
+    tc = SingleLayerTranscoder(d_model, cfg.d_transcoder, TopK(cfg.k), layer, device=torch.device("cpu"),
+                               dtype=torch.float32)
+    w = torch.randn(cfg.d_transcoder, d_model, generator=gen)
+    w /= w.norm(dim=1, keepdim=True)
+    with torch.no_grad():
+        tc.W_dec.copy_(w)
+        tc.W_enc.copy_(w)
+    return tc
+
+
+def unit_scale(a: torch.Tensor) -> float:
+    """The divisor that gives ``a``'s rows a mean norm of sqrt(d): mean row norm / sqrt(d)."""
+    return float(a.norm(dim=-1).mean()) / math.sqrt(a.shape[-1])
+
+
+@torch.no_grad()
+def fold_scales(tc, sx: float, sy: float) -> None:
+    """Turn a transcoder trained on (x / sx -> y / sy) into one on raw (x -> y): the TopK choice is unchanged
+    because every pre-activation is the same number, and the output is multiplied by ``sy``."""
+    tc.W_enc.div_(sx)
+    tc.W_dec.mul_(sy)
+    tc.b_dec.mul_(sy)
+
+
+def fvu(y: torch.Tensor, y_hat: torch.Tensor) -> float:
+    """Fraction of variance unexplained: sum |y - y_hat|^2 / sum |y - mean(y)|^2 over tokens."""
+    return float(((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+
+
+@torch.no_grad()
+def evaluate(transcoders, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> list[dict]:
+    """Per layer: FVU, L0 (mean active features per token), dead share (never active on these tokens)."""
+    rows = []
+    for layer, (tc, x, y) in enumerate(zip(transcoders, ins, outs, strict=True)):
+        acts = tc.encode(x)
+        y_hat = tc.decode(acts)
+        active = acts != 0
+        rows.append({"layer": layer, "fvu": fvu(y, y_hat), "l0": float(active.sum(1).float().mean()),
+                     "dead_share": float((~active.any(0)).float().mean()), "tokens": int(x.shape[0])})
+    return rows
+
+
+def load_transcoders(profile: str | Profile | None = None, folder: Path | None = None):
+    """The built transcoders as a circuit-tracer ``TranscoderSet`` (MLP in -> MLP out), float32 on cpu."""
+    from circuit_tracer.transcoder import SingleLayerTranscoder, TranscoderSet
+    from circuit_tracer.transcoder.activation_functions import TopK
+    from safetensors.torch import load_file
+
+    folder = Path(folder) if folder is not None else transcoder_dir(profile)
+    meta_file = folder / "meta.json"
+    if not meta_file.exists():
+        raise LabError(f"no transcoders in {folder}: run `lab transcoders build --profile "
+                       f"{get_profile(profile).name}` first")
+    meta = json.loads(meta_file.read_text())
+    tcs = {}
+    for layer in range(meta["n_layers"]):
+        tc = SingleLayerTranscoder(meta["d_model"], meta["d_transcoder"], TopK(meta["k"]), layer,
+                                   device=torch.device("cpu"), dtype=torch.float32)
+        tc.load_state_dict(load_file(folder / f"layer_{layer}.safetensors"))
+        tcs[layer] = tc
+    return TranscoderSet(tcs, feature_input_hook="mlp.hook_in", feature_output_hook="mlp.hook_out",
+                         scan=f"lab-{meta['model']}"), meta
+
+
+# ---------------------------------------------------------------------------------------------------- build
+
+def _save_checkpoint(path: Path, step: int, transcoders, optimizers, scales, elapsed: float) -> None:
+    state = {"step": step, "elapsed": elapsed, "scales": torch.tensor(scales),
+             "transcoders": [tc.state_dict() for tc in transcoders],
+             "optimizers": [opt.state_dict() for opt in optimizers]}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def build(profile: str | Profile | None = None, *, loaded: LoadedModel | None = None, fresh: bool = False,
+          progress: bool = True, folder: Path | None = None) -> dict:
+    """Train one transcoder per layer on the profile's base model; write them and their quality to ``folder``.
+
+    Returns the meta dict (also ``meta.json``): config, model, per-layer FVU / L0 / dead share, wall time.
+    Already built with the same config and not ``fresh``: returns the existing meta without training.
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    p = get_profile(profile)
+    cfg = transcoder_config(p)
+    folder = Path(folder) if folder is not None else transcoder_dir(p)
+    meta_file = folder / "meta.json"
+    if meta_file.exists() and not fresh:
+        meta = json.loads(meta_file.read_text())
+        if meta.get("config") == asdict(cfg):
+            return meta
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    lm = loaded or load_model(p)
+    model = lm.model.eval()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    d_model = model.config.hidden_size
+    n_layers = len(mlp_modules(model))
+
+    train_texts, val_texts = training_texts(lm.tokenizer, p)
+    t_data = time.perf_counter()
+    train_ids = token_sequences(lm.tokenizer, train_texts, cfg.seq_len, cfg.steps * cfg.batch_seqs, cfg.seed)
+    eval_ids = token_sequences(lm.tokenizer, val_texts, cfg.seq_len, cfg.eval_seqs, cfg.seed + 1)
+    data_s = time.perf_counter() - t_data
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    transcoders = [new_transcoder(d_model, cfg, layer, gen) for layer in range(n_layers)]
+    optimizers = [torch.optim.Adam(tc.parameters(), lr=cfg.lr) for tc in transcoders]
+    work = folder.with_name(folder.name + ".building")
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / "checkpoint.pt"
+    start, elapsed = 0, 0.0
+    if fresh and ckpt.exists():
+        ckpt.unlink()
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        for tc, sd in zip(transcoders, state["transcoders"], strict=True):
+            tc.load_state_dict(sd)
+        for opt, sd in zip(optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(sd)
+        start, elapsed = int(state["step"]), float(state["elapsed"])
+        scales = [tuple(r) for r in state["scales"].tolist()]
+    else:
+        # per-layer scales from the first batch; b_dec starts at its mean output (features learn the variation)
+        ins, outs = mlp_activations(model, train_ids[: cfg.batch_seqs])
+        scales = [(unit_scale(x), unit_scale(y)) for x, y in zip(ins, outs, strict=True)]
+        with torch.no_grad():
+            for tc, y, (_, sy) in zip(transcoders, outs, scales, strict=True):
+                tc.b_dec.copy_(y.mean(0) / sy)
+
+    every = max(1, cfg.steps // cfg.checkpoints)
+    curve: list[dict] = []
+    t0 = time.perf_counter() - elapsed
+    bar = tqdm(range(start, cfg.steps), desc=f"transcoders ({n_layers} layers)", initial=start, total=cfg.steps,
+               disable=not progress, unit="step")
+    for step in bar:
+        batch = train_ids[step * cfg.batch_seqs:(step + 1) * cfg.batch_seqs]
+        ins, outs = mlp_activations(model, batch)
+        lr = cfg.lr * min(1.0, (cfg.steps - step) / (0.2 * cfg.steps))  # linear decay over the last 20 %
+        losses = []
+        for tc, opt, x, y, (sx, sy) in zip(transcoders, optimizers, ins, outs, scales, strict=True):
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x, y = x / sx, y / sy
+            loss = ((tc(x) - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        mean_fvu = sum(losses) / len(losses)
+        curve.append({"step": step + 1, "train_fvu_mean": mean_fvu, "train_fvu_max": max(losses)})
+        bar.set_postfix(fvu=f"{mean_fvu:.3f}")
+        if (step + 1) % every == 0 and step + 1 < cfg.steps:
+            _save_checkpoint(ckpt, step + 1, transcoders, optimizers, scales, time.perf_counter() - t0)
+    train_s = time.perf_counter() - t0
+
+    for tc, (sx, sy) in zip(transcoders, scales, strict=True):
+        fold_scales(tc, sx, sy)
+    t_eval = time.perf_counter()
+    layers: list[dict] = []
+    for i in range(0, cfg.eval_seqs, cfg.batch_seqs):
+        ins, outs = mlp_activations(model, eval_ids[i:i + cfg.batch_seqs])
+        layers.append({"ins": ins, "outs": outs})
+    ins = [torch.cat([b["ins"][layer] for b in layers]) for layer in range(n_layers)]
+    outs = [torch.cat([b["outs"][layer] for b in layers]) for layer in range(n_layers)]
+    quality = evaluate(transcoders, ins, outs)
+    eval_s = time.perf_counter() - t_eval
+
+    meta = {"model": lm.name, "profile": p.name, "config": asdict(cfg), "n_layers": n_layers, "d_model": d_model,
+            "d_transcoder": cfg.d_transcoder, "k": cfg.k, "train_tokens_per_layer": cfg.steps * cfg.tokens_per_step,
+            "eval_tokens": cfg.eval_seqs * cfg.seq_len, "source_weights": SOURCE_WEIGHTS, "data_s": data_s, "train_s": train_s, "eval_s": eval_s,
+            "feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out",
+            "layers": quality, "curve": curve,
+            "resumed_from_step": start, "threads": torch.get_num_threads()}
+    if any(not math.isfinite(r["fvu"]) for r in quality):
+        raise LabError("transcoder training diverged (non-finite FVU): lower the learning rate in lab.transcoders")
+    for layer, tc in enumerate(transcoders):
+        save_file({k: v.contiguous() for k, v in tc.state_dict().items()}, str(work / f"layer_{layer}.safetensors"))
+    (work / "meta.json").write_text(json.dumps(meta, indent=1))
+    if ckpt.exists():
+        ckpt.unlink()
+    if folder.exists():
+        shutil.rmtree(folder)
+    work.rename(folder)
+    return meta

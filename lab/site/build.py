@@ -1,0 +1,74 @@
+"""Build and serve the lab's static site (mkdocs-material; hooks in :mod:`lab.site_hooks`).
+
+``build_site()`` is what ``lab site build`` runs; ``serve_site()`` is ``lab site serve``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from lab.errors import LabError
+from lab.paths import REPO_ROOT
+
+CONFIG_FILE = REPO_ROOT / "mkdocs.yml"
+VENDOR_DIR = REPO_ROOT / "site-src" / "assets" / "vendor"
+
+
+def _check_vendor() -> None:
+    from lab.site.hooks import VENDOR_FILES
+
+    missing = [f for f in VENDOR_FILES if not (VENDOR_DIR / f).exists()]
+    if missing:
+        raise LabError(
+            f"the site's bundled JS is missing from {VENDOR_DIR} ({', '.join(missing)}): run ./.ci/setup"
+        )
+
+
+class _Collect(logging.Handler):
+    """Keeps mkdocs' warnings and errors so a failed build can say why in one exception."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage().strip()
+        if msg and msg not in self.messages:
+            self.messages.append(msg)
+
+
+def build_site(site_dir: Path | None = None, strict: bool = True) -> Path:
+    """Build the site into ``site_dir`` (default ``site/``); with ``strict`` any mkdocs warning fails.
+
+    Raises:
+        LabError: the JS bundles are missing, a result a page needs is missing, or mkdocs warned in strict mode.
+    """
+    from mkdocs.commands.build import build
+    from mkdocs.config import load_config
+    from mkdocs.exceptions import MkDocsException
+
+    _check_vendor()
+    os.environ.setdefault("NO_MKDOCS_2_WARNING", "1")  # Material's end-of-life banner on every build
+    site_dir = Path(site_dir) if site_dir is not None else REPO_ROOT / "site"
+    collect = _Collect()
+    logger = logging.getLogger("mkdocs")
+    logger.addHandler(collect)
+    try:
+        config = load_config(config_file=str(CONFIG_FILE), strict=strict, site_dir=str(site_dir))
+        build(config)
+    except (MkDocsException, SystemExit) as e:
+        details = "; ".join(m for m in collect.messages if not m.startswith("Error reading page")) or str(e)
+        raise LabError(f"site build failed: {details}") from e
+    finally:
+        logger.removeHandler(collect)
+    return site_dir
+
+
+def serve_site(port: int = 8000) -> None:
+    """Serve the site with live reload on http://127.0.0.1:``port`` until interrupted."""
+    from mkdocs.commands.serve import serve
+
+    _check_vendor()
+    serve(config_file=str(CONFIG_FILE), dev_addr=f"127.0.0.1:{port}", livereload=True)

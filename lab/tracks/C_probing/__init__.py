@@ -1,0 +1,1 @@
+"""Track C_probing."""

@@ -1,0 +1,1 @@
+"""Track D_bayes."""

@@ -1,0 +1,3 @@
+"""Training: one LR schedule and optimiser factory (:mod:`.schedule`), character-level pretraining
+(:mod:`.pretraining`), LoRA / QLoRA through transformers' Trainer (:mod:`.lora`, :mod:`.callbacks`,
+:mod:`.evaluation`) and wind-tunnel training (:mod:`.windtunnel`). Nothing here knows a track."""

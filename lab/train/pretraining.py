@@ -1,0 +1,253 @@
+"""Character-level GPT pretraining with checkpoints that resume to the same numbers as an uninterrupted run.
+
+Everything random is driven by seeded generators whose states are checkpointed: batch sampling, dropout
+(torch's global RNG) and text samples. A checkpoint is one safetensors file holding the model, AdamW's
+moments and the RNG states, written atomically; logs up to the checkpoint are written beside it as Parquet.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+import torch
+from safetensors.torch import load_file, save_file
+
+from lab.data.corpus import Corpus
+from lab.errors import LabError
+from lab.models.gpt import GPT, GPTConfig
+from lab.profiles import PretrainConfig
+from lab.io import atomic_write_bytes
+from lab.models.tokenizer import CharTokenizer
+
+CKPT = "ckpt.safetensors"
+
+
+def gpt_config(cfg: PretrainConfig, vocab_size: int) -> GPTConfig:
+    """The model shape a pretraining config describes."""
+    if cfg.pos_emb not in ("learned", "rope"):
+        raise LabError(f"pos_emb must be 'learned' or 'rope', got {cfg.pos_emb!r}")
+    return GPTConfig(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.dropout, cfg.pos_emb)
+
+
+def lr_at(it: int, cfg: PretrainConfig) -> float:
+    """nanoGPT's schedule: linear warmup, then cosine decay from ``lr`` to ``min_lr`` at ``max_iters``."""
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / (cfg.warmup_iters + 1)
+    ratio = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+
+
+def get_batch(data: torch.Tensor, block: int, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of ``data``: x (B, T) and the next-character targets y (B, T)."""
+    ix = torch.randint(len(data) - block - 1, (batch,), generator=gen)
+    win = data[ix[:, None] + torch.arange(block + 1)]  # (B, T+1), one gather instead of 2B slices
+    return win[:, :-1], win[:, 1:]
+
+
+def make_optimizer(model: GPT, cfg: PretrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (nanoGPT's grouping)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+
+
+@torch.no_grad()
+def estimate_loss(model: GPT, data: torch.Tensor, cfg: PretrainConfig, iters: int, seed: int) -> float:
+    """Mean loss over ``iters`` batches drawn with a fixed seed (the same batches at every evaluation)."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    losses = [model(*get_batch(data, cfg.block_size, cfg.batch_size, gen))[1].item() for _ in range(iters)]
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def sample_text(model: GPT, tok: CharTokenizer, n_chars: int, seed: int, prompt: str = "\n") -> str:
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    out = model.generate(tok.encode(prompt)[None, :], n_chars, generator=gen)[0, len(prompt):]
+    model.train(was_training)
+    return tok.decode(out)
+
+
+@dataclass
+class TrainLog:
+    """Everything logged so far; grows during training (callbacks read it live)."""
+
+    steps: list[dict] = field(default_factory=list)  # step, loss, lr, grad_norm, tokens_per_s
+    evals: list[dict] = field(default_factory=list)  # step, split, loss
+    samples: list[dict] = field(default_factory=list)  # step, text
+
+    def frames(self) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+        return (
+            pl.DataFrame(self.steps, schema={"step": pl.Int64, "loss": pl.Float64, "lr": pl.Float64,
+                                             "grad_norm": pl.Float64, "tokens_per_s": pl.Float64}),
+            pl.DataFrame(self.evals, schema={"step": pl.Int64, "split": pl.Utf8, "loss": pl.Float64}),
+            pl.DataFrame(self.samples, schema={"step": pl.Int64, "text": pl.Utf8}),
+        )
+
+
+@dataclass
+class TrainResult:
+    model: GPT
+    tokenizer: CharTokenizer
+    log: TrainLog
+    wall_time_s: float  # summed over interrupted and resumed segments, up to the last checkpoint before each stop
+    train_time_s: float  # time in optimisation steps only (excludes evaluation and sampling)
+    resumed_from: int | None
+
+
+def _save_checkpoint(folder: Path, step: int, model: GPT, opt: torch.optim.Optimizer, batch_gen: torch.Generator,
+                     cfg: PretrainConfig, tok: CharTokenizer, log: TrainLog, times: dict[str, float]) -> None:
+    steps, evals, samples = log.frames()
+    for name, frame in (("steps", steps), ("evals", evals), ("samples", samples)):
+        buf = io.BytesIO()
+        frame.write_parquet(buf)
+        atomic_write_bytes(folder / f"{name}.parquet", buf.getvalue())
+    tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()
+               if k != "lm_head.weight"}  # tied to wte.weight
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            tensors[f"optim.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors["rng.batch"] = batch_gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"step": str(step), "config": json.dumps(asdict(cfg)), "vocab": tok.to_json(), "times": json.dumps(times)}
+    tmp = folder / f".{CKPT}.tmp"
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(folder / CKPT)
+    save_file({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
+              str(folder / f"model_step{step}.safetensors"), metadata={"step": str(step), "vocab": tok.to_json()})
+
+
+def _load_checkpoint(folder: Path, cfg: PretrainConfig, model: GPT, opt: torch.optim.Optimizer,
+                     batch_gen: torch.Generator) -> tuple[int, TrainLog, dict[str, float]]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / CKPT), "pt") as f:
+        meta = f.metadata()
+    saved = json.loads(meta["config"])
+    if saved != json.loads(json.dumps(asdict(cfg))):
+        diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
+        raise LabError(f"the checkpoint in {folder} was made with a different config {diff}: "
+                       f"delete that folder or pass --fresh to start over")
+    step = int(meta["step"])
+    t = load_file(str(folder / CKPT))
+    state = {k.removeprefix("model."): v for k, v in t.items() if k.startswith("model.")}
+    state["lm_head.weight"] = state["wte.weight"]
+    model.load_state_dict(state)
+    osd = opt.state_dict()
+    osd["state"] = {}
+    for k, v in t.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            osd["state"].setdefault(int(i), {})[name] = v
+    opt.load_state_dict(osd)
+    batch_gen.set_state(t["rng.batch"])
+    torch.set_rng_state(t["rng.torch"])
+    log = TrainLog()
+    for name, rows in (("steps", log.steps), ("evals", log.evals), ("samples", log.samples)):
+        frame = pl.read_parquet(folder / f"{name}.parquet")
+        rows.extend(frame.filter(pl.col("step") < step).to_dicts() if name == "steps"
+                    else frame.filter(pl.col("step") <= step).to_dicts())
+    return step, log, json.loads(meta.get("times", '{"wall": 0.0, "train": 0.0}'))
+
+
+def train_gpt(
+    cfg: PretrainConfig,
+    corpus: Corpus,
+    ckpt_dir: Path,
+    *,
+    resume: bool = True,
+    on_step: Callable[[int, TrainLog], None] | None = None,
+    progress: bool = True,
+    device: str = "cpu",
+) -> TrainResult:
+    """Train a character-level GPT on ``corpus``; checkpoint into ``ckpt_dir``; resume from it if present.
+
+    Args:
+        cfg: Hyper-parameters.
+        corpus: Train/validation text.
+        ckpt_dir: Checkpoint folder (created).
+        resume: Continue from ``ckpt_dir`` if it holds a checkpoint (else start over, deleting it).
+        on_step: Called after every optimisation step with (completed steps, log so far); may raise to stop.
+        progress: Show a tqdm progress bar.
+        device: Torch device.
+    """
+    t_start = time.perf_counter()
+    tok = CharTokenizer.from_text(corpus.train_text + corpus.val_text)
+    train_data, val_data = tok.encode(corpus.train_text), tok.encode(corpus.val_text)
+    if len(val_data) <= cfg.block_size + 1:
+        raise LabError(f"validation text has {len(val_data)} characters; it needs more than block_size+1")
+    ckpt_dir = Path(ckpt_dir)
+    if not resume and ckpt_dir.exists():
+        import shutil
+
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(gpt_config(cfg, tok.vocab_size)).to(device)
+    opt = make_optimizer(model, cfg)
+    batch_gen = torch.Generator().manual_seed(cfg.seed)
+    start, log, resumed_from = 0, TrainLog(), None
+    prior = {"wall": 0.0, "train": 0.0}  # time spent up to the checkpoint by earlier, interrupted runs
+    if resume and (ckpt_dir / CKPT).exists():
+        start, log, prior = _load_checkpoint(ckpt_dir, cfg, model, opt, batch_gen)
+        resumed_from = start
+    fwd = torch.compile(model) if cfg.compile else model
+
+    def evaluate(step: int, iters: int) -> None:
+        for split, data in (("train", train_data), ("val", val_data)):
+            log.evals.append({"step": step, "split": split, "loss": estimate_loss(model, data, cfg, iters, cfg.seed + 1)})
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_iters, initial=start, desc="pretrain", unit="step")
+    train_time = 0.0
+    model.train()
+    for it in range(start, cfg.max_iters):
+        if it % cfg.eval_interval == 0 and not any(e["step"] == it for e in log.evals):
+            evaluate(it, cfg.eval_iters)
+        t0 = time.perf_counter()
+        lr = lr_at(it, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = get_batch(train_data, cfg.block_size, cfg.batch_size, batch_gen)
+        _, loss, _ = fwd(x.to(device), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        opt.step()
+        loss_v = loss.item()
+        dt = time.perf_counter() - t0
+        train_time += dt
+        log.steps.append({"step": it, "loss": loss_v, "lr": lr, "grad_norm": grad_norm,
+                          "tokens_per_s": cfg.batch_size * cfg.block_size / dt})
+        done = it + 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_v:.3f}")
+        if done % cfg.checkpoint_interval == 0 or done == cfg.max_iters:
+            log.samples.append({"step": done, "text": sample_text(model, tok, cfg.sample_chars, cfg.seed + done)})
+            if done == cfg.max_iters:
+                evaluate(done, cfg.final_eval_iters)
+            times = {"wall": prior["wall"] + time.perf_counter() - t_start, "train": prior["train"] + train_time}
+            _save_checkpoint(ckpt_dir, done, model, opt, batch_gen, cfg, tok, log, times)
+        if on_step is not None:
+            on_step(done, log)
+    if bar is not None:
+        bar.close()
+    return TrainResult(model, tok, log, prior["wall"] + time.perf_counter() - t_start, prior["train"] + train_time,
+                       resumed_from)

@@ -1,0 +1,211 @@
+"""Training on the bijection wind tunnel: fresh sequences every step, the entropy MAE logged as it falls.
+
+A finished run is cached (safetensors weights + Parquet log + JSON metadata) under a folder named after a hash
+of everything that determines it (task, model, training config, seed), so re-running the track re-uses it and
+only the analyses run again; ``fresh=True`` retrains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from lab.data.windtunnel import Batch, posterior_metrics, sample_batch, summarize, value_log_probs
+from lab.models.windtunnel import ModelSpec, build_model, n_params
+from lab.errors import LabError
+from lab.io import atomic_write_bytes, atomic_write_text
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation of one wind-tunnel run (AdamW, linear warmup then cosine decay, gradient clipping)."""
+
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 3e-3
+    min_lr_frac: float = field(default=0.1, metadata={"help": "final LR as a fraction of lr"})
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    eval_sequences: int = 2048
+    eval_seed: int = 20_251_227  # one fixed evaluation set shared by every run, seed and model
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to ``lr * min_lr_frac`` at ``steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    ratio = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    lo = cfg.lr * cfg.min_lr_frac
+    return lo + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - lo)
+
+
+def logits_of(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, T, 2V) logits from any wind-tunnel model (``lab.models.gpt.GPT`` returns a tuple)."""
+    out = model(tokens)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def eval_batch(V: int, cfg: TrainConfig) -> Batch:
+    """The fixed evaluation sequences (same for every run with the same V and eval seed)."""
+    return sample_batch(V, cfg.eval_sequences, torch.Generator().manual_seed(cfg.eval_seed))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batch: Batch, chunk: int = 1024) -> dict[str, float]:
+    """Entropy MAE (headline), KL to the posterior, the authors' MAE variant and mass on eliminated values."""
+    was = model.training
+    model.eval()
+    logp = torch.cat([value_log_probs(logits_of(model, batch.tokens[i : i + chunk]), batch.V)
+                      for i in range(0, batch.tokens.shape[0], chunk)])
+    model.train(was)
+    return summarize(posterior_metrics(logp, batch.values, batch.V))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only."""
+    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2))
+
+
+@dataclass
+class RunResult:
+    """A trained model with its log (one row per evaluation) and how long training took."""
+
+    name: str
+    model: nn.Module
+    log: pl.DataFrame
+    n_params: int
+    train_time_s: float
+    cached: bool
+    folder: Path
+
+
+def run_key(V: int, spec: ModelSpec, cfg: TrainConfig, seed: int, match: int | None) -> str:
+    """A short hash of everything that determines a run."""
+    blob = json.dumps({"V": V, "spec": asdict(spec), "cfg": asdict(cfg), "seed": seed, "match": match}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def train_run(
+    name: str,
+    V: int,
+    spec: ModelSpec,
+    cfg: TrainConfig,
+    seed: int,
+    ckpt_root: Path,
+    *,
+    match: int | None = None,
+    fresh: bool = False,
+    progress: bool = True,
+    on_eval: Callable[[dict], None] | None = None,
+    device: str = "cpu",
+) -> RunResult:
+    """Train (or load the cached result of) one model on fresh wind-tunnel batches.
+
+    Args:
+        name: Label of the run (e.g. ``"transformer-s0"``); also the cache folder's prefix.
+        V: Values per bijection (20 in the paper).
+        spec: Model kind and size.
+        cfg: Optimisation settings.
+        seed: Seeds the initialisation and the training batches (the evaluation set is fixed by ``cfg``).
+        ckpt_root: Folder holding the cache of finished runs.
+        match: Parameter count the controls (MLP, LSTM) are sized to when ``spec.d_hidden`` is 0.
+        fresh: Retrain even when a cached run exists.
+        progress: Show a tqdm bar.
+        on_eval: Called with each log row as it is produced (live charts).
+        device: Where to train ("cpu" or "cuda"); the returned model is always on the CPU.
+    """
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise LabError(f"steps, batch_size and lr must be positive (got {cfg.steps}, {cfg.batch_size}, {cfg.lr})")
+    folder = ckpt_root / f"{name}-{run_key(V, spec, cfg, seed, match)}"
+    torch.manual_seed(seed)
+    model = build_model(spec, V, match=match)
+    if not fresh and (folder / "meta.json").exists():
+        meta = json.loads((folder / "meta.json").read_text())
+        missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:  # the tied head is stored once, as the embedding
+            raise LabError(f"{folder} does not fit this model ({missing + unexpected}): delete it or pass fresh=True")
+        log = pl.read_parquet(folder / "log.parquet")
+        if on_eval is not None:
+            for row in log.iter_rows(named=True):
+                on_eval(row)
+        return RunResult(name, model.eval(), log, n_params(model), meta["train_time_s"], True, folder)
+
+    ev = eval_batch(V, cfg)
+    if device != "cpu":
+        ev = Batch(V, *(t.to(device) for t in (ev.tokens, ev.keys, ev.values, ev.targets)))
+        model.to(device)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    opt = make_optimizer(model, cfg)
+    rows: list[dict] = []
+    losses: list[float] = []
+    train_s = 0.0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, desc=name, unit="step", leave=False)
+
+    def log_eval(step: int, grad_norm: float) -> None:
+        row = {"step": step, "sequences": step * cfg.batch_size, "train_s": train_s,
+               "train_loss": sum(losses) / len(losses) if losses else float("nan"),
+               "lr": lr_at(max(step - 1, 0), cfg), "grad_norm": grad_norm, **evaluate(model, ev)}
+        rows.append(row)
+        losses.clear()
+        if bar is not None:
+            bar.set_postfix(mae=f"{row['mae_bits']:.4f}")
+        if on_eval is not None:
+            on_eval(row)
+
+    grad_norm = float("nan")
+    model.train()
+    log_eval(0, grad_norm)
+    for step in range(cfg.steps):
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        b = sample_batch(V, cfg.batch_size, gen)
+        logits = logits_of(model, b.tokens.to(device))[:, 0::2]  # (B, V-1, 2V): predictions at key positions
+        loss = F.cross_entropy(logits.reshape(-1, 2 * V), b.targets.to(device).reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        opt.step()
+        train_s += time.perf_counter() - t0
+        losses.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            log_eval(step + 1, grad_norm)
+    if bar is not None:
+        bar.close()
+    model.eval().cpu()
+    log = pl.DataFrame(rows)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+              str(folder / "model.safetensors"))
+    import io
+
+    buf = io.BytesIO()
+    log.write_parquet(buf)
+    atomic_write_bytes(folder / "log.parquet", buf.getvalue())
+    meta = {"name": name, "V": V, "spec": asdict(spec), "cfg": asdict(cfg), "seed": seed, "match": match,
+            "train_time_s": train_s, "n_params": n_params(model)}
+    atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))  # written last: marks the run complete
+    return RunResult(name, model, log, n_params(model), train_s, False, folder)
