@@ -3,7 +3,7 @@
     lab list                              tracks and profiles
     lab run pretrain [--profile cpu]      run one track (resumes an interrupted run; --fresh starts over)
     lab run all [--profile cpu]           every available track
-    lab bench pretrain [--profile cpu]    throughput benchmark against a reference loop
+    lab bench pretrain|finetune|capture   a benchmark: ratios against a baseline measured in the same run
     lab transcoders build [--profile cpu] train the per-layer transcoders Track E's attribution graphs use
     lab site build | serve                build the offline site into site/ (strict) or serve it
     lab questions                         check that every ANSWERED question links to evidence that exists
@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--profile", default="cpu")
     r.add_argument("--fresh", action="store_true", help="ignore checkpoints of an interrupted run")
     b = sub.add_parser("bench", help="benchmarks")
-    b.add_argument("which", choices=["pretrain"])
+    b.add_argument("which", choices=list(BENCHMARKS))
     b.add_argument("--profile", default="cpu")
-    b.add_argument("--steps", type=int, default=200)
+    b.add_argument("--steps", type=int, default=None, help="timed steps (pretrain only; default 200)")
     t = sub.add_parser("transcoders", help="per-layer transcoders for circuit-tracer (Track E)")
     t.add_argument("action", choices=["build"])
     t.add_argument("--profile", default="cpu")
@@ -78,19 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "run":
             _run(args)
         elif args.cmd == "bench":
-            from lab.bench.pretrain import pretrain_throughput
-            from lab.profiles import get_profile
-
-            pretrain_throughput(get_profile(args.profile), steps=args.steps, write=True)
+            options = {"steps": args.steps} if args.steps is not None else {}
+            _function(BENCHMARKS[args.which])(_profile(args.profile), **options)
         elif args.cmd == "transcoders":
-            from lab.interp.transcoders import build, transcoder_dir
+            from lab.tracks.E_circuits.run import build_transcoders
 
-            meta = build(args.profile, fresh=args.fresh)
-            worst = max(meta["layers"], key=lambda r: r["fvu"])
-            print(f"transcoders for {meta['model']} in {transcoder_dir(args.profile)}: {meta['n_layers']} layers x "
-                  f"{meta['d_transcoder']} features (TopK {meta['k']}), trained {meta['train_s']:.0f} s; held-out FVU "
-                  f"mean {sum(r['fvu'] for r in meta['layers']) / meta['n_layers']:.3f}, worst {worst['fvu']:.3f} "
-                  f"(layer {worst['layer']})")
+            print(build_transcoders(_profile(args.profile), fresh=args.fresh))
         elif args.cmd == "site":
             _site(args)
         elif args.cmd == "questions":

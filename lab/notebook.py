@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from lab.errors import LabError
-from lab.profiles import Profile, get_profile
+from lab.profiles import Profile, activate, get_profile
 
 T = TypeVar("T")
 
@@ -31,5 +31,6 @@ def or_exit(track: str, fn: Callable[[], T]) -> T:
 
 
 def script_profile(track: str, cli: dict[str, Any]) -> Profile:
-    """The profile named by ``--profile`` (default ``cpu``), or a one-line exit listing the valid names."""
-    return or_exit(track, lambda: get_profile(cli.get("profile")))
+    """The profile named by ``--profile`` (default ``cpu``), with its settings applied, or a one-line exit listing
+    the valid names."""
+    return or_exit(track, lambda: activate(get_profile(cli.get("profile"))))

@@ -41,6 +41,12 @@ class PretrainConfig:
     compile: bool = False
     seed: int = 1337
 
+    def lr_at(self, step: int) -> float:
+        """nanoGPT's schedule: linear warmup, then cosine decay from ``lr`` to ``min_lr`` at ``max_iters``."""
+        from lab.train.schedule import lr_at
+
+        return lr_at(step, lr=self.lr, min_lr=self.min_lr, warmup=self.warmup_iters, total=self.max_iters)
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -92,6 +98,15 @@ PROFILES: dict[str, Profile] = {
 }
 
 DEFAULT_PROFILE = "cpu"
+
+
+def activate(profile: Profile) -> Profile:
+    """Apply a profile's process-wide settings (torch threads) once, at the edge: the CLI or a notebook."""
+    if profile.threads:
+        import torch
+
+        torch.set_num_threads(profile.threads)
+    return profile
 
 
 def get_profile(name: str | Profile | None = None) -> Profile:

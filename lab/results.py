@@ -12,7 +12,7 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -148,6 +148,20 @@ def read_result(track: str, name: str, *, profile: str = "cpu", root: Path | Non
     if not pq.exists():
         raise LabError(f"{pq} is missing: run `lab run {track} --profile {profile}` to produce it")
     return pl.read_parquet(pq)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Base of every track's summary: the headline numbers its site pages quote as
+    ``value("<track>/summary", "<field>")``. Subclasses declare one typed, commented field per number, in the
+    column order of ``summary.parquet``."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def frame(self) -> pl.DataFrame:
+        """One row, one column per field (what ``summary.parquet`` holds)."""
+        return pl.DataFrame([asdict(self)])
 
 
 class Stopwatch:

@@ -17,7 +17,7 @@ def _():
     from lab.profiles import PROFILES
     from lab.results import read_result
     from lab.tracks.C_probing import run as track
-    from lab.tracks.B_attention.run import encode
+    from lab.data.prompts import encode
     return (LabError, PROFILES, encode, load_model, mo, or_exit, pl, read_result, res, script_mode, script_profile,
             token_labels, track)
 
@@ -47,7 +47,7 @@ def _(mo):
 
 @app.cell
 def _(PROFILES, mo, script_mode, track):
-    from lab.tracks.B_attention.run import PROMPTS
+    from lab.data.prompts import PROMPTS
 
     script, cli = script_mode(mo)
     profile_ui = mo.ui.dropdown(options=[p for p in PROFILES if p != "gpu"], value="cpu", label="model profile")

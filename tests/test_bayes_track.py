@@ -14,7 +14,7 @@ import torch
 
 from lab.models.windtunnel import ModelSpec
 from lab.data.windtunnel import uniform_floor_bits
-from lab.train.windtunnel import TrainConfig, lr_at, train_run
+from lab.train.windtunnel import TrainConfig, train_run
 from lab.errors import LabError
 from lab.tracks.D_bayes import run as D_bayes
 
@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 class TestSchedule:
     def test_warmup_and_cosine_analytic(self):
         c = TrainConfig(steps=1000, lr=1e-3, warmup=100, min_lr_frac=0.1)
-        assert lr_at(0, c) == pytest.approx(1e-5)
-        assert lr_at(99, c) == pytest.approx(1e-3)
-        assert lr_at(550, c) == pytest.approx((1e-3 + 1e-4) / 2)
-        assert lr_at(1000, c) == pytest.approx(1e-4)
+        assert c.lr_at(0) == pytest.approx(1e-5)
+        assert c.lr_at(99) == pytest.approx(1e-3)
+        assert c.lr_at(550) == pytest.approx((1e-3 + 1e-4) / 2)
+        assert c.lr_at(1000) == pytest.approx(1e-4)
 
 
 class TestTraining:

@@ -9,7 +9,7 @@ import torch
 
 from lab.data.corpus import smoke_corpus
 from lab.errors import LabError
-from lab.train.pretraining import lr_at, train_gpt
+from lab.train.pretraining import train_gpt
 from lab.profiles import get_profile
 
 CFG = get_profile("smoke").pretrain
@@ -21,11 +21,11 @@ class Stop(Exception):
 
 def test_lr_schedule_analytic():
     c = get_profile("cpu").pretrain
-    assert lr_at(0, c) == pytest.approx(c.lr / (c.warmup_iters + 1))
-    assert lr_at(c.warmup_iters, c) == pytest.approx(c.lr)
+    assert c.lr_at(0) == pytest.approx(c.lr / (c.warmup_iters + 1))
+    assert c.lr_at(c.warmup_iters) == pytest.approx(c.lr)
     mid = c.warmup_iters + (c.max_iters - c.warmup_iters) // 2
-    assert lr_at(mid, c) == pytest.approx((c.lr + c.min_lr) / 2, rel=1e-3)
-    assert lr_at(c.max_iters, c) == pytest.approx(c.min_lr)
+    assert c.lr_at(mid) == pytest.approx((c.lr + c.min_lr) / 2, rel=1e-3)
+    assert c.lr_at(c.max_iters) == pytest.approx(c.min_lr)
 
 
 class TestTraining:
@@ -46,7 +46,7 @@ class TestTraining:
     def test_logs_every_step(self, result):
         assert [s["step"] for s in result.log.steps] == list(range(CFG.max_iters))
         assert all(s["grad_norm"] > 0 and s["tokens_per_s"] > 0 for s in result.log.steps)
-        assert [s["lr"] for s in result.log.steps] == [lr_at(i, CFG) for i in range(CFG.max_iters)]
+        assert [s["lr"] for s in result.log.steps] == [CFG.lr_at(i) for i in range(CFG.max_iters)]
 
     def test_checkpoints_and_samples(self, result, tmp_path):
         assert [s["step"] for s in result.log.samples] == [50, 100, 150, 200]

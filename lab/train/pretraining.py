@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from lab.models.gpt import GPT, GPTConfig
 from lab.profiles import PretrainConfig
 from lab.io import atomic_write_bytes
 from lab.models.tokenizer import CharTokenizer
+from lab.train.schedule import adamw
 
 CKPT = "ckpt.safetensors"
 
@@ -36,28 +36,11 @@ def gpt_config(cfg: PretrainConfig, vocab_size: int) -> GPTConfig:
     return GPTConfig(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.dropout, cfg.pos_emb)
 
 
-def lr_at(it: int, cfg: PretrainConfig) -> float:
-    """nanoGPT's schedule: linear warmup, then cosine decay from ``lr`` to ``min_lr`` at ``max_iters``."""
-    if it < cfg.warmup_iters:
-        return cfg.lr * (it + 1) / (cfg.warmup_iters + 1)
-    ratio = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
-
-
 def get_batch(data: torch.Tensor, block: int, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows of ``data``: x (B, T) and the next-character targets y (B, T)."""
     ix = torch.randint(len(data) - block - 1, (batch,), generator=gen)
     win = data[ix[:, None] + torch.arange(block + 1)]  # (B, T+1), one gather instead of 2B slices
     return win[:, :-1], win[:, 1:]
-
-
-def make_optimizer(model: GPT, cfg: PretrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (nanoGPT's grouping)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 @torch.no_grad()
@@ -197,7 +180,7 @@ def train_gpt(
 
     torch.manual_seed(cfg.seed)
     model = GPT(gpt_config(cfg, tok.vocab_size)).to(device)
-    opt = make_optimizer(model, cfg)
+    opt = adamw(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, fused=True)
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     start, log, resumed_from = 0, TrainLog(), None
     prior = {"wall": 0.0, "train": 0.0}  # time spent up to the checkpoint by earlier, interrupted runs
@@ -221,7 +204,7 @@ def train_gpt(
         if it % cfg.eval_interval == 0 and not any(e["step"] == it for e in log.evals):
             evaluate(it, cfg.eval_iters)
         t0 = time.perf_counter()
-        lr = lr_at(it, cfg)
+        lr = cfg.lr_at(it)
         for g in opt.param_groups:
             g["lr"] = lr
         x, y = get_batch(train_data, cfg.block_size, cfg.batch_size, batch_gen)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from lab.data.windtunnel import Batch, posterior_metrics, sample_batch, summarize, value_log_probs
 from lab.models.windtunnel import ModelSpec, build_model, n_params
 from lab.errors import LabError
+from lab.train.schedule import adamw, lr_at
 from lab.io import atomic_write_bytes, atomic_write_text
 
 
@@ -43,14 +43,10 @@ class TrainConfig:
     eval_sequences: int = 2048
     eval_seed: int = 20_251_227  # one fixed evaluation set shared by every run, seed and model
 
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine decay to ``lr * min_lr_frac`` at ``steps``."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    ratio = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    lo = cfg.lr * cfg.min_lr_frac
-    return lo + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - lo)
+    def lr_at(self, step: int) -> float:
+        """Linear warmup reaching ``lr`` on the last warmup step, then cosine decay to ``lr * min_lr_frac``."""
+        return lr_at(step, lr=self.lr, min_lr=self.lr * self.min_lr_frac, warmup=self.warmup, total=self.steps,
+                     ramp=self.warmup)
 
 
 def logits_of(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -73,14 +69,6 @@ def evaluate(model: nn.Module, batch: Batch, chunk: int = 1024) -> dict[str, flo
                       for i in range(0, batch.tokens.shape[0], chunk)])
     model.train(was)
     return summarize(posterior_metrics(logp, batch.values, batch.V))
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only."""
-    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2))
 
 
 @dataclass
@@ -152,7 +140,7 @@ def train_run(
         ev = Batch(V, *(t.to(device) for t in (ev.tokens, ev.keys, ev.values, ev.targets)))
         model.to(device)
     gen = torch.Generator().manual_seed(10_000 + seed)
-    opt = make_optimizer(model, cfg)
+    opt = adamw(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
     rows: list[dict] = []
     losses: list[float] = []
     train_s = 0.0
@@ -165,7 +153,7 @@ def train_run(
     def log_eval(step: int, grad_norm: float) -> None:
         row = {"step": step, "sequences": step * cfg.batch_size, "train_s": train_s,
                "train_loss": sum(losses) / len(losses) if losses else float("nan"),
-               "lr": lr_at(max(step - 1, 0), cfg), "grad_norm": grad_norm, **evaluate(model, ev)}
+               "lr": cfg.lr_at(max(step - 1, 0)), "grad_norm": grad_norm, **evaluate(model, ev)}
         rows.append(row)
         losses.clear()
         if bar is not None:
@@ -179,7 +167,7 @@ def train_run(
     for step in range(cfg.steps):
         t0 = time.perf_counter()
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = cfg.lr_at(step)
         b = sample_batch(V, cfg.batch_size, gen)
         logits = logits_of(model, b.tokens.to(device))[:, 0::2]  # (B, V-1, 2V): predictions at key positions
         loss = F.cross_entropy(logits.reshape(-1, 2 * V), b.targets.to(device).reshape(-1))

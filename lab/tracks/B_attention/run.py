@@ -22,30 +22,10 @@ from lab.errors import LabError
 from lab import paths
 from lab.models.loading import LoadedModel, load_model
 from lab.profiles import Profile, get_profile
+from lab.data.prompts import PATTERN_PROMPT, PROMPTS, TASK_PROMPTS, bos_ids, encode
 from lab.results import Stopwatch, write_result
 
 TRACK = "B_attention"
-
-# The fixed prompts both interpretability tracks (B and C) analyse. Plain text, no chat template; the SmolLM2
-# tokenizer (from its GGUF) prepends its BOS token `<|im_start|>`, so position 0 is always that token.
-PROMPTS = (
-    "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is",
-    "Once upon a time, there was a little girl who lived in a village near the forest.",
-    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
-    "Alice gave the book to Bob because Bob had asked Alice for it yesterday.",
-    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
-    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
-)
-# Shown as heatmaps: it repeats a clause, so previous-token and induction heads both have something to do.
-PATTERN_PROMPT = "The cat sat on the mat. The dog sat on the log. The cat sat on the mat."
-# Prompts in the format of Track A's fine-tuning task (event records), with a name and a city from its held-out
-# pools: what the fine-tuned model was trained to answer, so where its attention is most likely to differ.
-TASK_PROMPTS = (
-    "Log this event: Greta opened a bakery in Havana in 2011.",
-    "Note this down: In 1998, Kofi started a new job in Riga.",
-    "Make a record of this: Selin ran a marathon in Kyoto in 2016.",
-)
-
 
 @dataclass(frozen=True)
 class AttentionConfig:
@@ -68,19 +48,6 @@ def config_for(profile: Profile) -> AttentionConfig:
     return SMOKE if profile.name == "smoke" else AttentionConfig()
 
 
-def encode(lm: LoadedModel, text: str) -> torch.Tensor:
-    """``(1, T)`` token ids of ``text`` with the tokenizer's own special tokens."""
-    ids = lm.tokenizer(text, return_tensors="pt").input_ids
-    if ids.shape[1] < 3:
-        raise LabError(f"prompt {text!r} is only {ids.shape[1]} tokens: use at least 3")
-    return ids
-
-
-def _bos(lm: LoadedModel) -> list[int]:
-    bos = getattr(lm.tokenizer, "bos_token_id", None)
-    return [int(bos)] if bos is not None else []
-
-
 # ----------------------------------------------------------------------------- head scores
 
 
@@ -100,7 +67,7 @@ def head_table(lm: LoadedModel, cfg: AttentionConfig, prompts: tuple[str, ...] =
             sums[k] = sums.get(k, 0) + v / len(prompts)
     gen = torch.Generator().manual_seed(cfg.seed)
     vocab = _plain_vocab(lm)
-    prefix = _bos(lm)
+    prefix = bos_ids(lm)
     ind = 0
     for _ in range(cfg.induction_seqs):
         ids = att.repeated_random_tokens(cfg.induction_len, vocab, generator=gen, prefix=prefix)
@@ -383,7 +350,7 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, write: boo
         examples = pattern_examples(lm, heads)
     with Stopwatch() as sw_mem:
         memory, guard = memory_table(lm, cfg)
-    T_ind = cfg.induction_len * 2 + len(_bos(lm))
+    T_ind = cfg.induction_len * 2 + len(bos_ids(lm))
     mean_len = sum(encode(lm, t).shape[1] for t in PROMPTS) / len(PROMPTS)
     top = {m: heads.sort(m, descending=True).row(0, named=True) for m in ("prev_token", "induction", "sink_share")}
     n_heads_total = heads.height
@@ -401,7 +368,7 @@ def run(profile: str | Profile | None = None, *, fresh: bool = False, write: boo
         "top_induction_layer": top["induction"]["layer"], "top_induction_head": top["induction"]["head"],
         "top_induction_score": top["induction"]["induction"],
         "heads_induction_over_half": int((heads["induction"] > 0.5).sum()),
-        "chance_induction": att.uniform_induction_score(cfg.induction_len, len(_bos(lm))),
+        "chance_induction": att.uniform_induction_score(cfg.induction_len, len(bos_ids(lm))),
         "induction_tokens": T_ind,
         "top_induction_sink_share": top["induction"]["sink_share"],
         "induction_head_layers": _layers_over(heads, "induction", 0.5),

@@ -16,7 +16,7 @@ from lab.interp.capture import invariant_errors, model_shape
 from lab.models.loading import SMOKE_ARCHS, LoadedModel, load_model, load_tiny_model
 from lab.profiles import Profile, get_profile
 from lab.results import Stopwatch, write_result
-from lab.tracks.B_attention.run import PROMPTS, encode
+from lab.data.prompts import PROMPTS, encode
 
 TRACK = "C_probing"
 TL_CONVERTERS = {"LlamaForCausalLM": "convert_llama_weights", "Qwen2ForCausalLM": "convert_qwen2_weights",
