@@ -12,26 +12,45 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
 
 from lab.errors import LabError
 
+# `lab bench <name>`: the track that owns each benchmark's results, and the function that runs and writes it.
+BENCHMARKS = {
+    "pretrain": "lab.tracks.pretrain.run:benchmark",
+    "finetune": "lab.tracks.A_finetuning.run:benchmark",
+    "capture": "lab.tracks.C_probing.run:benchmark",
+}
+
+
+def _profile(name: str):
+    """The profile, resolved once here at the edge, with its process settings applied."""
+    from lab.profiles import activate, get_profile
+
+    return activate(get_profile(name))
+
+
+def _function(path: str):
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
 
 def _run(args: argparse.Namespace) -> None:
-    from lab.profiles import get_profile
-    from lab.tracks import TRACKS
-    from lab.tracks import get_track
+    from lab.tracks import TRACKS, get_track
 
-    profile = get_profile(args.profile)
+    profile = _profile(args.profile)
     names = list(TRACKS) if args.track == "all" else [args.track]
     modules = [get_track(n) for n in names]  # validate every name before any compute
     for name, mod in zip(names, modules, strict=True):
         print(f"== track {name} (profile {profile.name}) ==", flush=True)
         t0 = time.perf_counter()
         summary = mod.run(profile, fresh=args.fresh)
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+        fields = summary.as_dict() if hasattr(summary, "as_dict") else summary
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
         print(f"== {name} done in {time.perf_counter() - t0:.0f} s: {shown}", flush=True)
 
 
