@@ -10,6 +10,10 @@ import torch
 from lab.interp.capture import unwrap
 from lab.errors import LabError
 
+# TransformerLens's weight converter for each HF architecture the bridge supports.
+TL_CONVERTERS = {"LlamaForCausalLM": "convert_llama_weights", "Qwen2ForCausalLM": "convert_qwen2_weights",
+                 "Gemma2ForCausalLM": "convert_gemma_weights", "GPT2LMHeadModel": "convert_gpt2_weights"}
+
 
 def transformer_lens_config(hf_config: Any, dtype: torch.dtype) -> Any:
     """A ``HookedTransformerConfig`` for an HF Llama / Qwen2 / Gemma2 / GPT-2 config, built offline.

@@ -15,12 +15,12 @@ from lab.interp.attention import token_labels
 from lab.interp.capture import invariant_errors, model_shape
 from lab.models.loading import SMOKE_ARCHS, LoadedModel, load_model, load_tiny_model
 from lab.profiles import Profile, get_profile
+from lab.interp.tl_bridge import TL_CONVERTERS
 from lab.results import Stopwatch, write_result
 from lab.data.prompts import PROMPTS, encode
 
 TRACK = "C_probing"
-TL_CONVERTERS = {"LlamaForCausalLM": "convert_llama_weights", "Qwen2ForCausalLM": "convert_qwen2_weights",
-                 "Gemma2ForCausalLM": "convert_gemma_weights", "GPT2LMHeadModel": "convert_gpt2_weights"}
+
 
 
 @dataclass(frozen=True)
