@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-
 from lab.errors import LabError
 
 RESIDUAL_KINDS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
@@ -14,9 +13,18 @@ KINDS = (*RESIDUAL_KINDS, PATTERN_KIND)
 FINAL_NAME = "ln_final.hook_normalized"
 _NAME_RE = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<kind>hook_resid_pre|hook_attn_out|hook_resid_mid|hook_mlp_out|"
                       r"hook_resid_post|attn\.hook_pattern)$")
+SHORT_KINDS = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "resid_mid": "hook_resid_mid",
+               "mlp_out": "hook_mlp_out", "resid_post": "hook_resid_post", "pattern": PATTERN_KIND}
 
 
-# ----------------------------------------------------------------------------- names
+def act_name(kind: str, layer: int) -> str:
+    """The full name of one activation, TransformerLens's ``get_act_name``: ``act_name("resid_pre", 3)`` ->
+    ``"blocks.3.hook_resid_pre"``; ``kind`` is a short name (``resid_pre``, ``attn_out``, ``resid_mid``,
+    ``mlp_out``, ``resid_post``, ``pattern``) or a full kind (``hook_resid_pre``, ``attn.hook_pattern``)."""
+    full = SHORT_KINDS.get(kind, kind)
+    if full not in KINDS:
+        raise LabError(f"unknown activation kind {kind!r}: choose one of {', '.join(SHORT_KINDS)}")
+    return f"blocks.{int(layer)}.{full}"
 
 
 def parse_name(name: str, n_layers: int) -> tuple[int, str]:
@@ -38,4 +46,4 @@ def hook_names(n_layers: int, kinds: Iterable[str] = RESIDUAL_KINDS, layers: Ite
     if bad:
         raise LabError(f"unknown hook kind(s) {bad}: choose from {', '.join(KINDS)}")
     layers = range(n_layers) if layers is None else list(layers)
-    return [f"blocks.{l}.{k}" for l in layers for k in kinds]
+    return [act_name(k, l) for l in layers for k in kinds]
