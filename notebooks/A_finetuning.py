@@ -6,16 +6,17 @@ app = marimo.App(width="medium", app_title="Fine-tuning mechanics (LoRA / QLoRA)
 
 @app.cell
 def _():
-    import altair as alt
     import marimo as mo
-    import polars as pl
 
     from lab.errors import LabError
     from lab.notebook import or_exit, script_mode, script_profile
     from lab.profiles import PROFILES, get_profile
     from lab.results import read_result
+    from lab.tracks.A_finetuning import charts, frames
     from lab.tracks.A_finetuning import run as track
-    return LabError, PROFILES, alt, get_profile, mo, or_exit, pl, read_result, script_mode, script_profile, track
+    from lab.tracks.A_finetuning.config import TRACK
+    return (LabError, PROFILES, TRACK, charts, frames, get_profile, mo, or_exit, read_result, script_mode,
+            script_profile, track)
 
 
 @app.cell
@@ -56,7 +57,8 @@ def _(PROFILES, mo, script_mode):
 
 
 @app.cell
-def _(alt, cli, fresh_ui, get_profile, mo, or_exit, pl, profile_ui, save_ui, script, script_profile, track, train_ui):
+def _(charts, cli, frames, fresh_ui, get_profile, mo, or_exit, profile_ui, save_ui, script, script_profile, track,
+      train_ui):
     # Script: `python notebooks/A_finetuning.py -- --profile cpu` runs every experiment and writes results/.
     # App/editor: press the button; the current run's loss curve updates while it trains.
     mo.stop(not script and not train_ui.value,
@@ -66,12 +68,7 @@ def _(alt, cli, fresh_ui, get_profile, mo, or_exit, pl, profile_ui, save_ui, scr
     def show(name, step, total, log):
         if script or (step % 5 and step != total):
             return
-        steps, evals, _ = log.frames()
-        curve = pl.concat([steps.select("step", pl.lit("train").alias("kind"), "loss"),
-                           evals.select("step", pl.lit("eval").alias("kind"), pl.col("eval_loss").alias("loss"))])
-        chart = (alt.Chart(curve).mark_line(point=True)
-                 .encode(x="step:Q", y=alt.Y("loss:Q", scale=alt.Scale(type="log")), color="kind:N")
-                 .properties(width="container", height=220))
+        chart = charts.plot_live_curve(frames.live_curve(log))
         mo.output.replace(mo.vstack([mo.md(f"run **{name}**: step {step}/{total}"), chart]))
 
     def _run():
@@ -79,7 +76,7 @@ def _(alt, cli, fresh_ui, get_profile, mo, or_exit, pl, profile_ui, save_ui, scr
                          fresh=(not script) and fresh_ui.value)
 
     summary = or_exit("A_finetuning", _run) if script else _run()
-    mo.output.replace(mo.ui.table(pl.DataFrame([summary]), selection=None))
+    mo.output.replace(mo.ui.table(summary.frame(), selection=None))
     return
 
 
@@ -91,12 +88,12 @@ def _(cli, script):
 
 
 @app.cell
-def _(LabError, mo, read_result, shown, track):
+def _(LabError, TRACK, mo, read_result, shown):
     def section(title, names_charts, text=""):
         try:
             parts = [mo.md(f"## {title}\n\n{text}")]
             for name, plot in names_charts:
-                frame = read_result(track.TRACK, name, profile=shown)
+                frame = read_result(TRACK, name, profile=shown)
                 parts.append(plot(frame) if plot else mo.ui.table(frame, selection=None))
             return mo.vstack(parts)
         except LabError as err:
@@ -105,48 +102,51 @@ def _(LabError, mo, read_result, shown, track):
 
 
 @app.cell
-def _(section, track):
-    section("1. Loss anatomy (main run)", [("anatomy", track.plot_anatomy)],
+def _(charts, section):
+    section("1. Loss anatomy (main run)", [("anatomy", charts.plot_anatomy)],
             "Train loss per step, eval loss on the held-out prompts (dashed rule: lowest eval loss), gradient "
             "norm before clipping, learning rate.")
     return
 
 
 @app.cell
-def _(section, track):
+def _(charts, section):
     section("2. Learning-rate sweep", [
-        ("lr_curves", lambda f: track.plot_curves(f, "lr", "learning rate")),
-        ("lr_outcomes", lambda f: track.plot_outcomes(f, "lr", "learning rate")),
+        ("lr_curves", lambda f: charts.plot_curves(f, "lr", "learning rate")),
+        ("lr_outcomes", lambda f: charts.plot_outcomes(f, "lr", "learning rate")),
         ("lr_outcomes", None)])
     return
 
 
 @app.cell
-def _(section, track):
+def _(charts, section):
     section("3. LoRA rank sweep", [
-        ("rank_curves", lambda f: track.plot_curves(f, "rank", "LoRA rank")),
-        ("rank_outcomes", lambda f: track.plot_outcomes(f, "rank", "LoRA rank")),
+        ("rank_curves", lambda f: charts.plot_curves(f, "rank", "LoRA rank")),
+        ("rank_outcomes", lambda f: charts.plot_outcomes(f, "rank", "LoRA rank")),
         ("rank_outcomes", None)])
     return
 
 
 @app.cell
-def _(section, track):
-    section("4. Batch size × learning rate", [("batch_lr", track.plot_batch_lr), ("batch_outcomes", None)],
+def _(charts, section):
+    section("4. Batch size × learning rate", [("batch_lr", charts.plot_batch_lr), ("batch_outcomes", None)],
             "Left: LR scaled linearly with the batch size; right: LR kept at the main run's. Same examples seen.")
     return
 
 
 @app.cell
-def _(section, track):
-    section("5. Adam's moments", [("moments", track.plot_moments), ("moments_by_module", track.plot_moments_by_module),
-                                  ("optimizer_memory", None)])
+def _(charts, frames, section):
+    section("5. Adam's moments", [
+        ("moments", lambda f: charts.plot_moments(frames.moments_by_layer(f))),
+        ("moments_by_module", lambda f: charts.plot_moments_by_module(frames.moments_by_module(f))),
+        ("optimizer_memory", None)])
     return
 
 
 @app.cell
-def _(section, track):
-    section("6. Forgetting, and QLoRA", [("runs", track.plot_forgetting), ("probes", None), ("qlora", None),
+def _(charts, frames, section):
+    section("6. Forgetting, and QLoRA", [("runs", lambda f: charts.plot_forgetting(frames.forgetting_frame(f))),
+                                         ("probes", None), ("qlora", None),
                                          ("samples", None), ("benchmark", None)])
     return
 

@@ -7,16 +7,17 @@ app = marimo.App(width="medium", app_title="Attention: where heads look")
 @app.cell
 def _():
     import marimo as mo
-    import polars as pl
 
-    from lab.interp import attention as att
+    from lab.data.prompts import PATTERN_PROMPT
     from lab.errors import LabError
     from lab.models.loading import load_model
     from lab.notebook import or_exit, script_mode, script_profile
-    from lab.profiles import PROFILES
+    from lab.profiles import PROFILES, get_profile
     from lab.results import read_result
+    from lab.tracks.B_attention import charts, frames
     from lab.tracks.B_attention import run as track
-    return LabError, PROFILES, att, load_model, mo, or_exit, pl, read_result, script_mode, script_profile, track
+    return (LabError, PATTERN_PROMPT, PROFILES, charts, frames, get_profile, load_model, mo, or_exit, read_result,
+            script_mode, script_profile, track)
 
 
 @app.cell
@@ -29,7 +30,7 @@ def _(mo):
     are induction heads (on a repeated random sequence they attend to the token after the earlier copy of the
     current token). A LoRA fine-tune on the attention projections changes a few heads much more than the rest.
 
-    **METHOD.** Capture every layer's attention probabilities per query head (`lab.capture`, eager attention
+    **METHOD.** Capture every layer's attention probabilities per query head (`lab.interp.capture`, eager attention
     while capturing) on six fixed prompts and eight repeated random token sequences. Per head: the mean entropy
     of a query's attention row, relative to the uniform maximum $\ln(q+1)$; the mean weight on the first token;
     the mean weight on the previous token; and the induction score. For the fine-tune, the Jensen–Shannon
@@ -43,10 +44,10 @@ def _(mo):
 
 
 @app.cell
-def _(PROFILES, mo, script_mode, track):
+def _(PATTERN_PROMPT, PROFILES, mo, script_mode):
     script, cli = script_mode(mo)
     profile_ui = mo.ui.dropdown(options=[p for p in PROFILES if p != "gpu"], value="cpu", label="model profile")
-    prompt_ui = mo.ui.text_area(value=track.PATTERN_PROMPT, label="prompt", full_width=True, rows=2)
+    prompt_ui = mo.ui.text_area(value=PATTERN_PROMPT, label="prompt", full_width=True, rows=2)
     controls = None if script else mo.vstack([profile_ui, prompt_ui])
     controls
     return cli, profile_ui, prompt_ui, script
@@ -57,17 +58,17 @@ def _(cli, mo, or_exit, script, script_profile, track):
     # Script: `python notebooks/B_attention.py -- --profile cpu` runs the track and writes results/B_attention/.
     mo.stop(not script)
     _summary = or_exit("B_attention", lambda: track.run(script_profile("B_attention", cli)))
-    print({k: v for k, v in _summary.items() if not isinstance(v, float)})
+    print({k: v for k, v in _summary.as_dict().items() if not isinstance(v, float)})
     return
 
 
 @app.cell
-def _(load_model, mo, profile_ui, script):
+def _(get_profile, load_model, mo, profile_ui, script):
     mo.stop(script)
 
     @mo.cache
     def model_for(name):
-        return load_model(name)
+        return load_model(get_profile(name))
 
     with mo.status.spinner(f"loading the {profile_ui.value} model"):
         lm = model_for(profile_ui.value)
@@ -75,14 +76,12 @@ def _(load_model, mo, profile_ui, script):
 
 
 @app.cell
-def _(LabError, att, lm, mo, prompt_ui, script, track):
+def _(LabError, frames, lm, mo, prompt_ui, script):
     mo.stop(script)
     try:
-        ids = track.encode(lm, prompt_ui.value)
+        patterns, labels = frames.prompt_patterns(lm, prompt_ui.value)  # (L, H, T, T)
     except LabError as err:
         mo.stop(True, mo.md(f"**{err}**"))
-    patterns = att.patterns_for(lm.model, ids)  # (L, H, T, T)
-    labels = att.token_labels(lm.tokenizer, ids[0].tolist())
     n_layers, n_heads = patterns.shape[0], patterns.shape[1]
     layer_ui = mo.ui.slider(0, n_layers - 1, value=min(n_layers - 1, n_layers // 2), label="layer", show_value=True)
     head_ui = mo.ui.slider(0, n_heads - 1, value=0, label="head", show_value=True)
@@ -91,22 +90,20 @@ def _(LabError, att, lm, mo, prompt_ui, script, track):
 
 
 @app.cell
-def _(att, head_ui, labels, layer_ui, mo, patterns, script):
+def _(charts, frames, head_ui, labels, layer_ui, mo, patterns, script):
     mo.stop(script)
     _l, _h = layer_ui.value, head_ui.value
-    _frame = att.pattern_frame(patterns, labels, [(_l, _h)], head_label=f"layer {_l}, head {_h}")
-    _scores = att.head_frame(att.head_scores(patterns))
     mo.vstack([
         mo.md(f"### Layer {_l}, head {_h} on your prompt"),
-        att.plot_patterns(_frame),
+        charts.patterns(frames.one_head(patterns, labels, _l, _h)),
         mo.md("### Every head on your prompt"),
-        att.plot_head_grid(_scores, metrics=("entropy_norm", "sink_share", "prev_token")),
+        charts.head_grid(frames.prompt_heads(patterns), metrics=("entropy_norm", "sink_share", "prev_token")),
     ])
     return
 
 
 @app.cell
-def _(LabError, att, mo, read_result):
+def _(LabError, charts, mo, read_result):
     # The committed cpu-profile run (what the site shows), read back from results/B_attention/.
     try:
         _heads = read_result("B_attention", "heads")
@@ -124,8 +121,8 @@ def _(LabError, att, mo, read_result):
     ({_summ['top_prev_score']:.2f}); strongest induction head L{_summ['top_induction_layer']}
     H{_summ['top_induction_head']} ({_summ['top_induction_score']:.2f}, chance {_summ['chance_induction']:.3f}).
     """),
-            att.plot_head_grid(_heads),
-            att.plot_patterns(_examples),
+            charts.head_grid(_heads),
+            charts.patterns(_examples),
         ])
     committed
     return

@@ -7,19 +7,17 @@ app = marimo.App(width="medium", app_title="Probing the residual stream")
 @app.cell
 def _():
     import marimo as mo
-    import polars as pl
 
-    from lab.interp import residual as res
-    from lab.interp.attention import token_labels
+    from lab.data.prompts import PROMPTS
     from lab.errors import LabError
     from lab.models.loading import load_model
     from lab.notebook import or_exit, script_mode, script_profile
-    from lab.profiles import PROFILES
+    from lab.profiles import PROFILES, get_profile
     from lab.results import read_result
+    from lab.tracks.C_probing import charts, frames
     from lab.tracks.C_probing import run as track
-    from lab.data.prompts import encode
-    return (LabError, PROFILES, encode, load_model, mo, or_exit, pl, read_result, res, script_mode, script_profile,
-            token_labels, track)
+    return (LabError, PROMPTS, PROFILES, charts, frames, get_profile, load_model, mo, or_exit, read_result,
+            script_mode, script_profile, track)
 
 
 @app.cell
@@ -33,7 +31,7 @@ def _(mo):
     the last few layers; positions grow more similar to each other with depth.
 
     **METHOD.** Capture `hook_resid_pre`, `hook_attn_out`, `hook_resid_mid`, `hook_mlp_out` and `hook_resid_post`
-    of every layer (`lab.capture`, checked by the identities `resid_pre + attn_out = resid_mid` and
+    of every layer (`lab.interp.capture`, checked by the identities `resid_pre + attn_out = resid_mid` and
     `resid_mid + mlp_out = resid_post`) on six fixed prompts. For each layer and token: norms, the projection of
     each sublayer's output onto the stream it is added to, the logit lens
     $\mathrm{softmax}(W_U\,\mathrm{norm}(x_\ell))$ with its KL divergence to the final distribution, cosine
@@ -46,9 +44,7 @@ def _(mo):
 
 
 @app.cell
-def _(PROFILES, mo, script_mode, track):
-    from lab.data.prompts import PROMPTS
-
+def _(PROMPTS, PROFILES, mo, script_mode):
     script, cli = script_mode(mo)
     profile_ui = mo.ui.dropdown(options=[p for p in PROFILES if p != "gpu"], value="cpu", label="model profile")
     prompt_ui = mo.ui.text_area(value=PROMPTS[0], label="prompt", full_width=True, rows=2)
@@ -63,17 +59,17 @@ def _(cli, mo, or_exit, script, script_profile, track):
     # results/C_probing/.
     mo.stop(not script)
     _summary = or_exit("C_probing", lambda: track.run(script_profile("C_probing", cli)))
-    print({k: v for k, v in _summary.items() if not isinstance(v, float)})
+    print({k: v for k, v in _summary.as_dict().items() if not isinstance(v, float)})
     return
 
 
 @app.cell
-def _(load_model, mo, profile_ui, script):
+def _(get_profile, load_model, mo, profile_ui, script):
     mo.stop(script)
 
     @mo.cache
     def model_for(name):
-        return load_model(name)
+        return load_model(get_profile(name))
 
     with mo.status.spinner(f"loading the {profile_ui.value} model"):
         lm = model_for(profile_ui.value)
@@ -81,48 +77,38 @@ def _(load_model, mo, profile_ui, script):
 
 
 @app.cell
-def _(LabError, encode, lm, mo, pl, prompt_ui, res, script, token_labels):
+def _(LabError, frames, lm, mo, prompt_ui, script):
     mo.stop(script)
     try:
-        ids = encode(lm, prompt_ui.value)
+        one = frames.prompt_frames(lm, prompt_ui.value)
     except LabError as err:
         mo.stop(True, mo.md(f"**{err}**"))
-    labels = token_labels(lm.tokenizer, ids[0].tolist())
-    cap, n_layers = res.capture_residuals(lm.model, ids)
-    lens = res.logit_lens(lm.model, cap, n_layers, lm.tokenizer, labels)
-    contrib = res.contributions(cap, n_layers, labels)
-    norms = res.residual_norms(cap, n_layers, labels).with_columns(
-        pl.when(pl.col("position") == 0).then(pl.lit("position 0 (first token)"))
-        .otherwise(pl.lit("median over positions ≥ 1")).alias("positions"))
+    n_layers = one["n_layers"]
     layer_ui = mo.ui.slider(0, n_layers - 1, value=n_layers // 2, label="layer (similarity map)", show_value=True)
     layer_ui
-    return cap, contrib, lens, layer_ui, n_layers, norms
+    return layer_ui, n_layers, one
 
 
 @app.cell
-def _(cap, contrib, layer_ui, lens, mo, n_layers, norms, pl, res, script):
+def _(charts, frames, layer_ui, mo, n_layers, one, script):
     mo.stop(script)
-    _agg = contrib.filter(pl.col("position") > 0).group_by("layer", "sublayer").agg(
-        pl.col("norm", "cos_stream").median())
-    _norm_agg = norms.group_by("layer", "point", "positions").agg(pl.col("norm").median())
-    _, _maps = res.position_similarity(cap, n_layers, layers=[layer_ui.value])
     mo.vstack([
         mo.md("### Logit lens on your prompt (colour: KL to the final distribution; text: top token)"),
-        res.plot_logit_lens(lens),
+        charts.logit_lens(one["lens"]),
         mo.md("### Attention vs MLP: share of the norm written by attention, per layer and token"),
-        res.plot_contribution_tokens(contrib),
+        charts.contribution_tokens(one["contrib"]),
         mo.md("### Per layer: output norms and alignment with the stream"),
-        res.plot_contribution_profile(_agg),
+        charts.contribution_profile(frames.contributions_by_layer(one["contrib"])),
         mo.md("### Residual norm per layer"),
-        res.plot_norms(_norm_agg),
+        charts.norms(frames.norms_by_layer(one["norms"])),
         mo.md(f"### Cosine similarity between positions after layer {layer_ui.value}"),
-        res.plot_similarity_maps(_maps),
+        charts.similarity_maps(frames.similarity_map(one["capture"], n_layers, layer_ui.value)),
     ])
     return
 
 
 @app.cell
-def _(LabError, mo, read_result, res):
+def _(LabError, charts, mo, read_result):
     # The committed cpu-profile run (what the site shows), read back from results/C_probing/.
     try:
         _summ = read_result("C_probing", "summary").row(0, named=True)
@@ -139,7 +125,7 @@ def _(LabError, mo, read_result, res):
     **{_summ['first_stable_depth_median']:.0f}** of {_summ['n_layers']} blocks. Mean KL to the final distribution
     after half the blocks: {_summ['lens_kl_mid']:.2f} nats.
     """),
-            res.plot_lens_profile(_lens),
+            charts.lens_profile(_lens),
             mo.ui.table(_bench, selection=None),
         ])
     committed

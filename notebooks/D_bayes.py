@@ -7,19 +7,16 @@ app = marimo.App(width="medium", app_title="Bayesian wind tunnel")
 @app.cell
 def _():
     import marimo as mo
-    import polars as pl
 
-    from lab.models.windtunnel import ModelSpec
-    from lab.data.windtunnel import uniform_floor_bits
-    from lab.train.windtunnel import TrainConfig, train_run
     from lab.errors import LabError
-    from lab.paths import checkpoint_dir
     from lab.notebook import or_exit, script_mode, script_profile
     from lab.profiles import PROFILES, get_profile
     from lab.results import read_result
+    from lab.tracks.D_bayes import charts, frames
     from lab.tracks.D_bayes import run as track
-    return (checkpoint_dir, LabError, ModelSpec, PROFILES, TrainConfig, get_profile, mo, or_exit, pl, read_result,
-            script_mode, script_profile, track, train_run, uniform_floor_bits)
+    from lab.tracks.D_bayes.config import config_for, custom_candidate
+    return (LabError, PROFILES, charts, config_for, custom_candidate, frames, get_profile, mo, or_exit, read_result,
+            script_mode, script_profile, track)
 
 
 @app.cell
@@ -72,44 +69,40 @@ def _(cli, mo, or_exit, script, script_profile, track):
     # Script: `python notebooks/D_bayes.py -- --profile cpu` runs the whole track and writes results/D_bayes/.
     if script:
         _summary = or_exit("D_bayes", lambda: track.run(script_profile("D_bayes", cli), fresh=bool(cli.get("fresh"))))
-        print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in _summary.items()))
+        print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in _summary.as_dict().items()))
     mo.md("")
     return
 
 
 @app.cell
-def _(checkpoint_dir, LabError, ModelSpec, TrainConfig, get_profile, layers_ui, lr_ui, mo, pl, profile_ui, script,
-      steps_ui, track, train_run, train_ui, uniform_floor_bits, width_ui):
+def _(LabError, charts, config_for, custom_candidate, frames, get_profile, layers_ui, lr_ui, mo, profile_ui, script,
+      steps_ui, track, train_ui, width_ui):
     # App/editor: train one transformer with the chosen shape, the curve redrawn after every evaluation.
     mo.stop(script or not train_ui.value, mo.md("Press **Train one transformer** to watch the entropy MAE fall."))
     _p = get_profile(profile_ui.value)
-    _cfg = track.track_config(_p)
-    _width = int(width_ui.value)
-    _spec = ModelSpec("transformer", n_layer=layers_ui.value, n_head=4 if _width >= 32 else 2, d_model=_width)
-    _tc = TrainConfig(steps=steps_ui.value, lr=float(lr_ui.value), min_lr_frac=0.01,
-                      eval_every=max(10, steps_ui.value // 20), eval_sequences=_cfg.headline.train.eval_sequences)
+    _cfg = config_for(_p)
+    _candidate = custom_candidate(_cfg, n_layer=layers_ui.value, d_model=int(width_ui.value), lr=float(lr_ui.value),
+                                  steps=steps_ui.value)
+    _refs = frames.reference_lines(_cfg.target_mae, _cfg.floor_bits)
     _rows = []
 
     def _show(row):
         _rows.append(row)
-        _live = pl.concat([pl.DataFrame(_rows).with_columns(pl.lit("this run").alias("model"), pl.lit(0).alias("seed")),
-                           track.paper_curve()], how="diagonal_relaxed")
         mo.output.replace(mo.vstack([
             mo.md(f"step {row['step']} · entropy MAE **{row['mae_bits']:.4f}** bits · KL {row['kl_bits']:.4f} · "
                   f"{row['train_s']:.0f} s"),
-            track.plot_curves(_live, _cfg.target_mae, uniform_floor_bits(_cfg.V)),
+            charts.curves(frames.curve_lines(frames.live_curve(_rows)), _refs),
         ]))
 
     try:
-        _res = train_run("notebook", _cfg.V, _spec, _tc, 0, checkpoint_dir(_p.name, "D_bayes-notebook"),
-                         progress=False, on_eval=_show)
+        track.train_custom(_p, _candidate, on_eval=_show)
     except LabError as err:
         mo.output.replace(mo.md(f"**Error:** {err}"))
     return
 
 
 @app.cell
-def _(LabError, mo, read_result, track):
+def _(LabError, charts, frames, mo, read_result):
     # The committed cpu-profile run (what the site shows), read back from results/D_bayes/.
     try:
         _summ = read_result("D_bayes", "summary").row(0, named=True)
@@ -129,7 +122,7 @@ def _(LabError, mo, read_result, track):
     per seed. The context-blind MLP: {_summ['mlp_mae']:.3f} bits (analytic floor {_summ['floor_bits']:.3f}).
     """),
             mo.ui.table(_comparison, selection=None),
-            track.plot_curves(_curves, _summ["target_mae"], _summ["floor_bits"]),
+            charts.curves(frames.curve_lines(_curves), frames.reference_lines(_summ["target_mae"], _summ["floor_bits"])),
             mo.md("**Claims, one by one:**"),
             mo.ui.table(_verdicts, selection=None),
         ])

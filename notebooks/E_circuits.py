@@ -7,17 +7,15 @@ app = marimo.App(width="medium", app_title="Circuit-informed fine-tuning: constr
 @app.cell
 def _():
     import marimo as mo
-    import polars as pl
 
-    from lab.data import constraints as C
     from lab.errors import LabError
-    from lab.train.lora import fresh_base, load_adapter
     from lab.notebook import or_exit, script_mode, script_profile
-    from lab.profiles import PROFILES
+    from lab.profiles import PROFILES, get_profile
     from lab.results import read_result
+    from lab.tracks.E_circuits import charts, frames
     from lab.tracks.E_circuits import run as track
-    return (C, LabError, PROFILES, fresh_base, load_adapter, mo, or_exit, pl, read_result, script_mode,
-            script_profile, track)
+    return (LabError, PROFILES, charts, frames, get_profile, mo, or_exit, read_result, script_mode, script_profile,
+            track)
 
 
 @app.cell
@@ -32,14 +30,14 @@ def _(mo):
     learning, the circuit behind the right answer should form, then stop changing, around the same time, and a
     "the circuit has settled" signal could stop training instead of the validation loss.
 
-    **METHOD.** `lab.constraints` generates the corpus (two constraint types, four invented words each, varied
+    **METHOD.** `lab.data.constraints` generates the corpus (two constraint types, four invented words each, varied
     sentence templates; held-out prompts use names, things and templates never seen in training). LoRA through
     the same `Trainer` code as Track A, loss on the concept words; the adapter saved at every quarter of training
     is reloaded and scored: a prompt counts as right when the log-probability of the right concept beats every
-    alternative's. No sampling anywhere. Then circuit-tracer: per-layer transcoders trained by `lab.transcoders`
+    alternative's. No sampling anywhere. Then circuit-tracer: per-layer transcoders trained by `lab.interp.transcoders`
     on the base model, the replacement model of each checkpoint, attribution graphs of the two seed prompts and
     16 held-out prompts (followed at the right concept's logit), pruned with circuit-tracer's defaults and
-    compared between checkpoints (`lab.circuits`).
+    compared between checkpoints (`lab.interp.circuits`).
     """)
     return
 
@@ -63,49 +61,36 @@ def _(cli, mo, or_exit, script, script_profile, track):
     # results/E_circuits/.
     mo.stop(not script)
     _summary = or_exit("E_circuits", lambda: track.run(script_profile("E_circuits", cli), fresh=bool(cli.get("fresh"))))
-    print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in _summary.items()))
+    print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in _summary.as_dict().items()))
     return
 
 
 @app.cell
-def _(C, LabError, fresh_base, load_adapter, mo, pl, profile_ui, prompt_ui, script, track):
+def _(LabError, frames, get_profile, mo, profile_ui, prompt_ui, script, track):
     mo.stop(script)
 
     @mo.cache
     def models_for(name):
-        from lab.profiles import get_profile
-
-        p = get_profile(name)
-        base = fresh_base(p)
-        ck = track.checkpoints(track.run_dir(p))
-        tuned = load_adapter(fresh_base(p), ck[-1][1]) if ck else None
-        return base, tuned
+        return track.final_models(get_profile(name))
 
     with mo.status.spinner(f"loading the {profile_ui.value} model and its final adapter"):
         _base, _tuned = models_for(profile_ui.value)
-    _concepts = sorted({c for words in C.CONSTRAINTS.values() for c in words.values()})
     try:
-        _rows = [{"concept": c, "base log p": C.continuation_logprob(_base.model, _base.tokenizer, prompt_ui.value,
-                                                                     " " + c)}
-                 for c in _concepts]
-        if _tuned is not None:
-            for r in _rows:
-                r["fine-tuned log p"] = C.continuation_logprob(_tuned, _base.tokenizer, prompt_ui.value,
-                                                               " " + r["concept"])
+        _scores = frames.concept_logprobs(_base.model, _tuned, _base.tokenizer, prompt_ui.value)
     except LabError as err:
         _out = mo.md(f"{err}")
     else:
         _out = mo.vstack([
             mo.md("Log-probability of each concept as the next word" +
                   ("" if _tuned is not None else " (no adapter yet: run the track on this profile)")),
-            mo.ui.table(pl.DataFrame(_rows), selection=None),
+            mo.ui.table(_scores, selection=None),
         ])
     _out
     return
 
 
 @app.cell
-def _(LabError, mo, pl, read_result, script):
+def _(LabError, frames, mo, read_result, script):
     mo.stop(script)
     # The committed graphs, drawn offline: pick a prompt (seed prompts and held-out constraint prompts).
     try:
@@ -116,7 +101,7 @@ def _(LabError, mo, pl, read_result, script):
         graph_ui = None
         _out = mo.md(f"No committed graphs yet: {err}")
     else:
-        _ids = graphs.select("prompt_id").unique(maintain_order=True)["prompt_id"].to_list()
+        _ids = frames.prompt_ids(graphs)
         graph_ui = mo.ui.dropdown(options=_ids, value=_ids[0], label="attribution graph of")
         _out = graph_ui
     _out
@@ -124,17 +109,15 @@ def _(LabError, mo, pl, read_result, script):
 
 
 @app.cell
-def _(graph_edges, graph_nodes, graph_ui, graphs, mo, pl, track):
+def _(charts, frames, graph_edges, graph_nodes, graph_ui, graphs, mo):
     mo.stop(graph_ui is None)
-    _g = graphs.filter(pl.col("prompt_id") == graph_ui.value).sort("checkpoint")
-    _top = (graph_nodes.filter((pl.col("prompt_id") == graph_ui.value) & (pl.col("kind") == "feature"))
-            .sort("influence", descending=True).group_by("checkpoint", maintain_order=True).head(5)
-            .select("checkpoint", "label", "pos", "influence").sort("checkpoint"))
+    _g = frames.graph_rows(graphs, graph_ui.value)
+    _top = frames.top_features(graph_nodes, graph_ui.value)
     mo.vstack([
         mo.md(f"**Prompt:** `{_g['prompt'][0] if 'prompt' in _g.columns else graph_ui.value}` — followed at "
               f"`{_g['target_token'][0]!r}`; probability per checkpoint: "
               + ", ".join(f"{p:.2f}" for p in _g["target_prob"].to_list())),
-        track.plot_graph(graph_nodes, graph_edges, graph_ui.value),
+        charts.plot_graph(frames.graph_drawing(graph_nodes, graph_edges, graph_ui.value)),
         mo.md("Most influential features per checkpoint (L = layer, # = feature index in that layer's transcoder):"),
         mo.ui.table(_top, selection=None),
         mo.ui.table(_g.select("checkpoint", "fraction", "target_prob", "n_kept_features", "error_share",
@@ -144,7 +127,7 @@ def _(graph_edges, graph_nodes, graph_ui, graphs, mo, pl, track):
 
 
 @app.cell
-def _(LabError, mo, read_result, track):
+def _(LabError, charts, mo, read_result):
     # The committed cpu-profile run (what the site shows), read back from results/E_circuits/.
     try:
         _summ = read_result("E_circuits", "summary").row(0, named=True)
@@ -160,7 +143,7 @@ def _(LabError, mo, read_result, track):
     **{_summ['mapping_final_accuracy']:.0%}**, spatial {_summ['spatial_base_accuracy']:.0%} →
     **{_summ['spatial_final_accuracy']:.0%}** after {_summ['steps']} steps.
     """),
-            track.plot_checkpoints(_ck),
+            charts.plot_checkpoints(_ck),
         ])
         try:
             _stop = read_result("E_circuits", "stopping")
@@ -173,8 +156,8 @@ def _(LabError, mo, read_result, track):
     {_summ['transcoder_worst_layer']}: {_summ['transcoder_fvu_max']:.2f}).
     {_summ['graphs']} attribution graphs, median {_summ['attribution_s_median']:.0f} s each.
     """),
-                track.plot_transcoders(read_result("E_circuits", "transcoders")),
-                track.plot_circuit_stats(read_result("E_circuits", "circuit_stats")),
+                charts.plot_transcoders(read_result("E_circuits", "transcoders")),
+                charts.plot_circuit_stats(read_result("E_circuits", "circuit_stats")),
                 mo.md("**Early stopping:** where each rule stops, what it keeps, and that checkpoint's held-out accuracy"),
                 mo.ui.table(_stop, selection=None),
                 mo.ui.table(read_result("E_circuits", "circuit_tests"), selection=None),

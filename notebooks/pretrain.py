@@ -7,14 +7,16 @@ app = marimo.App(width="medium", app_title="Pretraining a tiny GPT")
 @app.cell
 def _():
     import marimo as mo
-    import polars as pl
 
     from lab.errors import LabError
     from lab.notebook import or_exit, script_mode, script_profile
     from lab.profiles import PROFILES, get_profile
     from lab.results import read_result
+    from lab.tracks.pretrain import charts, frames
     from lab.tracks.pretrain import run as track
-    return LabError, PROFILES, get_profile, mo, or_exit, pl, read_result, script_mode, script_profile, track
+    from lab.tracks.pretrain.config import TRACK, config_for
+    return (LabError, PROFILES, TRACK, charts, config_for, frames, get_profile, mo, or_exit, read_result, script_mode,
+            script_profile, track)
 
 
 @app.cell
@@ -51,13 +53,14 @@ def _(PROFILES, mo, script_mode):
 
 
 @app.cell
-def _(cli, get_profile, iters_ui, mo, or_exit, pl, profile_ui, save_ui, script, script_profile, track, train_ui):
+def _(charts, cli, config_for, frames, get_profile, iters_ui, mo, or_exit, profile_ui, save_ui, script, script_profile,
+      track, train_ui):
     # Script: `python notebooks/pretrain.py -- --profile cpu` trains with the profile's recipe and writes results/.
     # App/editor: press Train; the progress bar and the loss chart update while it trains.
     mo.stop(not script and not train_ui.value, mo.md("Press **Train** to pretrain live (smoke: seconds; cpu: minutes)."))
     profile = script_profile("pretrain", cli) if script else get_profile(profile_ui.value)
     iters = None if script else iters_ui.value
-    total = iters or profile.pretrain.max_iters
+    total = iters or config_for(profile).max_iters
 
     live = {}
 
@@ -68,7 +71,7 @@ def _(cli, get_profile, iters_ui, mo, or_exit, pl, profile_ui, save_ui, script, 
         last = log.steps[-1]
         bar = mo.Html(f"<progress value='{step}' max='{total}' style='width:100%'></progress>"
                       f"<small>step {step}/{total} · loss {last['loss']:.3f} · {last['tokens_per_s']:,.0f} tok/s</small>")
-        mo.output.replace(mo.vstack([bar, track.plot_loss(track.loss_frame(log), reference=None)]))
+        mo.output.replace(mo.vstack([bar, charts.plot_loss(frames.loss_frame(log), reference=None)]))
 
     def _run():
         return track.run(profile, on_step=show, progress=script, max_iters=iters,
@@ -76,19 +79,19 @@ def _(cli, get_profile, iters_ui, mo, or_exit, pl, profile_ui, save_ui, script, 
 
     summary = or_exit("pretrain", _run) if script else _run()
     mo.output.replace(mo.vstack([
-        track.plot_loss(track.loss_frame(live["log"]), reference=None) if "log" in live else mo.md(""),
-        mo.ui.table(pl.DataFrame([summary]), selection=None),
+        charts.plot_loss(frames.loss_frame(live["log"]), reference=None) if "log" in live else mo.md(""),
+        mo.ui.table(summary.frame(), selection=None),
     ]))
     return
 
 
 @app.cell
-def _(mo, read_result, track, LabError):
+def _(LabError, TRACK, charts, mo, read_result):
     # The committed cpu-profile run (what the site shows), read back from results/pretrain/.
     try:
-        loss = read_result("pretrain", "loss")
-        summ = read_result("pretrain", "summary").row(0, named=True)
-        samples = read_result("pretrain", "samples")
+        loss = read_result(TRACK, "loss")
+        summ = read_result(TRACK, "summary").row(0, named=True)
+        samples = read_result(TRACK, "samples")
     except LabError as err:
         committed = mo.md(f"No committed results yet: {err}")
     else:
@@ -100,7 +103,7 @@ def _(mo, read_result, track, LabError):
     (train {summ['final_train_loss']:.3f}); {summ['n_params']:,} parameters, {summ['tokens_seen']:,} training
     characters seen, {summ['wall_time_s'] / 60:.1f} min wall time, median {summ['tokens_per_s']:,.0f} tokens/s.
     """),
-            track.plot_loss(loss),
+            charts.plot_loss(loss),
             mo.md("**Samples at each checkpoint** (temperature 0.8):"),
             mo.ui.table(samples, selection=None),
         ])

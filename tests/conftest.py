@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from lab.models.loading import CAPTURE_ARCHS
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
@@ -20,9 +22,9 @@ def results_dir(tmp_path, monkeypatch):
     return root
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma2", "gpt2"])
+@pytest.fixture(scope="module", params=CAPTURE_ARCHS)
 def tiny_model(request):
-    """A tiny random model of each architecture family (module-scoped)."""
+    """A tiny random model of each architecture family the capture covers (module-scoped)."""
     from lab.models.loading import load_tiny_model
 
     return load_tiny_model(request.param, seed=0)

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from lab.interp import attention as att
 from lab.errors import LabError
+from lab.interp import attention as att
+from lab.tracks.B_attention import charts
 
 
 def uniform_causal(T: int, L: int = 1, H: int = 1) -> torch.Tensor:
@@ -147,7 +148,7 @@ class TestCompare:
 
 
 class TestFrames:
-    """Frames and charts."""
+    """Frames, and the attention track's charts of them."""
 
     def test_pattern_frame_and_chart(self):
         p = random_causal(5)
@@ -155,7 +156,7 @@ class TestFrames:
         assert df.height == 15 and set(df["head_label"]) == {"x"}
         row = df.filter((df["query"] == 4) & (df["key"] == 1)).row(0, named=True)
         assert row["weight"] == pytest.approx(float(p[1, 2, 4, 1]))
-        assert att.plot_patterns(df).to_dict()["facet"]["field"] == "head_label"
+        assert charts.patterns(df).to_dict()["facet"]["field"] == "head_label"
 
     def test_head_frame_layer_profile_and_grid(self):
         s = att.head_scores(random_causal(8, L=3, H=2))
@@ -166,8 +167,8 @@ class TestFrames:
         prof = att.layer_profile(df)
         top = prof.filter((prof["metric"] == "induction") & (prof["summary"] == "max over heads") & (prof["layer"] == 0))
         assert top["value"].item() == pytest.approx(float(s["induction"][0].max()))
-        assert len(att.plot_head_grid(df).to_dict()["hconcat"]) == 4
-        att.plot_layer_profile(prof).to_dict()
+        assert len(charts.head_grid(df).to_dict()["hconcat"]) == 4
+        charts.layer_profile(prof).to_dict()
 
     def test_token_labels_are_unique(self):
         from lab.models.loading import smoke_tokenizer

@@ -172,8 +172,18 @@ class TestModels:
         per_block = 2 * C + 3 * C * C + C * C + 8 * C * C  # two LayerNorm weights, qkv, proj, 4x MLP
         assert n_params(tf) == V2 * C + T * C + per_block + C
 
-    def test_unknown_kind_and_bad_heads(self):
-        with pytest.raises(LabError, match="unknown model kind"):
-            build_model(ModelSpec("rnn"), 20, match=100)
+    def test_spec_refuses_unknown_kind_bad_heads_and_sizes(self):
+        """A ModelSpec validates itself: no model is ever built from a bad one."""
+        with pytest.raises(LabError, match="unknown model kind 'rnn'"):
+            ModelSpec("rnn")
         with pytest.raises(LabError, match="divisible"):
-            build_model(ModelSpec("transformer", n_head=3, d_model=64), 20)
+            ModelSpec("transformer", n_head=3, d_model=64)
+        with pytest.raises(LabError, match="n_layer and d_model must be positive"):
+            ModelSpec("mlp", n_layer=0)
+        with pytest.raises(LabError, match="d_hidden >= 0"):
+            ModelSpec("lstm", d_hidden=-1)
+        assert ModelSpec("mlp", n_head=3, d_model=64).n_head == 3  # heads only constrain a transformer
+
+    def test_control_without_width_or_target(self):
+        with pytest.raises(LabError, match="d_hidden or a parameter count"):
+            build_model(ModelSpec("mlp", d_model=16), 6)

@@ -12,6 +12,7 @@ from lab.models.windtunnel import ModelSpec, build_model
 from lab.data.windtunnel import posterior_metrics, sample_batch, summarize, value_log_probs
 from lab.interp.windtunnel import ablate, ablations, attention_routing, final_state_pca, key_orthogonality, lens_stages, logit_lens, mean_abs_offdiag_cos, random_vectors_abs_cos
 from lab.errors import LabError
+from lab.interp.names import FINAL_NAME
 
 V = 8
 
@@ -31,16 +32,29 @@ def batch():
     return sample_batch(V, 64, torch.Generator().manual_seed(1))
 
 
-def manual_logits(model, tokens, skip_ffn: int | None = None, skip_attn: int | None = None) -> torch.Tensor:
-    """The GPT forward written out by hand, optionally without one layer's FFN or attention."""
+def manual_attention(blk, x, skip_head: int | None = None) -> torch.Tensor:
+    """Causal multi-head attention from the block's weights, optionally with one head's output set to zero."""
+    B, T, C = x.shape
+    nh = blk.attn.n_head
+    q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in blk.attn.qkv(x).split(C, dim=2))
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(C // nh)
+    y = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1) @ v  # (B, nh, T, hs)
+    if skip_head is not None:
+        y[:, skip_head] = 0.0
+    return blk.attn.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def manual_logits(model, tokens, skip_ffn: int | None = None, skip_attn: int | None = None,
+                  skip_head: tuple[int, int] | None = None) -> torch.Tensor:
+    """The GPT forward written out by hand, optionally without one layer's FFN, attention, or (layer, head)."""
     T = tokens.shape[1]
     x = model.wte(tokens) + model.wpe(torch.arange(T))
     for l, blk in enumerate(model.blocks):
         if l != skip_attn:
-            x = x + blk.attn(blk.ln1(x))[0]
+            x = x + manual_attention(blk, blk.ln1(x), skip_head[1] if skip_head and skip_head[0] == l else None)
         if l != skip_ffn:
             x = x + blk.mlp(blk.ln2(x))
-    return model.lm_head(model.ln_f(x))
+    return model.lm_head(model.ln_final(x))
 
 
 def metrics_of(logits, batch):
@@ -103,8 +117,8 @@ class TestRouting:
 class TestPCA:
     def test_against_numpy(self, model, batch):
         comps, points = final_state_pca(model, batch, n_components=3)
-        _, _, cache = model(batch.tokens, capture={"ln_final.hook_normalized"})
-        X = cache["ln_final.hook_normalized"][:, 0::2].reshape(-1, 16).double().numpy()
+        _, _, cache = model(batch.tokens, capture={FINAL_NAME})
+        X = cache[FINAL_NAME][:, 0::2].reshape(-1, 16).double().numpy()
         ev = np.linalg.eigvalsh(np.cov(X.T))[::-1]
         np.testing.assert_allclose(comps["variance_share"].to_numpy(), (ev / ev.sum())[:3], rtol=1e-6)
         r = np.corrcoef(points["pc1"].to_numpy(), points["h_bayes"].to_numpy())[0, 1]
@@ -130,6 +144,16 @@ class TestAblation:
             got = ablate(model, batch, "attn", l)
             want = metrics_of(manual_logits(model, batch.tokens, skip_attn=l), batch)
             assert got["kl_bits"] == pytest.approx(want["kl_bits"], rel=1e-5)
+
+    def test_head_zero_equals_manual_forward_without_it(self, model, batch):
+        """Zeroing one head's slice of attn.hook_z = recomputing attention by hand without that head."""
+        with torch.no_grad():
+            torch.testing.assert_close(manual_logits(model, batch.tokens), model(batch.tokens)[0], rtol=1e-4, atol=1e-3)
+            for l, h in ((0, 0), (0, 1), (1, 1)):
+                got = ablate(model, batch, "head", l, h)
+                want = metrics_of(manual_logits(model, batch.tokens, skip_head=(l, h)), batch)
+                assert got["kl_bits"] == pytest.approx(want["kl_bits"], rel=1e-5)
+                assert got["kl_bits"] != pytest.approx(ablate(model, batch, "head", l, 1 - h)["kl_bits"], rel=1e-3)
 
     def test_single_head_ablation_equals_block_ablation(self, batch):
         torch.manual_seed(1)

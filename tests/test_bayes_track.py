@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import polars as pl
@@ -16,7 +16,10 @@ from lab.models.windtunnel import ModelSpec
 from lab.data.windtunnel import uniform_floor_bits
 from lab.train.windtunnel import TrainConfig, train_run
 from lab.errors import LabError
-from lab.tracks.D_bayes import run as D_bayes
+from lab.profiles import get_profile
+from lab.tracks.D_bayes import config, frames
+from lab.tracks.D_bayes.run import run as run_track
+from lab.tracks.D_bayes.summary import BayesSummary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +65,31 @@ class TestTraining:
         with pytest.raises(LabError, match="positive"):
             train_run("x", 4, self.SPEC, replace(self.CFG, lr=0.0), 0, tmp_path, progress=False)
 
+    def test_config_validates_itself(self):
+        """A TrainConfig refuses what would break the schedule or the evaluation, naming the field."""
+        with pytest.raises(LabError, match="min_lr_frac in"):
+            replace(self.CFG, min_lr_frac=1.5)
+        with pytest.raises(LabError, match="warmup must be >= 0"):
+            replace(self.CFG, warmup=-1)
+        with pytest.raises(LabError, match="eval_every and eval_sequences must be positive"):
+            replace(self.CFG, eval_every=0)
+
+    def test_finished_run_is_published_whole(self, run):
+        """The run folder holds exactly the three files (no temp sibling left), and a half-written folder of a
+        killed run is replaced, not trusted."""
+        root, r = run
+        assert sorted(p.name for p in r.folder.iterdir()) == ["log.parquet", "meta.json", "model.safetensors"]
+        assert not [p for p in root.iterdir() if p.name.startswith(".")]
+        cfg = replace(self.CFG, steps=5, eval_every=5)
+        partial = train_run("p", 4, self.SPEC, cfg, 0, root, progress=False).folder
+        for f in partial.iterdir():
+            f.unlink()
+        (partial / "model.safetensors").write_bytes(b"truncated")  # killed before meta.json was written
+        again = train_run("p", 4, self.SPEC, cfg, 0, root, progress=False)
+        assert not again.cached and again.folder == partial
+        assert sorted(p.name for p in partial.iterdir()) == ["log.parquet", "meta.json", "model.safetensors"]
+        assert train_run("p", 4, self.SPEC, cfg, 0, root, progress=False).cached
+
 
 class TestTrack:
     """``lab run D_bayes --profile smoke`` writes every result the page uses, consistently."""
@@ -72,8 +100,8 @@ class TestTrack:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("LAB_RESULTS_DIR", str(base))
             mp.setenv("LAB_DATA_DIR", str(tmp_path_factory.mktemp("data")))
-            summary = D_bayes.run("smoke", progress=False)
-            again = D_bayes.run("smoke", progress=False)
+            summary = run_track(get_profile("smoke"), progress=False)
+            again = run_track(get_profile("smoke"), progress=False)
         return summary, again, base / "smoke" / "D_bayes"
 
     def test_every_result_is_written(self, results):
@@ -88,10 +116,10 @@ class TestTrack:
     def test_summary_agrees_with_the_per_seed_table(self, results):
         summary, _, folder = results
         seeds = pl.read_parquet(folder / "seeds.parquet").filter(pl.col("model") == "transformer")
-        assert seeds.height == summary["n_seeds"] == 3
-        assert summary["mae_mean"] == pytest.approx(seeds["mae_bits"].mean())
-        assert summary["mae_max"] == pytest.approx(seeds["mae_bits"].max())
-        assert summary["floor_bits"] == pytest.approx(uniform_floor_bits(6))
+        assert seeds.height == summary.n_seeds == 3
+        assert summary.mae_mean == pytest.approx(seeds["mae_bits"].mean())
+        assert summary.mae_max == pytest.approx(seeds["mae_bits"].max())
+        assert summary.floor_bits == pytest.approx(uniform_floor_bits(6))
         search = pl.read_parquet(folder / "search.parquet")
         assert search["headline"].sum() == 1
         assert search.filter(pl.col("headline"))["mae_bits"].item() == pytest.approx(
@@ -101,28 +129,80 @@ class TestTrack:
         _, _, folder = results
         curves = pl.read_parquet(folder / "curves.parquet")
         paper = curves.filter(pl.col("seed") == -1)
-        assert paper["step"].to_list() == [s for s, _ in D_bayes.PAPER_CURVE]
+        assert paper["step"].to_list() == [s for s, _ in config.PAPER_CURVE]
 
     def test_verdicts_use_the_fixed_vocabulary(self, results):
         _, _, folder = results
         v = pl.read_parquet(folder / "verdicts.parquet")
         assert v.height == 8 and set(v["verdict"]) <= {"reproduced", "partly", "not reproduced"}
 
+    def test_summary_file_is_the_returned_summary(self, results):
+        """summary.parquet has the dataclass's fields, in order, with the values run() returned."""
+        _, summary, folder = results  # the second run wrote last
+        written = pl.read_parquet(folder / "summary.parquet")
+        assert written.columns == [f.name for f in fields(BayesSummary)]
+        assert written.row(0, named=True) == pytest.approx(summary.as_dict(), nan_ok=True)
+        assert summary.verdicts_reproduced == (pl.read_parquet(folder / "verdicts.parquet")["verdict"]
+                                               == "reproduced").sum()
+
     def test_second_run_reuses_every_training_run(self, results):
         summary, again, _ = results
-        assert again["cached_runs"] == 3 + 2 + 1  # seeds, MLP + LSTM, the extra search config
-        assert again["mae_mean"] == summary["mae_mean"]
+        assert again.cached_runs == 3 + 2 + 1  # seeds, MLP + LSTM, the extra search config
+        assert again.mae_mean == summary.mae_mean
 
     def test_gpu_profile_refuses_without_cuda(self, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         with pytest.raises(LabError, match="CUDA"):
-            D_bayes.run("gpu", write=False)
+            run_track(get_profile("gpu"), write=False)
+
+
+class TestConfig:
+    """The recipes validate themselves; a bad one names the fix."""
+
+    SMOKE = config.RECIPES["smoke"]
+
+    def test_every_profile_has_a_recipe(self):
+        for name in ("smoke", "cpu", "gpu"):
+            cfg = config.config_for(get_profile(name))
+            assert cfg.headline in cfg.search and cfg.floor_bits == pytest.approx(uniform_floor_bits(cfg.V))
+        assert config.config_for(get_profile("cpu")).headline.model == ModelSpec("transformer", 2, 4, 64)
+
+    def test_unknown_profile(self):
+        other = replace(get_profile("smoke"), name="tpu")
+        with pytest.raises(LabError, match="no recipe for profile 'tpu'"):
+            config.config_for(other)
+
+    def test_headline_must_be_searched(self):
+        with pytest.raises(LabError, match="add it to `search`"):
+            replace(self.SMOKE, search=self.SMOKE.search[1:])
+
+    def test_controls_and_seeds(self):
+        with pytest.raises(LabError, match="controls must be"):
+            replace(self.SMOKE, mlp=ModelSpec("lstm", d_model=16))
+        with pytest.raises(LabError, match="seeds must be distinct"):
+            replace(self.SMOKE, seeds=(0, 0))
+        with pytest.raises(LabError, match="V >= 3"):
+            replace(self.SMOKE, V=2)
+
+    def test_pca_points_fit_one_chart(self):
+        with pytest.raises(LabError, match="lower it to 1000 or less"):  # V=6: 5 points per sequence
+            replace(self.SMOKE, points_sequences=1001)
+        assert replace(self.SMOKE, points_sequences=1000).points_sequences == 1000
+
+    def test_search_holds_transformers_only(self):
+        with pytest.raises(LabError, match="compares transformers only"):
+            config.Candidate("mlp", ModelSpec("mlp", d_model=16), self.SMOKE.controls_train)
+
+    def test_notebook_candidate(self):
+        c = config.custom_candidate(self.SMOKE, n_layer=1, d_model=16, lr=1e-3, steps=400)
+        assert (c.model.n_head, c.train.eval_every, c.train.eval_sequences) == (2, 20, 128)
+        assert config.custom_candidate(self.SMOKE, n_layer=1, d_model=64, lr=1e-3, steps=100).model.n_head == 4
 
 
 class TestVerdictRules:
     """The verdict rules on hand-made measurements."""
 
-    def _frames(self, key_trained, key_init):
+    def _mech(self, key_trained, key_init):
         keys = pl.DataFrame({"state": ["trained", "init"], "tokens": ["key tokens"] * 2,
                              "mean_abs_cos": [key_trained, key_init]})
         routing = pl.DataFrame({"state": ["trained"] * 2, "layer": [0, 1], "value_mass": [0.3, 0.9],
@@ -132,14 +212,25 @@ class TestVerdictRules:
                              "kl_bits": [1.0, 0.8, 0.1]})
         abl = pl.DataFrame({"target": ["attn", "ffn", "head", "head"], "method": ["mean", "mean", "zero", "zero"],
                             "delta_mae_bits": [0.6, 0.9, 0.1, 0.2]})
-        summary = {"mae_mean": 0.01, "mae_std": 0.001, "mae_max": 0.012, "n_params": 1000, "mlp_mae": 1.1}
-        return summary, keys, routing, pca, lens, abl
+        return frames.Mechanisms(keys, routing, pca, None, lens, abl)
+
+    SEEDS = pl.DataFrame({"model": ["transformer", "transformer", "mlp"], "seed": [0, 1, 0],
+                          "n_params": [1000, 1000, 990], "steps": [40] * 3, "train_s": [1.0] * 3, "cached": [False] * 3,
+                          "mae_bits": [0.010, 0.012, 1.1], "kl_bits": [0.01] * 3, "mae_mean_entropy_bits": [0.01] * 3,
+                          "mass_eliminated": [0.0] * 3})  # the columns of frames.seeds_frame
 
     def test_rules(self):
-        v = D_bayes.verdicts_frame(*self._frames(0.05, 0.08), floor=1.107)["verdict"].to_list()
-        assert v == ["reproduced"] * 8
-        v = D_bayes.verdicts_frame(*self._frames(0.3, 0.2), floor=1.107)["verdict"].to_list()
+        v = frames.verdicts_frame(self.SEEDS, self._mech(0.05, 0.08), floor=1.107)
+        assert v["verdict"].to_list() == ["reproduced"] * 8
+        assert v["ours"][0] == "0.0110 ± 0.0014 bits; 1,000 params"  # mean and sample std of 0.010, 0.012
+        v = frames.verdicts_frame(self.SEEDS, self._mech(0.3, 0.2), floor=1.107)["verdict"].to_list()
         assert v[2] == "not reproduced"
+
+    def test_headline_rules(self):
+        """A seed above 0.02 bits makes the headline partial; a context-using "MLP" fails the control claim."""
+        worse = self.SEEDS.with_columns(pl.Series("mae_bits", [0.010, 0.03, 0.2]))
+        v = frames.verdicts_frame(worse, self._mech(0.05, 0.08), floor=1.107)["verdict"].to_list()
+        assert v[:2] == ["partly", "not reproduced"]
 
 
 class TestNotebook:

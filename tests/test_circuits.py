@@ -1,4 +1,4 @@
-"""lab.circuits on a tiny Llama with tiny trained transcoders: the attribution split against the model's own
+"""lab.interp.circuits on a tiny Llama with tiny trained transcoders: the attribution split against the model's own
 logits, graph comparison identities, the statistics, and Track E's stopping rules / graph prompts."""
 
 from __future__ import annotations
@@ -10,11 +10,15 @@ import polars as pl
 import pytest
 import torch
 
+from lab.data.constraints import CONSTRAINTS
+from lab.data.corpus import smoke_corpus
 from lab.interp import circuits as C
 from lab.interp import transcoders as T
-from lab.data.constraints import CONSTRAINTS
 from lab.models.loading import load_tiny_model
+from lab.profiles import get_profile
+from lab.tracks.E_circuits import frames as F
 from lab.tracks.E_circuits import run as E
+from lab.tracks.E_circuits.config import RECIPES, SEED_PROMPTS
 
 PROMPT = "The king speaks of the"
 
@@ -33,8 +37,8 @@ def traced(lm, tmp_path_factory):
     import copy
 
     root = tmp_path_factory.mktemp("circ")
-    T.build("smoke", loaded=lm, progress=False, folder=root / "tc")
-    tcs, _ = T.load_transcoders(folder=root / "tc")
+    T.build(RECIPES["smoke"].transcoders, lm, root / "tc", corpus=smoke_corpus(), progress=False)
+    tcs, _ = T.load_transcoders(root / "tc")
     with torch.no_grad():
         for tc in tcs:
             tc.b_dec.zero_()
@@ -43,6 +47,7 @@ def traced(lm, tmp_path_factory):
         for layer in model.model.layers:
             layer.mlp.down_proj.weight.zero_()
     folder = C.export_model(model, lm.tokenizer, root / "model")
+    assert sorted(p.name for p in root.iterdir()) == ["model", "tc"]  # published whole, no temp sibling left
     rm = C.replacement_model(folder, tcs)
     target = lm.tokenizer(" moon", add_special_tokens=False)["input_ids"][0]
     rec, graph = C.trace(rm, PROMPT, target_id=target, max_feature_nodes=100)
@@ -123,7 +128,7 @@ def test_stopping_rules():
     cmp = pl.DataFrame([{"constraint_type": c, "checkpoint": i, "versus": "previous", "feature_jaccard": j}
                         for c, js in (("mapping", [0.1, 0.3, 0.6, 0.7]), ("spatial", [0.1, 0.2, 0.3, 0.4]))
                         for i, j in zip(range(1, 5), js, strict=True)])
-    out = {(r["constraint_type"], r["rule"]): r for r in E.stopping_rules(frame, cmp, settle=0.5).iter_rows(named=True)}
+    out = {(r["constraint_type"], r["rule"]): r for r in F.stopping_rules(frame, cmp, settle=0.5).iter_rows(named=True)}
     # mapping: loss rises at checkpoint 3 -> keep 2, trained to 3 (30 steps)
     assert (out["mapping", "loss"]["kept_checkpoint"], out["mapping", "loss"]["steps_trained"]) == (2, 30)
     assert out["mapping", "loss"]["accuracy"] == 1
@@ -136,10 +141,10 @@ def test_stopping_rules():
 
 
 def test_graph_prompts(lm):
-    cfg = E.CONFIGS["cpu"]
+    cfg = RECIPES["cpu"]
     rows = E.graph_prompts(lm.tokenizer, cfg)
     seeds = [r for r in rows if r["constraint_type"] == "seed"]
-    assert [r["text"] for r in seeds] == [f"User: {s}\nAssistant: " for s in E.SEED_PROMPTS]  # smoke BPE: no template
+    assert [r["text"] for r in seeds] == [f"User: {s}\nAssistant: " for s in SEED_PROMPTS]  # smoke BPE: no template
     for ctype, words in CONSTRAINTS.items():
         mine = [r for r in rows if r["constraint_type"] == ctype]
         assert len(mine) == cfg.graph_words * cfg.graph_per_word
@@ -161,7 +166,7 @@ def test_circuit_stats_pairs_prompts():
                             "versus": "previous", "feature_jaccard": 0.2 + 0.2 * (i == 4), "edge_correlation": 0.5})
             cmp.append({"prompt_id": p, "constraint_type": "mapping", "checkpoint": i, "fraction": i / 4,
                         "versus": "final", "feature_jaccard": 1.0 if i == 4 else 0.5, "edge_correlation": 0.9})
-    stats, tests = E.circuit_stats(pl.DataFrame(graphs), pl.DataFrame(cmp))
+    stats, tests = F.circuit_stats(pl.DataFrame(graphs), pl.DataFrame(cmp))
     t = {r["metric"]: r for r in tests.iter_rows(named=True)}
     err = t["error_share"]
     assert err["diff_mean"] == pytest.approx(-0.2) and err["p_sign_flip"] == pytest.approx(2 / 8)
@@ -175,9 +180,8 @@ def test_circuit_stats_pairs_prompts():
 
 def test_gpu_path_says_what_is_missing(monkeypatch):
     from lab.errors import LabError
-    from lab.profiles import get_profile
 
-    p, cfg = get_profile("gpu"), E.CONFIGS["gpu"]
+    p, cfg = get_profile("gpu"), RECIPES["gpu"]
     assert cfg.model == "google/gemma-2-2b" and cfg.hub_transcoders == "gemma"
     if not torch.cuda.is_available():
         with pytest.raises(LabError, match="CUDA"):
@@ -192,6 +196,17 @@ def test_settle_sweep_is_the_circuit_rule_at_each_threshold():
     frame = _frame([5, 2, 1, 1.5, 1.8], [5, 4, 3, 2, 1], [0.25, 0.5, 1, 1, 1], [0.2, 0.2, 0.4, 0.95, 1])
     cmp = pl.DataFrame([{"constraint_type": c, "checkpoint": i, "versus": "previous", "feature_jaccard": j}
                         for c in ("mapping", "spatial") for i, j in zip(range(1, 5), [0.5, 0.55, 0.85, 0.99], strict=True)])
-    sweep = E.settle_sweep(frame, cmp, thresholds=(0.5, 0.6, 0.9, 1.0))
+    sweep = F.settle_sweep(frame, cmp, thresholds=(0.5, 0.6, 0.9, 1.0))
     got = sweep.filter(pl.col("constraint_type") == "mapping").sort("settle")["kept_checkpoint"].to_list()
     assert got == [2, 3, 4, 4]  # 0.55 >= 0.5 at checkpoint 2; 0.85 >= 0.6 at 3; 0.99 >= 0.9 at 4; never -> last
+
+
+def test_compare_frame_pairs_each_graph_with_previous_final_and_base(traced):
+    """Every graph against the previous checkpoint, the final one and the base, never against itself."""
+    rec, rec2, _, _, _ = traced
+    records = [dict(r, prompt_id="p", constraint_type="mapping", checkpoint=i, fraction=i / 2)
+               for i, r in enumerate((rec, rec2, rec))]
+    cmp = F.compare_frame(records)
+    pairs = set(zip(cmp["checkpoint"].to_list(), cmp["versus"].to_list(), strict=True))
+    assert pairs == {(0, "final"), (1, "previous"), (1, "final"), (1, "base"), (2, "previous"), (2, "base")}
+    assert cmp.height == len(pairs) and (cmp["feature_jaccard"] == 1.0).all()  # the same graph three times

@@ -1,6 +1,10 @@
-"""Track E (WS2 + WS3): plain-text LoRA rows, loss scoring against HF's own loss, checkpoints scored and reloaded."""
+"""Track E (WS2 + WS3): plain-text LoRA rows, loss scoring against HF's own loss, the recipe's validation,
+checkpoints scored and reloaded, the summary as written, the transcoders' report."""
 
 from __future__ import annotations
+
+import dataclasses
+import json
 
 import polars as pl
 import pytest
@@ -8,9 +12,14 @@ import torch
 
 from lab.data import constraints as C
 from lab.errors import LabError
-from lab.train.lora import schedule_steps
+from lab.interp.transcoders import TranscoderConfig
 from lab.models.loading import load_tiny_model
+from lab.profiles import Profile, get_profile
+from lab.tracks.E_circuits import frames as F
 from lab.tracks.E_circuits import run as E
+from lab.tracks.E_circuits.config import RECIPES, config_for
+from lab.tracks.E_circuits.summary import CircuitsSummary
+from lab.train.lora import schedule_steps
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +68,53 @@ def test_mean_token_loss_matches_hf_loss(lm):
 def test_learned_at():
     frame = pl.DataFrame({"constraint_type": ["mapping"] * 3 + ["spatial"] * 3, "fraction": [0.0, 0.5, 1.0] * 2,
                           "accuracy": [0.25, 0.95, 1.0, 0.2, 0.5, 0.85]})
-    assert E.learned_at(frame, "mapping") == 0.5
-    assert E.learned_at(frame, "spatial") is None
-    assert E.learned_at(frame, "spatial", threshold=0.5) == 0.5
+    assert F.learned_at(frame, "mapping") == 0.5
+    assert F.learned_at(frame, "spatial") is None
+    assert F.learned_at(frame, "spatial", threshold=0.5) == 0.5
+
+
+class TestConfig:
+    """Every recipe validates; a bad value raises a LabError that names the fix."""
+
+    def test_every_profile_has_a_recipe(self):
+        from lab.profiles import PROFILES
+
+        assert {name: config_for(p) for name, p in PROFILES.items()} == RECIPES
+
+    def test_unknown_profile(self):
+        with pytest.raises(LabError, match="no recipe for profile 'huge'"):
+            config_for(Profile(name="huge", description="", device="cpu", corpus="smoke", lm="tiny-llama"))
+
+    @pytest.mark.parametrize(("change", "fix"), [
+        ({"loss": "words"}, "loss must be one of concept, all"),
+        ({"per_type": 3}, "use at least 4"),
+        ({"hub_transcoders": "gemma"}, "exactly one of transcoders"),
+        ({"transcoders": None}, "exactly one of transcoders"),
+        ({"model": "google/gemma-2-2b"}, "needs hub_transcoders"),
+        ({"graph_words": 5}, "graph_words must be between 1 and 4"),
+        ({"graph_per_word": 5}, "graph_per_word must be between 1 and 4"),  # mapping has 4 held-out prompts a word
+        ({"seed_prompts": 3}, "seed_prompts must be between 0 and 2"),
+        ({"settle": 0.0}, "settle is a Jaccard threshold"),
+    ])
+    def test_bad_values_name_the_fix(self, change, fix):
+        with pytest.raises(LabError, match=fix):
+            dataclasses.replace(RECIPES["smoke"], **change)
+
+    def test_graph_per_word_bound_is_the_held_out_prompts_of_one_word(self):
+        per_word = {}
+        for hp in C.held_out_prompts():
+            per_word[hp.word] = per_word.get(hp.word, 0) + 1
+        most = min(per_word.values())
+        dataclasses.replace(RECIPES["smoke"], graph_per_word=most)  # accepted
+        with pytest.raises(LabError):
+            dataclasses.replace(RECIPES["smoke"], graph_per_word=most + 1)
+
+    def test_gpu_loads_hub_transcoders_and_builds_none(self):
+        gpu = RECIPES["gpu"]
+        assert gpu.transcoders is None and gpu.hub_transcoders == "gemma"
+        assert isinstance(RECIPES["cpu"].transcoders, TranscoderConfig)
+        with pytest.raises(LabError, match="GemmaScope.*runs for smoke, cpu"):
+            E.build_transcoders(get_profile("gpu"))
 
 
 class TestSmokeRun:
@@ -70,16 +123,17 @@ class TestSmokeRun:
         root = tmp_path_factory.mktemp("e-results")
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("LAB_RESULTS_DIR", str(root))
-            summary = E.run("smoke", fresh=True, progress=False)
+            summary = E.run(get_profile("smoke"), fresh=True, progress=False)
         folder = root / "smoke" / "E_circuits"
-        return summary, {n: pl.read_parquet(folder / f"{n}.parquet") for n in ("checkpoints", "prompts", "loss")}
+        return summary, {n: pl.read_parquet(folder / f"{n}.parquet")
+                         for n in ("checkpoints", "prompts", "loss", "summary", "transcoders")}
 
     def test_checkpoints_at_quarters_plus_base(self, run):
         summary, f = run
-        cfg = E.track_config("smoke").finetune
-        total, saves, _, _ = schedule_steps(summary["n_train"], cfg)
+        cfg = config_for(get_profile("smoke")).finetune
+        total, saves, _, _ = schedule_steps(summary.n_train, cfg)
         steps = f["checkpoints"].filter(pl.col("constraint_type") == "mapping").sort("checkpoint")["step"].to_list()
-        assert steps == [0, *sorted(saves)] and steps[-1] == total == summary["steps"]
+        assert steps == [0, *sorted(saves)] and steps[-1] == total == summary.steps
 
     def test_accuracy_is_the_share_of_prompts_won(self, run):
         _, f = run
@@ -97,7 +151,30 @@ class TestSmokeRun:
     def test_training_lowers_validation_loss(self, run):
         summary, _ = run
         for c in C.CONSTRAINTS:
-            assert summary[f"{c}_final_val_loss"] < summary[f"{c}_base_val_loss"]
+            assert getattr(summary, f"{c}_final_val_loss") < getattr(summary, f"{c}_base_val_loss")
+
+    def test_summary_is_what_was_written(self, run):
+        """The returned summary is summary.parquet: the same fields, in the same order, with the same values."""
+        summary, f = run
+        assert isinstance(summary, CircuitsSummary)
+        assert f["summary"].columns == [fld.name for fld in dataclasses.fields(CircuitsSummary)]
+        assert f["summary"].row(0, named=True) == summary.as_dict()
+        base = f["checkpoints"].filter(pl.col("checkpoint") == 0)
+        assert summary.n_prompts == base["n"].sum() == len(C.held_out_prompts())
+
+    def test_transcoders_report_is_the_build(self, run):
+        """``lab transcoders build`` on a built profile reports the build the run used, without training."""
+        from lab import paths
+
+        _, f = run
+        report = E.build_transcoders(get_profile("smoke"), progress=False)
+        folder = paths.transcoder_dir("smoke")
+        meta = json.loads((folder / "meta.json").read_text())
+        fvu = f["transcoders"]["fvu"]
+        worst = f["transcoders"].sort("fvu")[-1]
+        assert report == (f"transcoders for tiny-llama in {folder}: 2 layers x {meta['d_transcoder']} features "
+                          f"(TopK {meta['k']}), trained {meta['train_s']:.0f} s; held-out FVU mean {fvu.mean():.3f}, "
+                          f"worst {worst['fvu'][0]:.3f} (layer {worst['layer'][0]})")
 
 
 class TestNotebook:

@@ -55,3 +55,33 @@ def test_summary_statistics_match_the_log(results_dir):
     assert s["clipped_fraction"] == sum(n > 1.0 for n in norms) / len(norms)
     tail = sorted(log["grad_norm"].to_list()[-20:])
     assert s["grad_norm_last_tenth"] == pytest.approx((tail[9] + tail[10]) / 2)
+
+
+class TestBench:
+    """`lab bench <name>` runs the library benchmark through the track that owns its results."""
+
+    def test_bench_pretrain(self, results_dir, capsys):
+        """The timed step count reaches the benchmark, which writes results/pretrain/benchmark.parquet."""
+        assert main(["bench", "pretrain", "--profile", "smoke", "--steps", "5"]) == 0
+        folder = results_dir / "smoke" / "pretrain"
+        frame = pl.read_parquet(folder / "benchmark.parquet")
+        assert frame["loop"][0].startswith("reference") and frame["ratio"][0] == 1.0  # the baseline against itself
+        assert frame["ratio"].to_list() == pytest.approx((frame["tokens_per_s"] / frame["tokens_per_s"][0]).to_list())
+        assert json.loads((folder / "manifest.json").read_text())["benchmark"]["config"] == {"steps": 5, "warmup": 3}
+        assert "timed 5 steps after 3 warm-up steps" in capsys.readouterr().out
+
+    def test_bench_finetune(self, results_dir, capsys):
+        """Two rows, logging off then on; the ratio is on / off of the medians; provenance holds the short run."""
+        assert main(["bench", "finetune", "--profile", "smoke"]) == 0
+        folder = results_dir / "smoke" / "A_finetuning"
+        frame = pl.read_parquet(folder / "benchmark.parquet")
+        assert frame["ratio"].to_list() == pytest.approx([1.0, frame["median_s"][1] / frame["median_s"][0]])
+        from lab.profiles import get_profile
+        from lab.tracks.A_finetuning.config import config_for
+
+        main_cfg = config_for(get_profile("smoke"))
+        config = json.loads((folder / "manifest.json").read_text())["benchmark"]["config"]
+        assert config["repeats"] == 2  # the short run's config is stored as its repr (as before the refactor)
+        assert f"n_train={6 * main_cfg.batch_size}, " in config["finetune"] and ", epochs=1, " in config["finetune"]
+        assert ", moments_every=1, " in config["finetune"]
+        assert "fine-tune instrumentation overhead: 6 steps x 2 repeats" in capsys.readouterr().out

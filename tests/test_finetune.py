@@ -1,4 +1,5 @@
-"""Fine-tuning (lab.finetune, lab.finetune_data): LoRA/QLoRA mechanics checked against independent computations."""
+"""Fine-tuning (lab.train.lora, lab.data.records, Track A): LoRA/QLoRA mechanics checked against independent
+computations."""
 
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ import torch
 
 from lab.errors import LabError
 from lab.train.lora import ALL_LINEAR, FinetuneConfig, attach_lora, collate, encode_examples, load_adapter, quantize_nf4, save_adapter, schedule_steps, train_lora
-from lab.tracks.A_finetuning.config import final_adapter_dir, finetune_config
+from lab.profiles import get_profile
+from lab.tracks.A_finetuning.config import config_for, final_adapter_dir
 from lab.train.evaluation import greedy_answers, perplexity
 from lab.train.callbacks import moment_stats
 from lab.data.records import CITIES, NAMES, N_TRAIN_CITIES, N_TRAIN_NAMES, answer_for, chat_text, encode_example, end_token_id, field_scores, make_task, score_answer, wilson_interval
 from lab.paths import data_dir
 from lab.models.loading import load_tiny_model
 
-SMOKE = finetune_config("smoke")
+SMOKE = config_for(get_profile("smoke"))
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -120,6 +122,18 @@ class TestValidation:
             train_lora(load_tiny_model("llama"), replace(SMOKE, **change), tmp_path / "run", progress=False)
         assert not (tmp_path / "run").exists()
 
+    @pytest.mark.parametrize("change, match", [
+        (dict(lr=0.0), r"bad fine-tuning config: lr must be > 0 \(got 0.0\); LoRA fine-tunes typically use"),
+        (dict(rank=1.5), r"rank must be a positive integer \(got 1.5\); try 8"),
+        (dict(batch_size=0), r"batch_size and epochs must be >= 1 \(got 0, 3\)"),
+        (dict(epochs=0), r"batch_size and epochs must be >= 1 \(got 8, 0\)"),
+        (dict(quant="int4"), r"quant must be 'none' or 'nf4' \(got 'int4'\)"),
+        (dict(target_modules=()), r"target_modules is empty: name the linear layers to adapt"),
+    ])
+    def test_config_checks_itself_without_a_model(self, change, match):
+        with pytest.raises(LabError, match=match):
+            FinetuneConfig(**change)
+
     def test_all_problems_in_one_error(self, tmp_path):
         with pytest.raises(LabError) as err:
             train_lora(load_tiny_model("llama"), replace(SMOKE, lr=0.0, rank=-2), tmp_path / "run", progress=False)
@@ -159,12 +173,23 @@ class TestLora:
         reloaded = load_adapter(load_tiny_model("llama"), folder)
         assert torch.equal(_logits(reloaded, ids), trained)
 
-    def test_missing_adapter_names_the_command(self, tmp_path):
-        with pytest.raises(LabError, match="lab run A_finetuning"):
+    def test_missing_adapter_names_the_fix(self, tmp_path):
+        with pytest.raises(LabError, match=r"adapter_config.json is missing.*save_adapter.*`lab run <track>`"):
             load_adapter(load_tiny_model("llama"), tmp_path)
 
     def test_final_adapter_dir(self):
-        assert final_adapter_dir("smoke") == data_dir() / "adapters" / "smoke" / "A_finetuning" / "main"
+        assert final_adapter_dir(get_profile("smoke")) == data_dir() / "adapters" / "smoke" / "A_finetuning" / "main"
+
+    def test_save_adapter_replaces_the_old_one_atomically(self, tmp_path):
+        lm = load_tiny_model("llama")
+        model = attach_lora(lm.model, SMOKE)
+        folder = tmp_path / "adapter"
+        folder.mkdir()
+        (folder / "stale.txt").write_text("from an older run")
+        assert save_adapter(model, folder) == folder
+        assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json",
+                                                             "adapter_model.safetensors"]
+        assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary sibling left behind
 
 
 class TestTraining:
@@ -351,16 +376,25 @@ def test_answer_round_trip():
 
 
 def test_default_config_is_the_cpu_profile():
-    assert finetune_config("cpu") == FinetuneConfig()
+    assert config_for(get_profile("cpu")) == FinetuneConfig()
+
+
+def test_a_recipe_per_profile():
+    from lab.profiles import PROFILES, Profile
+    from lab.tracks.A_finetuning.config import RECIPES
+
+    assert set(RECIPES) == set(PROFILES)
+    with pytest.raises(LabError, match=r"no recipe for profile 'laptop'.*RECIPES"):
+        config_for(Profile("laptop", "", "cpu", "smoke", "tiny-llama"))
 
 
 class TestTrack:
     """The track's plan and its results, from a real smoke run of the notebook as a script."""
 
     def test_plan_shares_the_main_run(self):
-        from lab.tracks.A_finetuning.run import plan
+        from lab.tracks.A_finetuning.config import plan
 
-        cfg = finetune_config("cpu")
+        cfg = config_for(get_profile("cpu"))
         runs = plan(cfg)
         assert runs[0].name == "main" and runs[0].cfg == cfg
         lrs = sorted(r.cfg.lr for r in runs if "lr" in r.groups)
@@ -379,13 +413,13 @@ class TestTrack:
         ([3.0, 2.0, 1.5, 1.51], None),  # within tolerance
     ])
     def test_divergence_step(self, losses, expected):
-        from lab.tracks.A_finetuning.run import divergence_step
+        from lab.tracks.A_finetuning.frames import divergence_step
 
         evals = pl.DataFrame({"step": list(range(len(losses))), "eval_loss": losses})
         assert divergence_step(evals) == expected
 
     def test_moments_summary_weights_by_parameter_count(self):
-        from lab.tracks.A_finetuning.run import moments_summary
+        from lab.tracks.A_finetuning.frames import moments_summary
 
         rows = [  # (step, layer, module, matrix, n, sqrt v); only the last step counts
             (1, 0, "q_proj", "A", 10, 9.0), (2, 0, "q_proj", "A", 10, 1.0), (2, 0, "q_proj", "B", 30, 3.0),

@@ -1,4 +1,5 @@
-"""The tiny GPT: observable activations satisfy the residual-stream identities; both attention paths agree."""
+"""The tiny GPT: its hook points satisfy the residual-stream identities, read and replace activations, and leave
+training on the fused path; both attention paths agree."""
 
 import math
 
@@ -7,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from lab.errors import LabError
-from lab.models.gpt import GPT, GPTConfig, hook_names
+from lab.interp.interventions import replaced, zero_ablated
+from lab.interp.names import act_name
+from lab.models.gpt import GPT, GPTConfig, HookPoint, hook_names
 
 CFG = GPTConfig(vocab_size=50, block_size=16, n_layer=3, n_head=4, d_model=32)
 
@@ -36,18 +39,18 @@ class TestCapture:
     def test_block_identities(self, run):
         _, _, c = run
         for l in range(CFG.n_layer):
-            torch.testing.assert_close(c[f"blocks.{l}.hook_resid_pre"] + c[f"blocks.{l}.hook_attn_out"],
-                                       c[f"blocks.{l}.hook_resid_mid"])
-            torch.testing.assert_close(c[f"blocks.{l}.hook_resid_mid"] + c[f"blocks.{l}.hook_mlp_out"],
-                                       c[f"blocks.{l}.hook_resid_post"])
+            torch.testing.assert_close(c[act_name("resid_pre", l)] + c[act_name("attn_out", l)],
+                                       c[act_name("resid_mid", l)])
+            torch.testing.assert_close(c[act_name("resid_mid", l)] + c[act_name("mlp_out", l)],
+                                       c[act_name("resid_post", l)])
             if l + 1 < CFG.n_layer:
-                assert torch.equal(c[f"blocks.{l}.hook_resid_post"], c[f"blocks.{l + 1}.hook_resid_pre"])
+                assert torch.equal(c[act_name("resid_post", l)], c[act_name("resid_pre", l + 1)])
         torch.testing.assert_close(c["hook_embed"] + c["hook_pos_embed"], c["blocks.0.hook_resid_pre"])
 
     def test_final_norm_and_unembed_reproduce_logits(self, gpt, run):
         _, logits, c = run
-        last = c[f"blocks.{CFG.n_layer - 1}.hook_resid_post"]
-        manual = F.layer_norm(last, (CFG.d_model,), gpt.ln_f.weight) @ gpt.wte.weight.T
+        last = c[act_name("resid_post", CFG.n_layer - 1)]
+        manual = F.layer_norm(last, (CFG.d_model,), gpt.ln_final.weight) @ gpt.wte.weight.T
         torch.testing.assert_close(manual, logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(c["ln_final.hook_normalized"] @ gpt.wte.weight.T, logits)
 
@@ -55,7 +58,7 @@ class TestCapture:
         idx, _, c = run
         T = idx.shape[1]
         for l in range(CFG.n_layer):
-            pat = c[f"blocks.{l}.attn.hook_pattern"]  # (B, nh, T, T)
+            pat = c[act_name("pattern", l)]  # (B, nh, T, T)
             assert pat.shape == (2, CFG.n_head, T, T)
             torch.testing.assert_close(pat.sum(-1), torch.ones(2, CFG.n_head, T))
             assert torch.all(pat.triu(1) == 0)
@@ -94,6 +97,79 @@ class TestCapture:
         _, loss, _ = gpt(idx[:, :-1], idx[:, 1:])
         torch.testing.assert_close(loss, F.cross_entropy(logits[:, :-1].reshape(-1, CFG.vocab_size),
                                                          idx[:, 1:].reshape(-1)), rtol=1e-5, atol=1e-5)
+
+
+class TestHookPoints:
+    """Named identity modules: capture and interventions both go through them."""
+
+    def test_names_come_from_the_module_tree(self, gpt):
+        """The hook points' paths in the module tree are the names ``hook_names`` builds, in forward order."""
+        assert list(gpt.hook_points()) == hook_names(CFG.n_layer)
+        assert all(isinstance(m, HookPoint) for m in gpt.hook_points().values())
+
+    def test_hook_z_is_the_per_head_input_of_the_output_projection(self, gpt, run):
+        """attn_out = proj(z with its heads concatenated): z holds each head's output."""
+        idx, _, c = run
+        for l in range(CFG.n_layer):
+            z = c[act_name("z", l)]  # (B, T, nh, hs)
+            assert z.shape == (2, idx.shape[1], CFG.n_head, CFG.d_model // CFG.n_head)
+            torch.testing.assert_close(gpt.blocks[l].attn.proj(z.flatten(2)), c[act_name("attn_out", l)])
+
+    def test_pattern_is_materialised_only_when_hooked(self, gpt, run):
+        """The eager softmax runs only for a layer whose pattern is requested; otherwise the fused kernel does."""
+        idx, _, _ = run
+        calls = []
+        h = gpt.blocks[0].attn.hook_pattern.register_forward_pre_hook(lambda *a: calls.append(1))  # does not count
+        try:
+            gpt(idx, capture=[act_name("resid_mid", 0), act_name("z", 0)])
+            assert calls == []
+            gpt(idx, capture=[act_name("pattern", 0)])
+            assert calls == [1]
+        finally:
+            h.remove()
+
+    def test_hooks_are_removed_after_capture_and_after_errors(self, gpt, run):
+        idx, _, _ = run
+        gpt(idx, capture=hook_names(CFG.n_layer))
+        with pytest.raises(LabError):
+            gpt(torch.zeros(1, 17, dtype=torch.long), capture=["blocks.0.hook_resid_pre"])
+        assert not any(p._forward_hooks for p in gpt.hook_points().values())
+
+    def test_zero_ablating_the_last_mlp_unembeds_resid_mid(self, gpt, run):
+        """Zeroing hook_mlp_out removes the MLP: the logits become the unembedded resid_mid."""
+        idx, _, c = run
+        last = CFG.n_layer - 1
+        with torch.no_grad(), zero_ablated(gpt, [act_name("mlp_out", last)]):
+            ablated, _, _ = gpt(idx)
+        manual = gpt.lm_head(gpt.ln_final(c[act_name("resid_mid", last)]))
+        torch.testing.assert_close(ablated, manual, rtol=1e-5, atol=1e-5)
+        assert (ablated - run[1]).abs().max() > 1e-3  # the MLP mattered
+
+    def test_replacing_resid_pre_changes_everything_downstream(self, gpt, run):
+        """A replacement at a hook point is what the rest of the forward pass reads."""
+        idx, _, c = run
+        swapped = c[act_name("resid_pre", 1)].flip(0)  # the other sequence's stream
+        with torch.no_grad(), replaced(gpt, {act_name("resid_pre", 1): lambda x: swapped}):
+            got, _, cache = gpt(idx, capture=[act_name("resid_post", CFG.n_layer - 1)])  # reading while replacing
+        torch.testing.assert_close(got, run[1].flip(0), rtol=1e-5, atol=1e-5)
+        last = act_name("resid_post", CFG.n_layer - 1)
+        torch.testing.assert_close(cache[last], c[last].flip(0), rtol=1e-5, atol=1e-5)
+
+    def test_old_checkpoint_keys_load(self, gpt, run):
+        """Checkpoints that call the final norm ``ln_f`` (before it became ``ln_final``) load unchanged."""
+        idx, logits, _ = run
+        old = {("ln_f.weight" if k == "ln_final.weight" else k): v for k, v in gpt.state_dict().items()}
+        fresh = GPT(CFG).eval()
+        fresh.load_state_dict(old)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(idx)[0], logits, rtol=1e-5, atol=1e-5)
+
+    def test_compiles_without_graph_breaks(self, gpt, run):
+        """Hook points without hooks are plain identities: torch.compile traces the model in one graph."""
+        idx, logits, _ = run
+        compiled = torch.compile(gpt, backend="eager", fullgraph=True)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(idx)[0], logits, rtol=1e-5, atol=1e-5)
 
 
 class TestRoPE:

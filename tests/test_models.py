@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lab.errors import LabError
-from lab.models.loading import load_model, load_tiny_model, tiny_config
+from lab.models.loading import CAPTURE_ARCHS, SMOKE_ARCHS, load_model, load_tiny_model, tiny_config
 
 
 class TestTinyModels:
@@ -33,8 +33,13 @@ class TestTinyModels:
             assert cfg.num_key_value_heads < cfg.num_attention_heads
 
     def test_unknown_arch(self):
-        with pytest.raises(LabError, match="llama, qwen2, gemma2, gpt2"):
+        with pytest.raises(LabError, match="llama, qwen2, gemma2, gpt2, mistral, qwen3, phi3, gemma3"):
             tiny_config("mamba", 100)
+
+    def test_the_smoke_families_are_track_cs_four(self):
+        """Track C's architecture table lists four families; the capture covers those and more."""
+        assert SMOKE_ARCHS == ("llama", "qwen2", "gemma2", "gpt2")
+        assert CAPTURE_ARCHS[:4] == SMOKE_ARCHS and len(set(CAPTURE_ARCHS)) == len(CAPTURE_ARCHS)
 
     def test_smoke_profile_default(self):
         assert load_model("smoke").arch == "llama"

@@ -9,10 +9,11 @@ import torch
 
 from lab.data.corpus import smoke_corpus
 from lab.errors import LabError
-from lab.train.pretraining import train_gpt
 from lab.profiles import get_profile
+from lab.tracks.pretrain.config import RECIPES, config_for
+from lab.train.pretraining import PretrainConfig, train_gpt
 
-CFG = get_profile("smoke").pretrain
+CFG = config_for(get_profile("smoke"))
 
 
 class Stop(Exception):
@@ -20,12 +21,60 @@ class Stop(Exception):
 
 
 def test_lr_schedule_analytic():
-    c = get_profile("cpu").pretrain
+    c = config_for(get_profile("cpu"))
     assert c.lr_at(0) == pytest.approx(c.lr / (c.warmup_iters + 1))
     assert c.lr_at(c.warmup_iters) == pytest.approx(c.lr)
     mid = c.warmup_iters + (c.max_iters - c.warmup_iters) // 2
     assert c.lr_at(mid) == pytest.approx((c.lr + c.min_lr) / 2, rel=1e-3)
     assert c.lr_at(c.max_iters) == pytest.approx(c.min_lr)
+
+
+class TestConfig:
+    """PretrainConfig validates itself; the track has a recipe per profile."""
+
+    @pytest.mark.parametrize("change, match", [
+        (dict(batch_size=0), r"batch_size must be an integer >= 1 \(got 0\)"),
+        (dict(max_iters=0), r"max_iters must be an integer >= 1"),
+        (dict(pos_emb="alibi"), r"pos_emb must be 'learned' or 'rope' \(got 'alibi'\)"),
+        (dict(n_head=3), r"n_head 3 must divide d_model 128"),
+        (dict(lr=0.0), r"lr must be > 0"),
+        (dict(min_lr=2e-3), r"min_lr must lie in \[0, lr\]"),
+        (dict(dropout=1.0), r"dropout must lie in \[0, 1\)"),
+        (dict(grad_clip=0.0), r"grad_clip must be > 0"),
+    ])
+    def test_bad_value_names_the_fix(self, change, match):
+        with pytest.raises(LabError, match=match):
+            PretrainConfig(**change)
+        with pytest.raises(LabError, match=match):  # replace() runs the same checks
+            replace(PretrainConfig(), **change)
+
+    def test_every_problem_in_one_error(self):
+        with pytest.raises(LabError) as err:
+            PretrainConfig(batch_size=0, pos_emb="x")
+        assert "batch_size" in str(err.value) and "pos_emb" in str(err.value)
+
+    def test_a_recipe_per_profile(self):
+        from lab.profiles import PROFILES
+
+        assert set(RECIPES) == set(PROFILES)
+        assert all(config_for(p) is RECIPES[name] for name, p in PROFILES.items())
+
+    def test_unknown_profile_names_the_recipes(self):
+        from lab.profiles import Profile
+
+        with pytest.raises(LabError, match=r"no recipe for profile 'laptop'.*RECIPES.*smoke, cpu, gpu"):
+            config_for(Profile("laptop", "", "cpu", "smoke", "tiny-llama"))
+
+    def test_cpu_recipe_is_nanogpt_cpu_recipe(self):
+        c = config_for(get_profile("cpu"))
+        assert (c.n_layer, c.d_model, c.n_head, c.block_size, c.batch_size, c.max_iters) == (4, 128, 4, 64, 12, 2000)
+        assert (c.lr, c.min_lr, c.warmup_iters) == (1e-3, 1e-4, 100)
+        assert c.pos_emb == "rope"  # our one documented change (the track measures learned too)
+
+    def test_gpu_recipe_is_nanogpt_gpu_recipe(self):
+        c = config_for(get_profile("gpu"))  # nanoGPT config/train_shakespeare_char.py
+        assert (c.n_layer, c.n_head, c.d_model, c.block_size, c.batch_size, c.max_iters) == (6, 6, 384, 256, 64, 5000)
+        assert (c.lr, c.min_lr, c.dropout, c.warmup_iters, c.beta2) == (1e-3, 1e-4, 0.2, 100, 0.99)
 
 
 class TestTraining:

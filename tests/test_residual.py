@@ -9,9 +9,10 @@ import polars as pl
 import pytest
 import torch
 
+from lab.errors import LabError
 from lab.interp import residual as res
 from lab.interp.attention import token_labels
-from lab.errors import LabError
+from lab.interp.names import act_name
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +38,16 @@ class TestNormsAndContributions:
         df = res.residual_norms(cap, n, labels)
         assert df.height == n * 3 * 12
         row = df.filter((pl.col("layer") == 1) & (pl.col("point") == "mid") & (pl.col("position") == 5)).row(0, named=True)
-        assert row["norm"] == pytest.approx(float(cap["blocks.1.hook_resid_mid"][0, 5].norm()), rel=1e-6)
+        assert row["norm"] == pytest.approx(float(cap[act_name("resid_mid", 1)][0, 5].norm()), rel=1e-6)
 
     def test_contributions_match_brute_force(self, probe):
         _ids, cap, n, labels = probe
         df = res.contributions(cap, n, labels)
         for layer, sub, pos in ((0, "attention", 3), (1, "mlp", 7)):
             row = df.filter((pl.col("layer") == layer) & (pl.col("sublayer") == sub) & (pl.col("position") == pos)).row(0, named=True)
-            out = cap[f"blocks.{layer}.{'hook_attn_out' if sub == 'attention' else 'hook_mlp_out'}"][0, pos].double()
-            stream = cap[f"blocks.{layer}.{'hook_resid_pre' if sub == 'attention' else 'hook_resid_mid'}"][0, pos].double()
-            final = cap[f"blocks.{n - 1}.hook_resid_post"][0, pos].double()
+            out = cap[act_name("attn_out" if sub == "attention" else "mlp_out", layer)][0, pos].double()
+            stream = cap[act_name("resid_pre" if sub == "attention" else "resid_mid", layer)][0, pos].double()
+            final = cap[act_name("resid_post", n - 1)][0, pos].double()
             assert row["norm"] == pytest.approx(float(out.norm()), rel=1e-6)
             assert row["proj_stream"] == pytest.approx(float(out @ stream / stream.norm()), rel=1e-6)
             assert row["cos_stream"] == pytest.approx(float(out @ stream / stream.norm() / out.norm()), rel=1e-6)
@@ -98,7 +99,7 @@ class TestSimilarityAndAblation:
     def test_position_similarity(self, probe):
         _ids, cap, n, _labels = probe
         summary, maps = res.position_similarity(cap, n, layers=[1])
-        x = cap["blocks.1.hook_resid_post"][0].double()
+        x = cap[act_name("resid_post", 1)][0].double()
         T = x.shape[0]
         cos = [[float(x[i] @ x[j] / (x[i].norm() * x[j].norm())) for j in range(T)] for i in range(T)]
         pairs = [cos[i][j] for i in range(T) for j in range(i + 1, T)]
@@ -120,14 +121,15 @@ class TestSimilarityAndAblation:
         assert not any(math.isnan(v) for v in df["delta_logprob_last"])
 
     def test_charts_build(self, llama, probe):
+        """The residual-stream track's charts build from these frames (and their aggregates)."""
+        from lab.tracks.C_probing import charts, frames
+
         _ids, cap, n, labels = probe
-        norms = res.residual_norms(cap, n, labels).with_columns(pl.lit("all").alias("positions"))
-        res.plot_norms(norms.group_by("layer", "point", "positions").agg(pl.col("norm").median())).to_dict()
+        charts.norms(frames.norms_by_layer(res.residual_norms(cap, n, labels))).to_dict()
         contrib = res.contributions(cap, n, labels)
-        agg = contrib.group_by("layer", "sublayer").agg(pl.col("norm", "cos_stream").median())
-        res.plot_contribution_profile(agg).to_dict()
-        res.plot_contribution_tokens(contrib).to_dict()
-        res.plot_logit_lens(res.logit_lens(llama.model, cap, n, llama.tokenizer, labels)).to_dict()
+        charts.contribution_profile(frames.contributions_by_layer(contrib)).to_dict()
+        charts.contribution_tokens(contrib).to_dict()
+        charts.logit_lens(res.logit_lens(llama.model, cap, n, llama.tokenizer, labels)).to_dict()
         summary, maps = res.position_similarity(cap, n, layers=[0, 1])
-        res.plot_similarity_profile(summary).to_dict()
-        res.plot_similarity_maps(maps).to_dict()
+        charts.similarity_profile(summary).to_dict()
+        charts.similarity_maps(maps).to_dict()

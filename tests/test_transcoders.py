@@ -1,5 +1,5 @@
-"""Transcoders: the activations they learn from, the unit folding, FVU, the build (learns, saves, reloads into
-circuit-tracer, resumes exactly after an interruption) and its errors."""
+"""Transcoders: the activations they learn from, the unit folding, FVU, the build (learns, publishes, reloads into
+circuit-tracer, resumes exactly after an interruption), its config's validation and its errors."""
 
 from __future__ import annotations
 
@@ -9,10 +9,16 @@ from dataclasses import replace
 import pytest
 import torch
 
+from lab.data.corpus import smoke_corpus
+from lab.errors import LabError
 from lab.interp import transcoders as T
 from lab.interp.capture import capture
-from lab.errors import LabError
+from lab.interp.names import act_name
 from lab.models.loading import load_tiny_model
+from lab.profiles import get_profile
+from lab.tracks.E_circuits.config import config_for
+
+CFG = config_for(get_profile("smoke")).transcoders  # the recipe the smoke profile builds
 
 
 @pytest.fixture(scope="module")
@@ -23,27 +29,26 @@ def lm():
 @pytest.fixture(scope="module")
 def built(lm, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tc") / "smoke"
-    meta = T.build("smoke", loaded=lm, fresh=True, progress=False, folder=folder)
+    meta = T.build(CFG, lm, folder, corpus=smoke_corpus(), fresh=True, progress=False)
     return folder, meta
 
 
 def test_mlp_activations_are_the_mlp_input_and_the_residual_update(lm):
     ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45]])
     ins, outs = T.mlp_activations(lm.model, ids)
-    names = [f"blocks.{i}.hook_{k}" for i in range(2) for k in ("resid_mid", "mlp_out")]
+    names = [act_name(k, i) for i in range(2) for k in ("resid_mid", "mlp_out")]
     cache = capture(lm.model, ids, names)
     for layer, block in enumerate(lm.model.model.layers):
-        mid = cache[f"blocks.{layer}.hook_resid_mid"][0, 1:]
+        mid = cache[act_name("resid_mid", layer)][0, 1:]
         with torch.no_grad():
             expected_in = block.post_attention_layernorm(mid)
         assert torch.equal(ins[layer], expected_in)  # circuit-tracer's mlp.hook_in for Llama
-        assert torch.equal(outs[layer], cache[f"blocks.{layer}.hook_mlp_out"][0, 1:])  # position 0 left out
+        assert torch.equal(outs[layer], cache[act_name("mlp_out", layer)][0, 1:])  # position 0 left out
 
 
 def test_fold_scales_makes_the_raw_transcoder_exactly_the_scaled_one():
-    cfg = T.CONFIGS["smoke"]
     gen = torch.Generator().manual_seed(0)
-    tc = T.new_transcoder(16, cfg, 0, gen)
+    tc = T.new_transcoder(16, CFG, 0, gen)
     with torch.no_grad():
         tc.b_enc.normal_(generator=gen)
         tc.b_dec.normal_(generator=gen)
@@ -67,7 +72,7 @@ def test_fvu_identities():
 
 def test_build_learns_and_reports_what_the_saved_transcoders_do(lm, built):
     folder, meta = built
-    cfg = T.CONFIGS["smoke"]
+    cfg = CFG
     assert meta["n_layers"] == 2 and meta["d_transcoder"] == cfg.d_transcoder and meta["k"] == cfg.k
     assert meta["curve"][0]["train_fvu_mean"] > 1.0  # random features at step 1
     for row in meta["layers"]:
@@ -76,14 +81,17 @@ def test_build_learns_and_reports_what_the_saved_transcoders_do(lm, built):
     tcs, meta2 = T.load_transcoders(folder=folder)
     assert meta2 == json.loads((folder / "meta.json").read_text())
     assert tcs.feature_input_hook == "mlp.hook_in" and tcs.feature_output_hook == "mlp.hook_out"
-    _, val = T.training_texts(lm.tokenizer, "smoke")
+    _, val = T.training_texts(lm.tokenizer, smoke_corpus())
     ids = T.token_sequences(lm.tokenizer, val, cfg.seq_len, cfg.eval_seqs, cfg.seed + 1)
     ins, outs = T.mlp_activations(lm.model, ids)
     again = T.evaluate(list(tcs), ins, outs)
     for a, b in zip(again, meta["layers"], strict=True):
         assert a["fvu"] == pytest.approx(b["fvu"], rel=1e-5) and a["dead_share"] == b["dead_share"]
-    # built already with the same config: returned without training
-    assert T.build("smoke", loaded=lm, progress=False, folder=folder)["train_s"] == meta["train_s"]
+    # built already with the same config: returned without training; another config is not this build
+    assert T.build(cfg, lm, folder, corpus=smoke_corpus(), progress=False)["train_s"] == meta["train_s"]
+    assert T.built(cfg, folder) == meta2 and T.built(replace(cfg, seed=1), folder) is None
+    # published whole: no temp sibling and no resume checkpoint left beside the folder
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
 
 
 def test_interrupted_build_resumes_to_the_same_weights(lm, built, tmp_path, monkeypatch):
@@ -102,11 +110,12 @@ def test_interrupted_build_resumes_to_the_same_weights(lm, built, tmp_path, monk
 
     monkeypatch.setattr(T, "mlp_activations", dies_midway)
     with pytest.raises(KeyboardInterrupt):
-        T.build("smoke", loaded=lm, fresh=True, progress=False, folder=folder)
+        T.build(CFG, lm, folder, corpus=smoke_corpus(), fresh=True, progress=False)
     assert not (folder / "meta.json").exists()  # nothing half-built is presented as built
+    assert (tmp_path / "smoke.building" / "checkpoint.pt").exists()
     monkeypatch.setattr(T, "mlp_activations", real)
-    meta = T.build("smoke", loaded=lm, progress=False, folder=folder)
-    assert meta["resumed_from_step"] == 30
+    meta = T.build(CFG, lm, folder, corpus=smoke_corpus(), progress=False)
+    assert meta["resumed_from_step"] == 30 and not (tmp_path / "smoke.building").exists()
     for layer in range(2):
         a = load_file(folder / f"layer_{layer}.safetensors")
         b = load_file(ref_folder / f"layer_{layer}.safetensors")
@@ -116,14 +125,20 @@ def test_interrupted_build_resumes_to_the_same_weights(lm, built, tmp_path, monk
 
 def test_errors_name_the_fix(tmp_path):
     with pytest.raises(LabError, match="lab transcoders build"):
-        T.load_transcoders(folder=tmp_path)
-    with pytest.raises(LabError, match="GemmaScope"):
-        T.transcoder_config("gpu")
+        T.load_transcoders(tmp_path)
+
+
+@pytest.mark.parametrize(("change", "fix"), [({"k": 129}, "lower k or raise d_transcoder"),
+                                             ({"steps": 0}, "steps must be at least 1"),
+                                             ({"lr": 0.0}, "lr must be positive")])
+def test_config_refuses_what_cannot_train(change, fix):
+    with pytest.raises(LabError, match=fix):
+        replace(CFG, **change)
 
 
 def test_short_text_source_is_refused(lm):
     with pytest.raises(LabError, match="seq_len"):
         T.token_sequences(lm.tokenizer, {"tiny": "a b"}, 32, 4, 0)
-    cfg = replace(T.CONFIGS["smoke"], seq_len=8)
+    cfg = replace(CFG, seq_len=8)
     ids = T.token_sequences(lm.tokenizer, {"x": "the king speaks of the moon " * 20}, cfg.seq_len, 5, 0)
     assert ids.shape == (5, 9) and (ids[:, 0] == lm.tokenizer.bos_token_id).all()

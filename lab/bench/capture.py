@@ -1,7 +1,6 @@
 """Benchmark (not a test): the cost of capturing every residual name of every layer, against a plain forward
-pass and against TransformerLens ``run_with_cache`` on the same weights, in one run. Prints the ratios.
-
-    python -m lab.capture_bench [--profile cpu] [--tokens 256] [--reps 10] [--write]
+pass and against TransformerLens ``run_with_cache`` on the same weights, in one run. :func:`run` prints the ratios
+and returns them; the caller decides where they are written.
 
 TransformerLens does not know SmolLM2 by name (and cannot reach the hub here), so the HookedTransformer is
 built from a ``HookedTransformerConfig`` made from the HF config, with TransformerLens's own
@@ -10,7 +9,6 @@ built from a ``HookedTransformerConfig`` made from the HF config, with Transform
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -19,15 +17,15 @@ from typing import Any
 import polars as pl
 import torch
 
-from lab.interp.names import FINAL_NAME, RESIDUAL_KINDS, hook_names
-from lab.interp.capture import adapter_for, capture
 from lab.errors import LabError
-from lab.models.loading import LoadedModel, load_model
-from lab.profiles import Profile, get_profile
-from lab.results import write_result
+from lab.interp.capture import adapter_for, capture
+from lab.interp.names import FINAL_NAME, RESIDUAL_KINDS, hook_names
 from lab.interp.tl_bridge import transformer_lens_model
+from lab.models.loading import LoadedModel
 
-TRACK = "C_probing"
+# The parity checks that become columns of the benchmark frame (all of them also go to its provenance).
+PARITY_COLUMNS = ("tl_logits_max_abs_diff", "tl_resid_max_abs_diff", "tl_resid_max_rel_diff",
+                  "tl_ln_final_times_w_max_abs_diff")
 
 
 def _median_times(fns: dict[str, Callable[[], Any]], reps: int, warmup: int) -> dict[str, list[float]]:
@@ -120,44 +118,20 @@ def capture_benchmark(lm: LoadedModel, tokens: int = 256, reps: int = 10, warmup
     return frame, checks
 
 
-def run_benchmark(profile: str | Profile | None = None, *, tokens: int | None = None, reps: int | None = None,
-                  write: bool = False, lm: LoadedModel | None = None) -> pl.DataFrame:
-    """Load the profile's model, benchmark, print the ratios; optionally write results/C_probing/benchmark."""
-    p = get_profile(profile)
-    if p.threads:
-        torch.set_num_threads(p.threads)
-    smoke = p.name == "smoke"
-    tokens = tokens or (32 if smoke else 256)
-    reps = reps or (3 if smoke else 10)
-    lm = lm or load_model(p)
-    t0 = time.perf_counter()
-    frame, checks = capture_benchmark(lm, tokens=tokens, reps=reps, warmup=1 if smoke else 2)
+def run(lm: LoadedModel, *, tokens: int = 256, reps: int = 10, warmup: int = 2,
+        text: str | None = None) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Benchmark capture on ``lm`` and print the ratios; writes nothing.
+
+    Returns:
+        (one row per method: median and min seconds, ratios to the plain forward and to the lab capture, tokens,
+        repetitions, threads, and the TransformerLens parity checks of :data:`PARITY_COLUMNS`; every parity check
+        as a dict, for the provenance of whoever writes the frame).
+    """
+    frame, checks = capture_benchmark(lm, tokens=tokens, reps=reps, warmup=warmup, text=text)
     for method, med, r1, r2 in frame.select("method", "median_s", "ratio_to_hf_forward", "ratio_to_lab_capture").iter_rows():
         print(f"capture benchmark: {method:<46} {1000 * med:8.1f} ms  x{r1:.2f} of HF forward  x{r2:.2f} of lab capture")
     print(f"({checks['tokens']} tokens, {reps} interleaved repetitions, median; {torch.get_num_threads()} threads; "
           f"TL parity: logits {checks.get('tl_logits_max_abs_diff', 'n/a')}, residuals relative "
           f"{checks.get('tl_resid_max_rel_diff', 'n/a')})")
-    frame = frame.with_columns([pl.lit(checks.get(k)).cast(pl.Float64).alias(k) for k in (
-        "tl_logits_max_abs_diff", "tl_resid_max_abs_diff", "tl_resid_max_rel_diff", "tl_ln_final_times_w_max_abs_diff")])
-    if write:
-        write_result(TRACK, "benchmark", frame, config={"tokens": tokens, "reps": reps, "model": lm.name, **checks},
-                     seed=None, profile=p.name, wall_time_s=time.perf_counter() - t0)
-    return frame
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m lab.capture_bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="cpu")
-    ap.add_argument("--tokens", type=int, default=None)
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--write", action="store_true", help="also write results/C_probing/benchmark.parquet")
-    a = ap.parse_args(argv)
-    try:
-        run_benchmark(a.profile, tokens=a.tokens, reps=a.reps, write=a.write)
-    except LabError as e:
-        raise SystemExit(f"capture_bench: error: {e}")
-
-
-if __name__ == "__main__":
-    main()
+    frame = frame.with_columns([pl.lit(checks.get(k)).cast(pl.Float64).alias(k) for k in PARITY_COLUMNS])
+    return frame, checks

@@ -1,11 +1,9 @@
-"""Benchmarks (not tests): ratios against a baseline measured in the same run, printed and written to results.
-
-    python -m lab.bench pretrain [--profile cpu] [--steps 200]
+"""Benchmark (not a test): training throughput of lab's pretraining loop against a plain nanoGPT-style loop on the
+same model, measured in the same run. ``lab bench pretrain`` runs it through the track that records it.
 """
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from dataclasses import replace
@@ -13,15 +11,13 @@ from dataclasses import replace
 import polars as pl
 import torch
 
-from lab.data.corpus import load_corpus
+from lab.data.corpus import Corpus
 from lab.models.gpt import GPT
-from lab.train.pretraining import gpt_config, train_gpt
-from lab.profiles import Profile, get_profile
-from lab.results import write_result
 from lab.models.tokenizer import CharTokenizer
+from lab.train.pretraining import PretrainConfig, gpt_config, train_gpt
 
 
-def reference_loop_tokens_per_s(cfg, data: torch.Tensor, vocab: int, steps: int, warmup: int) -> float:
+def reference_loop_tokens_per_s(cfg: PretrainConfig, data: torch.Tensor, vocab: int, steps: int, warmup: int) -> float:
     """A straightforward nanoGPT-style loop: eager model, default AdamW, no compilation."""
     torch.manual_seed(cfg.seed)
     model = GPT(gpt_config(cfg, vocab))
@@ -45,7 +41,8 @@ def reference_loop_tokens_per_s(cfg, data: torch.Tensor, vocab: int, steps: int,
     return steps * cfg.batch_size * cfg.block_size / elapsed
 
 
-def lab_loop_tokens_per_s(cfg, corpus, steps: int, warmup: int, compile: bool) -> tuple[float, float]:
+def lab_loop_tokens_per_s(cfg: PretrainConfig, corpus: Corpus, steps: int, warmup: int,
+                          compile: bool) -> tuple[float, float]:
     """``lab.train.pretraining.train_gpt`` (fused AdamW, one-gather batches, cached RoPE tables), optionally compiled;
     returns (tokens/s after warmup, warmup seconds)."""
     bench_cfg = replace(cfg, max_iters=warmup + steps, eval_interval=10**9, eval_iters=1, final_eval_iters=1,
@@ -60,24 +57,24 @@ def lab_loop_tokens_per_s(cfg, corpus, steps: int, warmup: int, compile: bool) -
             float((tokens / warm["tokens_per_s"]).sum()))
 
 
-def pretrain_throughput(profile: str | Profile | None = None, steps: int = 200, warmup: int = 20,
-                        write: bool = False) -> pl.DataFrame:
-    """Training tokens/s of lab's loop vs the reference loop on the same model, same run. Prints the ratio."""
-    p = get_profile(profile)
-    if p.name == "smoke":
-        steps, warmup = min(steps, 20), min(warmup, 3)
-    corpus = load_corpus(p)
+def run(cfg: PretrainConfig, corpus: Corpus, *, steps: int = 200, warmup: int = 20) -> pl.DataFrame:
+    """Training tokens/s of lab's loop (eager, and compiled when ``cfg.compile``) vs the reference loop on the same
+    model and corpus, timed over ``steps`` steps after ``warmup`` untimed ones. Prints one ratio line per loop;
+    writes nothing.
+
+    Returns:
+        One row per loop: tokens/s, ms/step, ratio to the reference loop, warm-up seconds, torch threads.
+    """
     tok = CharTokenizer.from_text(corpus.train_text + corpus.val_text)
     data = tok.encode(corpus.train_text)
-    t0 = time.perf_counter()
-    ref = reference_loop_tokens_per_s(p.pretrain, data, tok.vocab_size, steps, warmup)
+    ref = reference_loop_tokens_per_s(cfg, data, tok.vocab_size, steps, warmup)
     rows = [("reference (eager, nanoGPT-style loop)", ref, None)]
-    eager, eager_warm = lab_loop_tokens_per_s(p.pretrain, corpus, steps, warmup, compile=False)
+    eager, eager_warm = lab_loop_tokens_per_s(cfg, corpus, steps, warmup, compile=False)
     rows.append(("lab loop, eager", eager, eager_warm))
-    if p.pretrain.compile:
-        comp, comp_warm = lab_loop_tokens_per_s(p.pretrain, corpus, steps, warmup, compile=True)
+    if cfg.compile:
+        comp, comp_warm = lab_loop_tokens_per_s(cfg, corpus, steps, warmup, compile=True)
         rows.append(("lab loop, torch.compile (what the profile trains with)", comp, comp_warm))
-    tok_per_step = p.pretrain.batch_size * p.pretrain.block_size
+    tok_per_step = cfg.batch_size * cfg.block_size
     frame = pl.DataFrame({
         "loop": [r[0] for r in rows],
         "tokens_per_s": [r[1] for r in rows],
@@ -89,21 +86,4 @@ def pretrain_throughput(profile: str | Profile | None = None, steps: int = 200, 
     for loop, tps, ratio in frame.select("loop", "tokens_per_s", "ratio").iter_rows():
         print(f"pretrain throughput: {loop:<55} {tps:>9,.0f} tok/s  ratio {ratio:.2f}x")
     print(f"(timed {steps} steps after {warmup} warm-up steps, same run, {torch.get_num_threads()} threads)")
-    if write:
-        write_result("pretrain", "benchmark", frame, config={"steps": steps, "warmup": warmup},
-                     seed=p.pretrain.seed, profile=p.name, wall_time_s=time.perf_counter() - t0)
     return frame
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__)
-    ap.add_argument("which", choices=["pretrain"])
-    ap.add_argument("--profile", default="cpu")
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--write", action="store_true", help="also write results/<track>/benchmark.parquet")
-    a = ap.parse_args(argv)
-    pretrain_throughput(a.profile, steps=a.steps, write=a.write)
-
-
-if __name__ == "__main__":
-    main()

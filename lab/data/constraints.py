@@ -1,4 +1,4 @@
-"""Synthetic constraint corpus for circuit-informed fine-tuning (Track E, WS2), deterministic by seed.
+"""Synthetic constraint corpus for circuit-informed fine-tuning (the seed plan's WS2), deterministic by seed.
 
 Two constraint types, each a set of invented words with one fixed meaning:
 - ``mapping``: invented adjectives that always name one feeling ("blarf" always means happy);

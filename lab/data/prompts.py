@@ -22,14 +22,13 @@ PROMPTS = (
 )
 # Shown as heatmaps: it repeats a clause, so previous-token and induction heads both have something to do.
 PATTERN_PROMPT = "The cat sat on the mat. The dog sat on the log. The cat sat on the mat."
-# Prompts in the format of the fine-tuning task (lab.data.records: event records), with a name and a city from its held-out
-# pools: what a model fine-tuned on it was trained to answer, so where its attention is most likely to differ.
+# Prompts in the format of the fine-tuning task (lab.data.records: event records), with a name and a city from its
+# held-out pools: what a model fine-tuned on it was trained to answer, so where its attention is most likely to differ.
 TASK_PROMPTS = (
     "Log this event: Greta opened a bakery in Havana in 2011.",
     "Note this down: In 1998, Kofi started a new job in Riga.",
     "Make a record of this: Selin ran a marathon in Kyoto in 2016.",
 )
-
 
 
 def encode(lm: LoadedModel, text: str) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Attention analyses on captured patterns: entropy, sink share, previous-token and induction scores,
-base-vs-fine-tuned divergence. Functions return tensors or polars frames; ``plot_*`` return Altair charts.
+base-vs-fine-tuned divergence, and their chance levels. Functions return tensors or polars frames; charts of them
+belong to the track that draws them.
 
 Conventions: a pattern stack is ``(L, H, T, T)`` (layer, query head, query, key) for one sequence; rows sum
 to one over keys ``<= query``. Averages over query positions skip the trivial rows: position 0 can only look
@@ -13,7 +14,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import altair as alt
 import polars as pl
 import torch
 
@@ -167,78 +167,7 @@ def layer_profile(heads: pl.DataFrame, metrics: tuple[str, ...] = ("entropy_norm
             .sort("metric", "summary", "layer"))
 
 
-# ----------------------------------------------------------------------------- charts
-
-
-def plot_head_grid(df: pl.DataFrame, metrics: Sequence[str] = ("entropy_norm", "sink_share", "prev_token", "induction"),
-                   titles: dict[str, str] | None = None) -> alt.HConcatChart:
-    """One layer x head heatmap per metric."""
-    titles = titles or {}
-    panels = []
-    for m in metrics:
-        if m not in df.columns:
-            continue
-        panels.append(alt.Chart(df).mark_rect().encode(
-            x=alt.X("head:O", title="head"),
-            y=alt.Y("layer:O", title="layer", sort="descending"),
-            color=alt.Color(f"{m}:Q", title=None, scale=alt.Scale(scheme="viridis")),
-            tooltip=["layer:O", "head:O", alt.Tooltip(f"{m}:Q", format=".3f")],
-        ).properties(title=titles.get(m, m), width=130, height=alt.Step(9)))
-    return alt.hconcat(*panels).resolve_scale(color="independent")
-
-
-def plot_layer_profile(df: pl.DataFrame) -> alt.FacetChart:
-    """Mean over heads (line) and max over heads (dashed) of each metric, per layer (from :func:`layer_profile`)."""
-    return alt.Chart(df).mark_line(point=True).encode(
-        x=alt.X("layer:Q", title="layer"),
-        y=alt.Y("value:Q", title=None),
-        color=alt.Color("summary:N", title=None),
-        strokeDash=alt.StrokeDash("summary:N", legend=None),
-        tooltip=["layer:Q", "metric:N", "summary:N", alt.Tooltip("value:Q", format=".3f")],
-    ).properties(width=260, height=140).facet(facet=alt.Facet("metric:N", title=None), columns=2)
-
-
-def plot_patterns(df: pl.DataFrame, column: str = "head_label") -> alt.FacetChart:
-    """Attention heatmaps (query down, key across, token labels), one panel per value of ``column``."""
-    order = df["q_label"].unique(maintain_order=True).to_list()
-    return alt.Chart(df).mark_rect().encode(
-        x=alt.X("k_label:N", title="key (attended-to token)", sort=order, axis=alt.Axis(labelAngle=-60)),
-        y=alt.Y("q_label:N", title="query token", sort=order),
-        color=alt.Color("weight:Q", title="weight", scale=alt.Scale(scheme="blues", domain=[0, 1])),
-        tooltip=["q_label:N", "k_label:N", alt.Tooltip("weight:Q", format=".3f")],
-    ).properties(width=alt.Step(14), height=alt.Step(14)).facet(
-        facet=alt.Facet(f"{column}:N", title=None), columns=2)
-
-
-def plot_head_shift(df: pl.DataFrame) -> alt.HConcatChart:
-    """Fine-tuning's effect per head: JS divergence of patterns and entropy change (layer x head)."""
-    js = alt.Chart(df).mark_rect().encode(
-        x=alt.X("head:O"), y=alt.Y("layer:O", sort="descending"),
-        color=alt.Color("js_bits:Q", title="JS (bits)", scale=alt.Scale(scheme="oranges")),
-        tooltip=["layer:O", "head:O", alt.Tooltip("js_bits:Q", format=".4f"),
-                 alt.Tooltip("entropy_change:Q", format="+.4f")],
-    ).properties(title="JS divergence base vs fine-tuned", width=130, height=alt.Step(9))
-    lim = float(df["entropy_change"].abs().max() or 1e-9)
-    ent = alt.Chart(df).mark_rect().encode(
-        x=alt.X("head:O"), y=alt.Y("layer:O", sort="descending"),
-        color=alt.Color("entropy_change:Q", title="Δ entropy (nats)",
-                        scale=alt.Scale(scheme="redblue", domain=[-lim, lim], reverse=True)),
-        tooltip=["layer:O", "head:O", alt.Tooltip("entropy_change:Q", format="+.4f")],
-    ).properties(title="entropy change (tuned − base)", width=130, height=alt.Step(9))
-    return alt.hconcat(js, ent).resolve_scale(color="independent")
-
-
-def plot_memory(df: pl.DataFrame) -> alt.Chart:
-    """Estimated vs measured memory of capturing every layer's patterns, against sequence length (log-log)."""
-    long = df.filter(pl.col("mode") == "in memory").unpivot(
-        index=["tokens"], on=["estimate_mib", "captured_mib", "peak_rss_delta_mib"], variable_name="quantity",
-        value_name="MiB")
-    return alt.Chart(long).mark_line(point=True).encode(
-        x=alt.X("tokens:Q", scale=alt.Scale(type="log", base=2), title="tokens"),
-        y=alt.Y("MiB:Q", scale=alt.Scale(type="log"), title="MiB"),
-        color=alt.Color("quantity:N", title=None),
-        tooltip=["tokens:Q", "quantity:N", alt.Tooltip("MiB:Q", format=",.1f")],
-    ).properties(width="container", height=260)
+# ----------------------------------------------------------------------------- chance levels
 
 
 def uniform_induction_score(n: int, prefix: int = 0) -> float:

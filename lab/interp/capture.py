@@ -12,12 +12,9 @@ Names (``l`` = layer index, as in TransformerLens):
   (TransformerLens's RMSNorm takes its ``hook_normalized`` *before* the learned scale, and folds that scale into
   the unembedding by default; for RMSNorm models ours equals TransformerLens's times ``ln_final.w``.)
 
-So that ``resid_pre + attn_out = resid_mid`` and ``resid_mid + mlp_out = resid_post`` hold exactly on every
-family, ``attn_out`` and ``mlp_out`` are always *the tensors added to the residual stream*. For Gemma2 that
-means after its extra norms: ``hook_attn_out`` = ``post_attention_layernorm(self_attn(...))`` and
-``hook_mlp_out`` = ``post_feedforward_layernorm(mlp(...))``; ``hook_resid_mid`` is the input of
-``pre_feedforward_layernorm``. (In Llama/Qwen2 ``post_attention_layernorm`` is the *pre*-MLP norm; the same
-HF name means different things in the two families, which is why only the adapters know module paths.)
+``attn_out`` and ``mlp_out`` are always *the tensors added to the residual stream*, so ``resid_pre + attn_out =
+resid_mid`` and ``resid_mid + mlp_out = resid_post`` hold exactly on every family; :mod:`lab.interp.adapters` says
+where each name lives per family (Llama, Qwen2, Mistral, Qwen3, Phi-3, Gemma2, Gemma 3, GPT-2).
 
 Under grouped-query attention (SmolLM2: 9 query heads share 3 key/value heads) patterns are per query head.
 sdpa attention returns no weights, so pattern capture switches the model to eager attention for the one
@@ -32,173 +29,25 @@ has run and dropped from memory.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from lab.errors import LabError
-from lab.interp.names import FINAL_NAME, KINDS, PATTERN_KIND, hook_names, parse_name
+from lab.interp.adapters import ADAPTERS, Adapter, adapter_for, softcapped, unwrap
+from lab.interp.hooks import Site, hooks_removed, register
+from lab.interp.names import FINAL_NAME, KINDS, PATTERN_KIND, act_name, hook_names, parse_name
+
+# Kept importable from here for the callers that knew them as part of the capture.
+__all__ = ["ADAPTERS", "Adapter", "Capture", "CaptureEstimate", "DEFAULT_MAX_BYTES", "Site", "adapter_for",
+           "capture", "check_budget", "eager_attention", "estimate", "format_bytes", "hooks_removed",
+           "invariant_errors", "load_streamed", "max_tokens_within", "model_shape", "pattern_bytes", "unembed",
+           "unwrap"]
+
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB of captured tensors held in memory at once
-
-
-# ----------------------------------------------------------------------------- adapters
-
-
-@dataclass(frozen=True)
-class Site:
-    """Where a hook name lives in a model: a module and whether we read its input or its output."""
-
-    module: nn.Module
-    slot: str  # "input" (first positional argument or ``hidden_states``), "output" (tensor or first of a tuple),
-    #            "weights" (second element of the attention module's output tuple)
-
-
-class Adapter:
-    """Maps TransformerLens names to the modules of one architecture family. Subclasses set the paths."""
-
-    family = ""
-    model_types: tuple[str, ...] = ()
-
-    def __init__(self, model: nn.Module):
-        self.model = model  # the *ForCausalLM module (peft wrappers already removed)
-
-    # the family-specific parts ------------------------------------------------------------------
-    def body(self) -> nn.Module:
-        """The transformer without the LM head (forward returns hidden states)."""
-        raise NotImplementedError
-
-    def layers(self) -> Sequence[nn.Module]:
-        raise NotImplementedError
-
-    def final_norm(self) -> nn.Module:
-        raise NotImplementedError
-
-    def sites(self, layer: int) -> dict[str, Site]:
-        """Kind (e.g. ``"hook_attn_out"``) -> where it is read in block ``layer``."""
-        raise NotImplementedError
-
-    def n_heads(self) -> int:
-        return int(self.model.config.num_attention_heads)
-
-    # shared ----------------------------------------------------------------------------------------
-    def n_layers(self) -> int:
-        return len(self.layers())
-
-    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head (+ Gemma2's logit soft-capping): residual ``(..., d)`` -> logits ``(..., V)``."""
-        logits = self.model.get_output_embeddings()(self.final_norm()(resid))
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    def site(self, name: str) -> Site:
-        if name == FINAL_NAME:
-            return Site(self.final_norm(), "output")
-        layer, kind = parse_name(name, self.n_layers())
-        return self.sites(layer)[kind]
-
-
-class LlamaAdapter(Adapter):
-    """Llama / SmolLM2 and Qwen2: pre-norm blocks ``input_layernorm -> self_attn``, ``post_attention_layernorm -> mlp``."""
-
-    family = "llama"
-    model_types = ("llama", "qwen2")
-
-    def body(self) -> nn.Module:
-        return self.model.model
-
-    def layers(self) -> Sequence[nn.Module]:
-        return self.model.model.layers
-
-    def final_norm(self) -> nn.Module:
-        return self.model.model.norm
-
-    def sites(self, layer: int) -> dict[str, Site]:
-        block = self.model.model.layers[layer]
-        return {
-            "hook_resid_pre": Site(block, "input"),
-            "hook_attn_out": Site(block.self_attn, "output"),
-            "hook_resid_mid": Site(block.post_attention_layernorm, "input"),  # the pre-MLP norm's input
-            "hook_mlp_out": Site(block.mlp, "output"),
-            "hook_resid_post": Site(block, "output"),
-            PATTERN_KIND: Site(block.self_attn, "weights"),
-        }
-
-
-class Gemma2Adapter(LlamaAdapter):
-    """Gemma2: sandwich norms. The sublayer outputs are normed *before* the residual add, so ``hook_attn_out`` is
-    ``post_attention_layernorm``'s output and ``hook_mlp_out`` is ``post_feedforward_layernorm``'s output."""
-
-    family = "gemma2"
-    model_types = ("gemma2",)
-
-    def sites(self, layer: int) -> dict[str, Site]:
-        block = self.model.model.layers[layer]
-        return {
-            "hook_resid_pre": Site(block, "input"),
-            "hook_attn_out": Site(block.post_attention_layernorm, "output"),
-            "hook_resid_mid": Site(block.pre_feedforward_layernorm, "input"),
-            "hook_mlp_out": Site(block.post_feedforward_layernorm, "output"),
-            "hook_resid_post": Site(block, "output"),
-            PATTERN_KIND: Site(block.self_attn, "weights"),
-        }
-
-
-class GPT2Adapter(Adapter):
-    """GPT-2: ``transformer.h[l]`` with ``ln_1 -> attn``, ``ln_2 -> mlp``; final ``transformer.ln_f``."""
-
-    family = "gpt2"
-    model_types = ("gpt2",)
-
-    def body(self) -> nn.Module:
-        return self.model.transformer
-
-    def layers(self) -> Sequence[nn.Module]:
-        return self.model.transformer.h
-
-    def final_norm(self) -> nn.Module:
-        return self.model.transformer.ln_f
-
-    def n_heads(self) -> int:
-        return int(self.model.config.n_head)
-
-    def sites(self, layer: int) -> dict[str, Site]:
-        block = self.model.transformer.h[layer]
-        return {
-            "hook_resid_pre": Site(block, "input"),
-            "hook_attn_out": Site(block.attn, "output"),
-            "hook_resid_mid": Site(block.ln_2, "input"),
-            "hook_mlp_out": Site(block.mlp, "output"),
-            "hook_resid_post": Site(block, "output"),
-            PATTERN_KIND: Site(block.attn, "weights"),
-        }
-
-
-ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, Gemma2Adapter, GPT2Adapter)
-
-
-def unwrap(model: Any) -> nn.Module:
-    """The ``*ForCausalLM`` inside a peft wrapper (or the model itself)."""
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
-        return model.get_base_model()
-    return model
-
-
-def adapter_for(model: Any) -> Adapter:
-    """The adapter for ``model``'s architecture family; unsupported families raise :class:`LabError`."""
-    model = unwrap(model)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for cls in ADAPTERS:
-        if model_type in cls.model_types:
-            return cls(model)
-    supported = ", ".join(t for cls in ADAPTERS for t in cls.model_types)
-    raise LabError(f"no capture adapter for model_type {model_type!r}: supported are {supported} "
-                   "(add an Adapter subclass in lab/capture.py for a new family)")
 
 
 # ----------------------------------------------------------------------------- memory
@@ -313,7 +162,7 @@ class Capture:
 
     def stack(self, kind: str, layers: Iterable[int]) -> torch.Tensor:
         """``kind`` over ``layers`` stacked on a new first axis, e.g. ``(L, B, T, d)``."""
-        return torch.stack([self[f"blocks.{l}.{kind}"] for l in layers])
+        return torch.stack([self[act_name(kind, l)] for l in layers])
 
 
 def load_streamed(path: Path, name: str) -> torch.Tensor:
@@ -321,10 +170,6 @@ def load_streamed(path: Path, name: str) -> torch.Tensor:
     from safetensors.torch import load_file
 
     return load_file(str(path))[name]
-
-
-def _first(x: Any) -> torch.Tensor:
-    return x[0] if isinstance(x, (tuple, list)) else x
 
 
 @contextmanager
@@ -342,15 +187,6 @@ def eager_attention(model: Any) -> Iterator[None]:
     finally:
         if previous != "eager":
             inner.set_attn_implementation(previous)
-
-
-@contextmanager
-def hooks_removed(handles: list[Any]) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def capture(model: Any, input_ids: torch.Tensor, names: Iterable[str], *, attention_mask: torch.Tensor | None = None,
@@ -405,32 +241,7 @@ def capture(model: Any, input_ids: torch.Tensor, names: Iterable[str], *, attent
             save_file({name: value.contiguous()}, str(path))
             out.files[name] = path
 
-    # Group names by (module, slot) so one hook serves every name read at the same place.
-    groups: dict[tuple[int, str], tuple[nn.Module, list[str]]] = {}
-    for name in names:
-        s = ad.site(name)
-        groups.setdefault((id(s.module), s.slot), (s.module, []))[1].append(name)
-
-    handles = []
-    for (_, slot), (module, group) in groups.items():
-        if slot == "input":
-            def pre_hook(mod, args, kwargs, group=group):
-                x = args[0] if args else kwargs["hidden_states"]
-                for n in group:
-                    keep(n, x)
-            handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        else:
-            def post_hook(mod, args, output, group=group, slot=slot):
-                if slot == "weights":
-                    if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
-                        raise LabError(f"{type(mod).__name__} returned no attention weights: it must run with eager "
-                                       "attention (lab.capture switches it; report this as a bug)")
-                    x = output[1]
-                else:
-                    x = _first(output)
-                for n in group:
-                    keep(n, x)
-            handles.append(module.register_forward_hook(post_hook))
+    handles = [register(ad.site(name), lambda x, name=name: keep(name, x)) for name in names]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -438,9 +249,8 @@ def capture(model: Any, input_ids: torch.Tensor, names: Iterable[str], *, attent
         bar = tqdm(total=ad.n_layers(), desc="capture", unit="block", leave=False)
         handles += [layer.register_forward_hook(lambda *a: bar.update(1)) for layer in ad.layers()]
 
-    wants_patterns = est.n_pattern_layers > 0
     kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
-    with hooks_removed(handles), torch.no_grad(), (eager_attention(model) if wants_patterns else _null()):
+    with hooks_removed(handles), torch.no_grad(), (eager_attention(model) if est.n_pattern_layers else nullcontext()):
         if logits:
             out.logits = model(input_ids=input_ids, **kwargs).logits.detach().to("cpu")
         else:
@@ -448,11 +258,6 @@ def capture(model: Any, input_ids: torch.Tensor, names: Iterable[str], *, attent
     if bar is not None:
         bar.close()
     return out
-
-
-@contextmanager
-def _null() -> Iterator[None]:
-    yield
 
 
 def unembed(model: Any, resid: torch.Tensor) -> torch.Tensor:
@@ -472,7 +277,6 @@ def model_shape(model: Any) -> dict[str, int | str]:
             "d_model": int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0))}
 
 
-
 def invariant_errors(model: Any, input_ids: torch.Tensor) -> dict[str, float]:
     """Largest absolute violation of each identity the capture must satisfy, on ``input_ids``:
     ``resid_pre + attn_out = resid_mid``, ``resid_mid + mlp_out = resid_post``, ``resid_post[l] = resid_pre[l+1]``,
@@ -486,25 +290,24 @@ def invariant_errors(model: Any, input_ids: torch.Tensor) -> dict[str, float]:
     def worst(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
         return max(float((a.double() - b.double()).abs().max()) for a, b in pairs)
 
-    err["pre_plus_attn_minus_mid"] = worst((cap[f"blocks.{l}.hook_resid_pre"] + cap[f"blocks.{l}.hook_attn_out"],
-                                            cap[f"blocks.{l}.hook_resid_mid"]) for l in range(n))
-    err["mid_plus_mlp_minus_post"] = worst((cap[f"blocks.{l}.hook_resid_mid"] + cap[f"blocks.{l}.hook_mlp_out"],
-                                            cap[f"blocks.{l}.hook_resid_post"]) for l in range(n))
-    err["post_minus_next_pre"] = worst((cap[f"blocks.{l}.hook_resid_post"], cap[f"blocks.{l + 1}.hook_resid_pre"])
+    def at(kind: str, layer: int) -> torch.Tensor:
+        return cap[act_name(kind, layer)]
+
+    err["pre_plus_attn_minus_mid"] = worst((at("resid_pre", l) + at("attn_out", l), at("resid_mid", l))
+                                           for l in range(n))
+    err["mid_plus_mlp_minus_post"] = worst((at("resid_mid", l) + at("mlp_out", l), at("resid_post", l))
+                                           for l in range(n))
+    err["post_minus_next_pre"] = worst((at("resid_post", l), at("resid_pre", l + 1))
                                        for l in range(n - 1)) if n > 1 else 0.0
     with torch.no_grad(), eager_attention(model):
         ref = model(input_ids=input_ids, output_attentions=True, use_cache=False)
-    err["pattern_minus_hf_eager"] = worst((cap[f"blocks.{l}.{PATTERN_KIND}"], ref.attentions[l].cpu()) for l in range(n))
-    err["pattern_row_sum_minus_1"] = worst((cap[f"blocks.{l}.{PATTERN_KIND}"].sum(-1),
-                                            torch.ones(())) for l in range(n))
+    err["pattern_minus_hf_eager"] = worst((at("pattern", l), ref.attentions[l].cpu()) for l in range(n))
+    err["pattern_row_sum_minus_1"] = worst((at("pattern", l).sum(-1), torch.ones(())) for l in range(n))
     err["unembed_last_post_minus_logits"] = float(
-        (unembed(model, cap[f"blocks.{n - 1}.hook_resid_post"]).double() - cap.logits.double()).abs().max())
+        (unembed(model, at("resid_post", n - 1)).double() - cap.logits.double()).abs().max())
     head = ad.model.get_output_embeddings()
     with torch.no_grad():
-        from_final = head(cap[FINAL_NAME].to(next(ad.model.parameters()).device))
-        cap_val = getattr(ad.model.config, "final_logit_softcapping", None)
-        if cap_val is not None:
-            from_final = torch.tanh(from_final / cap_val) * cap_val
+        from_final = softcapped(ad.model, head(cap[FINAL_NAME].to(next(ad.model.parameters()).device)))
         plain = model(input_ids=input_ids, use_cache=False).logits
     err["unembed_ln_final_minus_logits"] = float((from_final.cpu().double() - cap.logits.double()).abs().max())
     err["captured_minus_plain_logits"] = float((plain.cpu().double() - cap.logits.double()).abs().max())

@@ -1,14 +1,15 @@
-"""Attribution graphs with circuit-tracer, and the numbers Track E compares across fine-tuning checkpoints.
+"""Attribution graphs with circuit-tracer, and the numbers that compare one prompt's graphs across models (e.g.
+the checkpoints of a fine-tune).
 
 - ``export_model``: a model (LoRA merged in) saved as a folder that circuit-tracer's NNSight backend loads.
-- ``replacement_model``: that folder + the transcoders of ``lab.transcoders`` as a ``NNSightReplacementModel``.
+- ``replacement_model``: that folder + transcoders (``lab.interp.transcoders``) as a ``NNSightReplacementModel``.
 - ``trace``: one attribution graph (``circuit_tracer.attribute``), pruned with ``prune_graph``, reduced to a small
   JSON-able record: the kept feature nodes and edges, node influence, and per-graph metrics.
 - ``compare``: feature-node overlap (Jaccard) and edge-weight correlation between two records of one prompt.
 - ``bootstrap_mean`` / ``sign_flip_test``: the statistics across prompts.
 
 Node keys are strings that mean the same thing in every graph of a prompt: ``F{layer}.{pos}.{feature}`` for a
-transcoder feature (the transcoders are shared by every checkpoint), ``E{layer}.{pos}`` for an error node,
+transcoder feature (meaningful across graphs when the models share their transcoders), ``E{layer}.{pos}`` for an error node,
 ``T{pos}`` for a token embedding and ``L{token_id}`` for a logit.
 """
 
@@ -21,22 +22,23 @@ import numpy as np
 import torch
 
 from lab.errors import LabError
+from lab.io import publish_dir
 
 NODE_THRESHOLD = 0.8  # circuit-tracer's defaults for prune_graph / create_graph_files
 EDGE_THRESHOLD = 0.98
 
 
 def export_model(model, tokenizer, folder: Path) -> Path:
-    """Save ``model`` (a PeftModel is merged first) and its tokenizer where circuit-tracer can load them."""
+    """Save ``model`` (a PeftModel is merged first) and its tokenizer where circuit-tracer can load them; a folder
+    that already holds a saved model is kept as it is (the caller names folders by content)."""
     folder = Path(folder)
     if (folder / "config.json").exists():
         return folder
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    tmp = folder.with_name(folder.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(folder)
+    with publish_dir(folder) as work:
+        model.save_pretrained(work, safe_serialization=True)
+        tokenizer.save_pretrained(work)
     return folder
 
 

@@ -1,5 +1,6 @@
 """Residual-stream analyses on captured activations: norms per layer, attention vs FFN contributions, the logit
-lens, position similarity, and zero-ablation of sublayers. Frames out; ``plot_*`` make Altair charts.
+lens, position similarity, and zero-ablation of sublayers. Frames out; charts of them belong to the track that
+draws them.
 
 All functions take one sequence: a :class:`lab.interp.capture.Capture` of ``(1, T, d)`` tensors from
 :func:`capture_residuals`.
@@ -10,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import altair as alt
 import polars as pl
 import torch
 
-from lab.interp.names import FINAL_NAME, RESIDUAL_KINDS, hook_names
+from lab.interp.names import FINAL_NAME, RESIDUAL_KINDS, act_name, hook_names
 from lab.interp.capture import Capture, capture, model_shape, unembed
 from lab.interp.interventions import run_with_ablation
 from lab.errors import LabError
@@ -31,7 +31,8 @@ def capture_residuals(model: Any, input_ids: torch.Tensor) -> tuple[Capture, int
 
 
 def _r(cap: Capture, layer: int, kind: str) -> torch.Tensor:
-    return cap[f"blocks.{layer}.{kind}"][0].double()  # (T, d)
+    """One activation of the captured sequence in float64: ``(T, d)``."""
+    return cap[act_name(kind, layer)][0].double()
 
 
 def residual_norms(cap: Capture, n_layers: int, labels: Sequence[str]) -> pl.DataFrame:
@@ -39,7 +40,7 @@ def residual_norms(cap: Capture, n_layers: int, labels: Sequence[str]) -> pl.Dat
     rows: dict[str, list] = {k: [] for k in ("layer", "point", "position", "token", "norm")}
     for l in range(n_layers):
         for point in ("pre", "mid", "post"):
-            norms = _r(cap, l, f"hook_resid_{point}").norm(dim=-1)
+            norms = _r(cap, l, f"resid_{point}").norm(dim=-1)
             for pos, v in enumerate(norms.tolist()):
                 rows["layer"].append(l)
                 rows["point"].append(point)
@@ -60,14 +61,14 @@ def contributions(cap: Capture, n_layers: int, labels: Sequence[str]) -> pl.Data
       pushes towards the final state.
     - ``share``: ‖out‖ / (‖attn_out‖ + ‖mlp_out‖) of the same layer and position.
     """
-    final = _r(cap, n_layers - 1, "hook_resid_post")
+    final = _r(cap, n_layers - 1, "resid_post")
     f_unit = final / final.norm(dim=-1, keepdim=True).clamp_min(EPS)
     rows: dict[str, list] = {k: [] for k in ("layer", "sublayer", "position", "token", "norm", "proj_stream",
                                              "cos_stream", "proj_final", "share")}
     for l in range(n_layers):
-        attn, mlp = _r(cap, l, "hook_attn_out"), _r(cap, l, "hook_mlp_out")
+        attn, mlp = _r(cap, l, "attn_out"), _r(cap, l, "mlp_out")
         total = attn.norm(dim=-1) + mlp.norm(dim=-1)
-        for sub, out, stream in (("attention", attn, _r(cap, l, "hook_resid_pre")), ("mlp", mlp, _r(cap, l, "hook_resid_mid"))):
+        for sub, out, stream in (("attention", attn, _r(cap, l, "resid_pre")), ("mlp", mlp, _r(cap, l, "resid_mid"))):
             s_norm = stream.norm(dim=-1).clamp_min(EPS)
             o_norm = out.norm(dim=-1)
             proj = (out * stream).sum(-1) / s_norm
@@ -102,7 +103,7 @@ def logit_lens(model: Any, cap: Capture, n_layers: int, tokenizer: Any, labels: 
     rows: dict[str, list] = {k: [] for k in ("depth", "position", "token", "top_token", "top_prob", "kl_to_final",
                                              "final_token_rank", "matches_final")}
     for depth in range(n_layers + 1):
-        resid = cap["blocks.0.hook_resid_pre"] if depth == 0 else cap[f"blocks.{depth - 1}.hook_resid_post"]
+        resid = cap[act_name("resid_pre", 0) if depth == 0 else act_name("resid_post", depth - 1)]
         logp = torch.log_softmax(unembed(model, resid)[0].double(), -1)
         kl = (final_p * (final_logp - logp)).sum(-1).clamp_min(0)
         top_p, top = logp.max(-1)
@@ -144,7 +145,7 @@ def position_similarity(cap: Capture, n_layers: int, layers: Sequence[int] | Non
     keep = set(layers or [])
     summary, long = [], {k: [] for k in ("layer", "i", "j", "cos")}
     for l in range(n_layers):
-        x = _r(cap, l, "hook_resid_post")
+        x = _r(cap, l, "resid_post")
         T = x.shape[0]
         unit = x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
         sim = unit @ unit.T
@@ -178,112 +179,10 @@ def ablation_effects(model: Any, input_ids: torch.Tensor, n_layers: int, logits:
     base_p, top = base_logp.exp(), base_logp.argmax(-1)
     rows = []
     for l in range(n_layers):
-        for sub, kind in (("attention", "hook_attn_out"), ("mlp", "hook_mlp_out")):
-            abl = torch.log_softmax(run_with_ablation(model, input_ids, [f"blocks.{l}.{kind}"])[0].double(), -1)
+        for sub, kind in (("attention", "attn_out"), ("mlp", "mlp_out")):
+            abl = torch.log_softmax(run_with_ablation(model, input_ids, [act_name(kind, l)])[0].double(), -1)
             kl = (base_p * (base_logp - abl)).sum(-1).clamp_min(0)
             rows.append({"layer": l, "sublayer": sub, "kl_mean": float(kl.mean()), "kl_last": float(kl[-1]),
                          "top1_changed": float((abl.argmax(-1) != top).double().mean()),
                          "delta_logprob_last": float(abl[-1, top[-1]] - base_logp[-1, top[-1]])})
     return pl.DataFrame(rows)
-
-
-# ----------------------------------------------------------------------------- charts
-
-
-def plot_norms(df: pl.DataFrame) -> alt.Chart:
-    """Norm of ``resid_post`` per layer, log scale: the median over positions ≥ 1 and the first token on its own.
-    Takes the aggregated frame (layer, point, positions, norm)."""
-    post = df.filter(pl.col("point") == "post").sort("layer")
-    return alt.Chart(post).mark_line(point=True).encode(
-        x=alt.X("layer:Q", title="layer (resid_post)"),
-        y=alt.Y("norm:Q", title="‖residual‖ (L2, median over prompts)", scale=alt.Scale(type="log")),
-        color=alt.Color("positions:N", title=None),
-        tooltip=["layer:Q", "positions:N", alt.Tooltip("norm:Q", format=",.1f")],
-    ).properties(width="container", height=260)
-
-
-def plot_contribution_profile(df: pl.DataFrame) -> alt.VConcatChart:
-    """Per layer: median ‖out‖ of attention vs MLP, and median cosine with the stream they are added to.
-    Takes the aggregated frame (layer, sublayer, norm, cos_stream, ...)."""
-    base = alt.Chart(df.sort("layer")).encode(x=alt.X("layer:Q", title="layer"), color=alt.Color("sublayer:N", title=None))
-    norm = base.mark_line(point=True).encode(
-        y=alt.Y("norm:Q", title="median ‖output‖", scale=alt.Scale(type="log")),
-        tooltip=["layer:Q", "sublayer:N", alt.Tooltip("norm:Q", format=",.2f")])
-    cos = base.mark_line(point=True).encode(
-        y=alt.Y("cos_stream:Q", title="median cos(output, stream)"),
-        tooltip=["layer:Q", "sublayer:N", alt.Tooltip("cos_stream:Q", format=".3f")])
-    zero = alt.Chart(pl.DataFrame({"y": [0.0]})).mark_rule(color="gray", strokeDash=[3, 3]).encode(y="y:Q")
-    return alt.vconcat(norm.properties(width="container", height=180),
-                       alt.layer(cos, zero).properties(width="container", height=180))
-
-
-def plot_contribution_tokens(df: pl.DataFrame) -> alt.FacetChart:
-    """Heatmap of the attention share ‖attn‖ / (‖attn‖ + ‖mlp‖) per layer and token of one prompt."""
-    att = df.filter(pl.col("sublayer") == "attention")
-    order = att.sort("position")["token"].unique(maintain_order=True).to_list()
-    return alt.Chart(att).mark_rect().encode(
-        x=alt.X("token:N", sort=order, title=None, axis=alt.Axis(labelAngle=-60)),
-        y=alt.Y("layer:O", sort="descending"),
-        color=alt.Color("share:Q", title="attention share", scale=alt.Scale(scheme="purpleorange", domain=[0, 1])),
-        tooltip=["layer:O", "token:N", alt.Tooltip("share:Q", format=".2f"), alt.Tooltip("norm:Q", format=",.2f")],
-    ).properties(width=alt.Step(16), height=alt.Step(8))
-
-
-def plot_logit_lens(df: pl.DataFrame) -> alt.LayerChart:
-    """The logit lens: depth x token, coloured by KL to the final distribution, labelled with the top token."""
-    order = df.sort("position")["token"].unique(maintain_order=True).to_list()
-    base = alt.Chart(df).encode(
-        x=alt.X("token:N", sort=order, title="input token (the lens predicts the next one)", axis=alt.Axis(labelAngle=-60)),
-        y=alt.Y("depth:O", sort="descending", title="blocks applied"),
-    )
-    rect = base.mark_rect().encode(
-        color=alt.Color("kl_to_final:Q", title="KL to final (nats)", scale=alt.Scale(scheme="viridis", reverse=True)),
-        tooltip=["depth:O", "token:N", "top_token:N", alt.Tooltip("top_prob:Q", format=".2f"),
-                 alt.Tooltip("kl_to_final:Q", format=".2f"), "final_token_rank:Q"],
-    )
-    text = base.mark_text(fontSize=7, limit=44).encode(
-        text="top_token:N",
-        color=alt.condition(alt.datum.kl_to_final > 3, alt.value("white"), alt.value("black")),
-    )
-    return alt.layer(rect, text).properties(width=alt.Step(46), height=alt.Step(12))
-
-
-def plot_lens_profile(df: pl.DataFrame) -> alt.VConcatChart:
-    """Mean KL to the final distribution and share of positions whose top-1 already matches, per depth."""
-    base = alt.Chart(df).encode(x=alt.X("depth:Q", title="blocks applied"))
-    kl = base.mark_line(point=True).encode(y=alt.Y("kl_to_final:Q", title="mean KL to final (nats)"),
-                                           tooltip=["depth:Q", alt.Tooltip("kl_to_final:Q", format=".3f")])
-    top = base.mark_line(point=True, color="#e45756").encode(
-        y=alt.Y("top1_agreement:Q", title="top-1 = final top-1", scale=alt.Scale(domain=[0, 1])),
-        tooltip=["depth:Q", alt.Tooltip("top1_agreement:Q", format=".2f")])
-    return alt.vconcat(kl.properties(width="container", height=160), top.properties(width="container", height=160))
-
-
-def plot_similarity_profile(df: pl.DataFrame) -> alt.Chart:
-    """Mean pairwise cosine between positions per layer: all pairs, without the first token, neighbours only."""
-    long = df.unpivot(index="layer", variable_name="pairs", value_name="mean_cos")
-    return alt.Chart(long).mark_line(point=True).encode(
-        x=alt.X("layer:Q"), y=alt.Y("mean_cos:Q", title="mean cosine between positions"),
-        color=alt.Color("pairs:N", title=None),
-        tooltip=["layer:Q", "pairs:N", alt.Tooltip("mean_cos:Q", format=".3f")],
-    ).properties(width="container", height=240)
-
-
-def plot_similarity_maps(df: pl.DataFrame) -> alt.FacetChart:
-    """Position x position cosine similarity of ``resid_post`` for a few layers (lower triangle)."""
-    return alt.Chart(df).mark_rect().encode(
-        x=alt.X("j:O", title="position"), y=alt.Y("i:O", title="position"),
-        color=alt.Color("cos:Q", scale=alt.Scale(scheme="redblue", domain=[-1, 1], reverse=True)),
-        tooltip=["i:O", "j:O", alt.Tooltip("cos:Q", format=".2f")],
-    ).properties(width=150, height=150).facet(facet=alt.Facet("layer:O", title="layer"), columns=4)
-
-
-def plot_ablation(df: pl.DataFrame) -> alt.Chart:
-    """KL(original || ablated) when one sublayer's output is zeroed, per layer (log scale)."""
-    return alt.Chart(df).mark_line(point=True).encode(
-        x=alt.X("layer:Q"),
-        y=alt.Y("kl_mean:Q", title="mean KL to unablated (nats)", scale=alt.Scale(type="symlog", constant=0.01)),
-        color=alt.Color("sublayer:N", title="zeroed"),
-        tooltip=["layer:Q", "sublayer:N", alt.Tooltip("kl_mean:Q", format=".3f"),
-                 alt.Tooltip("top1_changed:Q", format=".2f")],
-    ).properties(width="container", height=260)

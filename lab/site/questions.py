@@ -4,9 +4,9 @@ Format of one question::
 
     ### Q7. What do Adam's moments look like during fine-tuning?
     Status: ANSWERED
-    Evidence: [moments](results/A_finetuning/adam_moments.parquet), [page](site-src/tracks/A_finetuning.md)
+    Evidence: [moments](results/<track>/moments.parquet), [page](site-src/tracks/<track>.md)
 
-Run ``python -m lab.questions [PATH]``: prints one line per problem and exits 1, or exits 0 when clean.
+Run ``lab questions`` (or ``python -m lab.site.questions [PATH]``): prints one line per problem and exits 1, or exits 0 when clean.
 """
 
 from __future__ import annotations

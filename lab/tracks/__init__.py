@@ -1,4 +1,10 @@
-"""Track registry: each track module exposes ``run(profile, **options) -> dict`` that writes results/<track>/."""
+"""The tracks and their registry.
+
+Every track is a package with the same files: ``config.py`` (its recipe per profile), ``run.py`` (``run(profile,
+...) -> Summary``: the outline that trains, analyses and writes ``results/<track>/``), ``frames.py`` (analysis
+to polars frames), ``charts.py`` (frames to Altair, encoding only) and ``summary.py`` (the headline numbers the
+site quotes). Tracks import the library, never each other.
+"""
 
 from __future__ import annotations
 

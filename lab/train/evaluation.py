@@ -11,6 +11,7 @@ import torch
 from lab.errors import LabError
 from lab.data.records import Example, chat_text, end_token_id, pad_token_id, score_answer, wilson_interval
 from lab.profiles import Profile
+
 PPL_WINDOW, PPL_WINDOWS = 128, 16  # general-text perplexity: the first 16 windows of 128 tokens
 
 
@@ -90,3 +91,24 @@ def general_text(profile: Profile, chars: int = 40_000) -> tuple[str, str]:
 
     corpus = load_corpus(profile)
     return f"{corpus.name} held-out: {', '.join(corpus.val_works)}", corpus.val_text[:chars]
+
+
+def score_model(model, tokenizer, test: tuple[Example, ...], max_new_tokens: int, text: str,
+                probes: tuple[tuple[str, str], ...]) -> dict:
+    """Everything a fine-tuning run is judged on, for one model: task success on ``test`` (greedy; format and
+    exact rates with Wilson intervals), perplexity on ``text`` and retention of the ``probes``' answers.
+
+    Returns:
+        Counts, rates and intervals (``format_*``, ``exact_*``, ``n_test``), ``ppl``, ``probes_retained``,
+        ``probes_n``, and the rows behind them (``answers``, ``probe_answers``) as lists of dicts.
+    """
+    answers = task_success(model, tokenizer, test, max_new_tokens)
+    fmt, exact = rate_with_ci(answers["format_ok"]), rate_with_ci(answers["exact"])
+    kept = probe_retention(model, tokenizer, probes)
+    return {
+        "format_k": fmt["k"], "format_rate": fmt["rate"], "format_lo": fmt["lo"], "format_hi": fmt["hi"],
+        "exact_k": exact["k"], "exact_rate": exact["rate"], "exact_lo": exact["lo"], "exact_hi": exact["hi"],
+        "n_test": fmt["n"], "ppl": perplexity(model, tokenizer, text),
+        "probes_retained": int(kept["retained"].sum()), "probes_n": kept.height,
+        "answers": answers.to_dicts(), "probe_answers": kept.to_dicts(),
+    }

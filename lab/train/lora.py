@@ -1,7 +1,7 @@
 """LoRA / QLoRA fine-tuning through transformers' ``Trainer``, instrumented, checkpointed and resumable.
 
 One function, :func:`train_lora`, fine-tunes a profile's model (SmolLM2-135M-Instruct on ``cpu``) on the
-event-record task of :mod:`lab.finetune_data`. Because it is a plain ``Trainer`` run, the same script runs on
+event-record task of :mod:`lab.data.records`. Because it is a plain ``Trainer`` run, the same script runs on
 several GPUs with ``accelerate launch``. What it records, per optimisation step, into Parquet:
 
 - train loss (unrounded), grad norm *before* clipping (what ``clip_grad_norm_`` returns), learning rate,
@@ -12,7 +12,8 @@ several GPUs with ``accelerate launch``. What it records, per optimisation step,
 
 Checkpoints (the LoRA adapter as safetensors, optimizer, scheduler, RNG states, and our logs) are written at
 25/50/75/100 % of training; a run that finds a checkpoint of the same config resumes from the latest one.
-Bad hyper-parameters raise :class:`LabError` in :func:`validate` before any compute.
+Bad hyper-parameters raise :class:`LabError` before any compute: when the :class:`FinetuneConfig` is made, or in
+:func:`validate` for what needs the model and the data to check.
 """
 
 from __future__ import annotations
@@ -31,35 +32,55 @@ from lab.errors import LabError
 from lab.data.records import Example, TaskData, encode_example, make_task, pad_token_id
 from lab.models.loading import LoadedModel, load_model
 from lab.profiles import Profile
-from lab.io import atomic_write_text
+from lab.io import atomic_write_text, publish_dir
 from lab.train.callbacks import LOG_FILE, RunLog, _trainer_classes
+
 CONFIG_FILE = "lab_config.json"
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """One fine-tuning run. Defaults are the ``cpu`` profile's main run (SmolLM2-135M, 2 cores)."""
+    """One fine-tuning run. Defaults are the ``cpu`` profile's main run (SmolLM2-135M, 2 cores).
 
-    lr: float = 2e-4
-    rank: int = 8
+    Settings that can be checked without a model are checked here; :func:`validate` checks the rest (target
+    modules and sequence lengths against the model, the dataset) before any compute.
+    """
+
+    lr: float = 2e-4  # peak learning rate (after warmup)
+    rank: int = 8  # LoRA rank r
     alpha_per_rank: float = 2.0  # lora_alpha = alpha_per_rank * rank, so the LoRA scale alpha/r is the same at every rank
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ALL_LINEAR
-    batch_size: int = 8
+    dropout: float = 0.0  # LoRA dropout
+    target_modules: tuple[str, ...] = ALL_LINEAR  # names of the linear layers that get adapters
+    batch_size: int = 8  # examples per optimisation step (per device)
     epochs: int = 3
     max_seq_len: int = 96  # longest allowed example (prompt + answer) in tokens; longer ones are an error
-    warmup_ratio: float = 0.1
-    scheduler: str = "cosine"
+    warmup_ratio: float = 0.1  # share of the steps with linear warmup
+    scheduler: str = "cosine"  # transformers' lr_scheduler_type after warmup
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # gradient clipping
     n_evals: int = 6  # eval-loss points after step 0, evenly spaced (and always at the last step)
     moments_every: int = 0  # Adam moment snapshot every n steps (0: at the eval points only)
     quant: str = "none"  # "none" or "nf4" (QLoRA: 4-bit NormalFloat base weights via bitsandbytes)
-    n_train: int = 100
-    n_test: int = 30
-    max_new_tokens: int = 40
-    seed: int = 0
+    n_train: int = 100  # generated training examples of the event-record task
+    n_test: int = 30  # held-out examples (unseen names and cities)
+    max_new_tokens: int = 40  # greedy answer length when scoring
+    seed: int = 0  # task generation, LoRA initialisation, data order
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0 (got {self.lr}); LoRA fine-tunes typically use 1e-4 to 1e-3")
+        if not (isinstance(self.rank, int) and self.rank > 0):
+            problems.append(f"rank must be a positive integer (got {self.rank}); try 8")
+        if self.batch_size < 1 or self.epochs < 1:
+            problems.append(f"batch_size and epochs must be >= 1 (got {self.batch_size}, {self.epochs})")
+        if self.quant not in ("none", "nf4"):
+            problems.append(f"quant must be 'none' or 'nf4' (got {self.quant!r})")
+        if not self.target_modules:
+            problems.append("target_modules is empty: name the linear layers to adapt, e.g. ('q_proj', 'v_proj')")
+        if problems:
+            raise LabError("bad fine-tuning config: " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------- validation and model set-up
@@ -75,18 +96,9 @@ def encode_examples(tokenizer, examples: tuple[Example, ...] | list[Example]) ->
 
 
 def validate(cfg: FinetuneConfig, model, train: list[dict], evals: list[dict]) -> None:
-    """Every mistake we can see before training, as one :class:`LabError` listing all of them with fixes."""
+    """Every mistake in ``cfg`` that needs the model or the data to see (the rest :class:`FinetuneConfig` checks
+    itself), as one :class:`LabError` listing all of them with fixes, before training."""
     problems = []
-    if not cfg.lr > 0:
-        problems.append(f"lr must be > 0 (got {cfg.lr}); LoRA fine-tunes typically use 1e-4 to 1e-3")
-    if not (isinstance(cfg.rank, int) and cfg.rank > 0):
-        problems.append(f"rank must be a positive integer (got {cfg.rank}); try 8")
-    if cfg.batch_size < 1 or cfg.epochs < 1:
-        problems.append(f"batch_size and epochs must be >= 1 (got {cfg.batch_size}, {cfg.epochs})")
-    if cfg.quant not in ("none", "nf4"):
-        problems.append(f"quant must be 'none' or 'nf4' (got {cfg.quant!r})")
-    if not cfg.target_modules:
-        problems.append("target_modules is empty: name the linear layers to adapt, e.g. ('q_proj', 'v_proj')")
     known = _module_names(model)
     unknown = [m for m in cfg.target_modules if m not in known]
     if unknown:
@@ -346,13 +358,8 @@ def train_lora(
 def save_adapter(model, folder: Path) -> Path:
     """``save_pretrained`` of the LoRA adapter (adapter_model.safetensors + adapter_config.json), atomically."""
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    with publish_dir(folder) as work:
+        model.save_pretrained(work, safe_serialization=True)
     return folder
 
 
@@ -361,8 +368,8 @@ def load_adapter(loaded: LoadedModel, folder: Path):
     from peft import PeftModel
 
     if not (Path(folder) / "adapter_config.json").exists():
-        raise LabError(f"no LoRA adapter in {folder} (its adapter_config.json is missing): train and save one first, "
-                       f"e.g. `lab run A_finetuning` saves its main adapter")
+        raise LabError(f"no LoRA adapter in {folder} (its adapter_config.json is missing): train and save one "
+                       f"there first (with save_adapter; `lab run <track>` does it for the track that owns the folder)")
     model = PeftModel.from_pretrained(loaded.model, str(folder))
     model.eval()
     return model

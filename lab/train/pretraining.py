@@ -7,7 +7,6 @@ moments and the RNG states, written atomically; logs up to the checkpoint are wr
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,19 +19,78 @@ from safetensors.torch import load_file, save_file
 
 from lab.data.corpus import Corpus
 from lab.errors import LabError
+from lab.io import atomic_write_bytes, parquet_bytes
 from lab.models.gpt import GPT, GPTConfig
-from lab.profiles import PretrainConfig
-from lab.io import atomic_write_bytes
 from lab.models.tokenizer import CharTokenizer
-from lab.train.schedule import adamw
+from lab.train.schedule import adamw, lr_at
 
 CKPT = "ckpt.safetensors"
 
 
+@dataclass(frozen=True)
+class PretrainConfig:
+    """One character-level GPT pretraining run. Defaults are nanoGPT's CPU recipe for Shakespeare
+    (``config/train_shakespeare_char.py`` with its README's CPU overrides), with rotary position embeddings."""
+
+    # model
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block; must divide d_model
+    d_model: int = 128  # residual-stream width
+    block_size: int = 64  # context length in characters
+    dropout: float = 0.0  # in [0, 1)
+    pos_emb: str = "rope"  # "rope" (rotary, on q and k) or "learned" (nanoGPT's absolute embeddings)
+    # optimisation
+    batch_size: int = 12  # sequences per step
+    max_iters: int = 2000  # optimisation steps
+    lr: float = 1e-3  # peak learning rate, reached after warmup
+    min_lr: float = 1e-4  # cosine floor at max_iters
+    warmup_iters: int = 100  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW, on matrices and embeddings only
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # max global gradient norm
+    # evaluation, checkpoints, samples
+    eval_interval: int = 250  # steps between train/val loss estimates (and one at step 0)
+    eval_iters: int = 50  # batches per estimate
+    final_eval_iters: int = 200  # batches for the estimate at max_iters (the headline number)
+    checkpoint_interval: int = 500  # steps between checkpoints (and one at max_iters); a text sample at each
+    sample_chars: int = 300  # characters per text sample
+    compile: bool = False  # torch.compile the forward pass
+    seed: int = 1337  # model init, batch sampling, dropout and samples
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("n_layer", "n_head", "d_model", "block_size", "batch_size", "max_iters", "eval_interval",
+                     "eval_iters", "final_eval_iters", "checkpoint_interval"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                problems.append(f"{name} must be an integer >= 1 (got {value!r})")
+        if isinstance(self.n_head, int) and self.n_head >= 1 and self.d_model % self.n_head:
+            problems.append(f"n_head {self.n_head} must divide d_model {self.d_model}: change one of them")
+        if self.pos_emb not in ("learned", "rope"):
+            problems.append(f"pos_emb must be 'learned' or 'rope' (got {self.pos_emb!r})")
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0 (got {self.lr}); nanoGPT's character models use 1e-3")
+        if not 0 <= self.min_lr <= self.lr:
+            problems.append(f"min_lr must lie in [0, lr] (got {self.min_lr} with lr {self.lr}); nanoGPT uses lr / 10")
+        if self.warmup_iters < 0:
+            problems.append(f"warmup_iters must be >= 0 (got {self.warmup_iters})")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"dropout must lie in [0, 1) (got {self.dropout})")
+        if not self.grad_clip > 0:
+            problems.append(f"grad_clip must be > 0 (got {self.grad_clip}); nanoGPT uses 1.0")
+        if self.sample_chars < 0:
+            problems.append(f"sample_chars must be >= 0 (got {self.sample_chars})")
+        if problems:
+            raise LabError("bad pretraining config: " + "; ".join(problems))
+
+    def lr_at(self, step: int) -> float:
+        """nanoGPT's schedule: linear warmup, then cosine decay from ``lr`` to ``min_lr`` at ``max_iters``."""
+        return lr_at(step, lr=self.lr, min_lr=self.min_lr, warmup=self.warmup_iters, total=self.max_iters)
+
+
 def gpt_config(cfg: PretrainConfig, vocab_size: int) -> GPTConfig:
     """The model shape a pretraining config describes."""
-    if cfg.pos_emb not in ("learned", "rope"):
-        raise LabError(f"pos_emb must be 'learned' or 'rope', got {cfg.pos_emb!r}")
     return GPTConfig(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.dropout, cfg.pos_emb)
 
 
@@ -94,9 +152,7 @@ def _save_checkpoint(folder: Path, step: int, model: GPT, opt: torch.optim.Optim
                      cfg: PretrainConfig, tok: CharTokenizer, log: TrainLog, times: dict[str, float]) -> None:
     steps, evals, samples = log.frames()
     for name, frame in (("steps", steps), ("evals", evals), ("samples", samples)):
-        buf = io.BytesIO()
-        frame.write_parquet(buf)
-        atomic_write_bytes(folder / f"{name}.parquet", buf.getvalue())
+        atomic_write_bytes(folder / f"{name}.parquet", parquet_bytes(frame))
     tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()
                if k != "lm_head.weight"}  # tied to wte.weight
     for i, st in opt.state_dict()["state"].items():

@@ -1,4 +1,5 @@
-"""The one learning-rate schedule and the one AdamW factory that lab's own training loops share.
+"""The one learning-rate schedule and the one AdamW factory that lab's own training loops share, and what an
+optimizer's state costs in memory.
 
 Transformers' ``Trainer`` (LoRA) has its own scheduler (``lr_scheduler_type``); these serve the loops written
 here (character-level pretraining and the wind tunnel), as nanoGPT's ``get_lr`` and ``configure_optimizers``.
@@ -37,3 +38,21 @@ def adamw(params: Iterable[torch.nn.Parameter], *, lr: float, betas: tuple[float
     groups = [{"params": [p for p in unique if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in unique if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def optimizer_state_bytes(params: list[torch.nn.Parameter], kind: str) -> int:
+    """Bytes of optimizer state after one step on random gradients: ``"adamw"`` (torch, fp32 moments) or
+    ``"adamw8bit"`` (bitsandbytes' 8-bit moments). The gradients are cleared again afterwards."""
+    if kind == "adamw":
+        opt = torch.optim.AdamW(params, lr=1e-4)
+    else:
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(params, lr=1e-4)
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()
+    total = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    for p in params:
+        p.grad = None
+    return int(total)

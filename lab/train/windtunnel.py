@@ -1,8 +1,9 @@
 """Training on the bijection wind tunnel: fresh sequences every step, the entropy MAE logged as it falls.
 
 A finished run is cached (safetensors weights + Parquet log + JSON metadata) under a folder named after a hash
-of everything that determines it (task, model, training config, seed), so re-running the track re-uses it and
-only the analyses run again; ``fresh=True`` retrains.
+of everything that determines it (task, model, training config, seed), published whole with
+:func:`lab.io.publish_dir`, so re-running the track re-uses it and only the analyses run again; ``fresh=True``
+retrains.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from lab.data.windtunnel import Batch, posterior_metrics, sample_batch, summariz
 from lab.models.windtunnel import ModelSpec, build_model, n_params
 from lab.errors import LabError
 from lab.train.schedule import adamw, lr_at
-from lab.io import atomic_write_bytes, atomic_write_text
+from lab.io import parquet_bytes, publish_dir
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,15 @@ class TrainConfig:
     eval_every: int = 250
     eval_sequences: int = 2048
     eval_seed: int = 20_251_227  # one fixed evaluation set shared by every run, seed and model
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise LabError(f"steps, batch_size and lr must be positive (got {self.steps}, {self.batch_size}, {self.lr})")
+        if self.warmup < 0 or not 0 <= self.min_lr_frac <= 1:
+            raise LabError(f"warmup must be >= 0 and min_lr_frac in [0, 1] (got {self.warmup}, {self.min_lr_frac})")
+        if self.eval_every < 1 or self.eval_sequences < 1:
+            raise LabError(f"eval_every and eval_sequences must be positive (got {self.eval_every}, "
+                           f"{self.eval_sequences})")
 
     def lr_at(self, step: int) -> float:
         """Linear warmup reaching ``lr`` on the last warmup step, then cosine decay to ``lr * min_lr_frac``."""
@@ -119,8 +129,6 @@ def train_run(
         on_eval: Called with each log row as it is produced (live charts).
         device: Where to train ("cpu" or "cuda"); the returned model is always on the CPU.
     """
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise LabError(f"steps, batch_size and lr must be positive (got {cfg.steps}, {cfg.batch_size}, {cfg.lr})")
     folder = ckpt_root / f"{name}-{run_key(V, spec, cfg, seed, match)}"
     torch.manual_seed(seed)
     model = build_model(spec, V, match=match)
@@ -185,15 +193,11 @@ def train_run(
         bar.close()
     model.eval().cpu()
     log = pl.DataFrame(rows)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
-              str(folder / "model.safetensors"))
-    import io
-
-    buf = io.BytesIO()
-    log.write_parquet(buf)
-    atomic_write_bytes(folder / "log.parquet", buf.getvalue())
     meta = {"name": name, "V": V, "spec": asdict(spec), "cfg": asdict(cfg), "seed": seed, "match": match,
             "train_time_s": train_s, "n_params": n_params(model)}
-    atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))  # written last: marks the run complete
+    with publish_dir(folder) as work:  # the folder appears complete or not at all
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+                  str(work / "model.safetensors"))
+        (work / "log.parquet").write_bytes(parquet_bytes(log))
+        (work / "meta.json").write_text(json.dumps(meta, indent=1))
     return RunResult(name, model, log, n_params(model), train_s, False, folder)

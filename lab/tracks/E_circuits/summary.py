@@ -1,0 +1,115 @@
+"""Track E's headline numbers: the fields the site quotes as ``value("E_circuits/summary", "<field>")``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from lab.data.constraints import CONSTRAINTS
+from lab.results import Summary
+from lab.tracks.E_circuits.config import LEARNED, CircuitsConfig
+from lab.tracks.E_circuits.frames import learned_at
+from lab.train.lora import FinetuneConfig
+
+
+@dataclass(frozen=True)
+class CircuitsSummary(Summary):
+    """One run of the track. ``mapping_*`` / ``spatial_*``: per constraint type; accuracies are held-out (the
+    right concept's log-probability beats every alternative's); checkpoint 0 is the base model."""
+
+    model: str  # the fine-tuned model
+    n_train: int  # training texts
+    n_validation: int  # validation texts
+    n_prompts: int  # held-out prompts scored at each checkpoint
+    steps: int  # optimiser steps of the fine-tune
+    lr: float  # LoRA learning rate
+    rank: int  # LoRA rank
+    epochs: int  # passes over the training texts
+    loss_on: str  # "concept" (concept words only) or "all" (every token)
+    trainable_params: int  # LoRA parameters
+    learned_threshold: float  # held-out accuracy at which a type counts as learned
+    mapping_base_accuracy: float
+    mapping_final_accuracy: float
+    mapping_base_val_loss: float  # nats per labelled token
+    mapping_final_val_loss: float
+    mapping_learned_at: float  # first share of training reaching learned_threshold; -1.0: never
+    spatial_base_accuracy: float
+    spatial_final_accuracy: float
+    spatial_base_val_loss: float
+    spatial_final_val_loss: float
+    spatial_learned_at: float
+    train_time_s: float  # time in optimiser steps (tokens / tokens_per_s summed over logged steps)
+    transcoder_layers: int  # one transcoder per layer
+    transcoder_features: int  # features per transcoder
+    transcoder_k: int | None  # TopK active features per token (None for hub transcoders)
+    transcoder_fvu_mean: float  # held-out fraction of variance unexplained, mean over layers
+    transcoder_fvu_max: float
+    transcoder_fvu_min: float
+    transcoder_worst_layer: int  # layer with the highest FVU
+    transcoder_dead_share_mean: float  # share of features never active on held-out text, mean over layers
+    transcoder_train_s: float  # the transcoders' training time (when they were built)
+    transcoder_tokens_per_layer: int  # training tokens each transcoder saw
+    graph_prompts: int  # prompts with an attribution graph at every checkpoint
+    graphs: int  # attribution graphs (prompts x checkpoints)
+    attribution_s_median: float  # seconds per graph (when computed; cached graphs keep their time)
+    attribution_s_total: float
+    circuits_wall_s: float  # wall time of the circuit analysis in this run (cached graphs cost nothing)
+    settle_threshold: float  # the circuit rule's Jaccard threshold
+    # early stopping, per type and rule (circuit / loss / oracle): share of training of the kept checkpoint, steps
+    # trained before stopping, held-out accuracy of the kept checkpoint
+    mapping_circuit_stop_fraction: float
+    mapping_circuit_steps: int
+    mapping_circuit_accuracy: float
+    mapping_loss_stop_fraction: float
+    mapping_loss_steps: int
+    mapping_loss_accuracy: float
+    mapping_oracle_stop_fraction: float
+    mapping_oracle_steps: int
+    mapping_oracle_accuracy: float
+    spatial_circuit_stop_fraction: float
+    spatial_circuit_steps: int
+    spatial_circuit_accuracy: float
+    spatial_loss_stop_fraction: float
+    spatial_loss_steps: int
+    spatial_loss_accuracy: float
+    spatial_oracle_stop_fraction: float
+    spatial_oracle_steps: int
+    spatial_oracle_accuracy: float
+    wall_time_s: float  # the whole run, before writing
+
+
+def summarize(*, model: str, cfg: CircuitsConfig, finetune: FinetuneConfig, n_train: int, n_validation: int,
+              n_prompts: int, steps: int, trainable_params: int, checkpoints: pl.DataFrame, train_log: pl.DataFrame,
+              transcoders: pl.DataFrame, transcoder_meta: dict, graphs: pl.DataFrame, n_graph_prompts: int,
+              circuits_wall_s: float, stopping: pl.DataFrame, wall_time_s: float) -> CircuitsSummary:
+    """The summary of one run, from the frames it wrote (``checkpoints``, ``transcoders``, ``graphs``,
+    ``stopping``) and the training log's step frame."""
+    per_type = {}
+    for c in CONSTRAINTS:
+        rows = checkpoints.filter(pl.col("constraint_type") == c).sort("checkpoint")
+        at = learned_at(checkpoints, c)
+        per_type |= {f"{c}_base_accuracy": rows["accuracy"][0], f"{c}_final_accuracy": rows["accuracy"][-1],
+                     f"{c}_base_val_loss": rows["val_loss"][0], f"{c}_final_val_loss": rows["val_loss"][-1],
+                     f"{c}_learned_at": at if at is not None else -1.0}
+    stops = {}
+    for row in stopping.iter_rows(named=True):
+        k = f"{row['constraint_type']}_{row['rule']}"
+        stops |= {f"{k}_stop_fraction": row["fraction"], f"{k}_steps": row["steps_trained"],
+                  f"{k}_accuracy": row["accuracy"]}
+    attribution_s = graphs["attribution_s"].to_list()
+    train_s = float((train_log["tokens"] / train_log["tokens_per_s"]).sum()) if train_log.height else 0.0
+    return CircuitsSummary(
+        model=model, n_train=n_train, n_validation=n_validation, n_prompts=n_prompts, steps=steps,
+        lr=finetune.lr, rank=finetune.rank, epochs=finetune.epochs, loss_on=cfg.loss,
+        trainable_params=trainable_params, learned_threshold=LEARNED, **per_type, train_time_s=train_s,
+        transcoder_layers=transcoders.height, transcoder_features=transcoder_meta["d_transcoder"],
+        transcoder_k=transcoder_meta["k"], transcoder_fvu_mean=float(transcoders["fvu"].mean()),
+        transcoder_fvu_max=float(transcoders["fvu"].max()), transcoder_fvu_min=float(transcoders["fvu"].min()),
+        transcoder_worst_layer=int(transcoders.sort("fvu")["layer"][-1]),
+        transcoder_dead_share_mean=float(transcoders["dead_share"].mean()),
+        transcoder_train_s=transcoder_meta["train_s"],
+        transcoder_tokens_per_layer=transcoder_meta["train_tokens_per_layer"],
+        graph_prompts=n_graph_prompts, graphs=graphs.height,
+        attribution_s_median=float(pl.Series(attribution_s).median()), attribution_s_total=float(sum(attribution_s)),
+        circuits_wall_s=circuits_wall_s, settle_threshold=cfg.settle, **stops, wall_time_s=wall_time_s)
