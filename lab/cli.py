@@ -1,12 +1,12 @@
 """The ``lab`` command.
 
-    lab list                              tracks and profiles
-    lab run pretrain [--profile cpu]      run one track (resumes an interrupted run; --fresh starts over)
-    lab run all [--profile cpu]           every available track
-    lab bench pretrain|finetune|capture   a benchmark: ratios against a baseline measured in the same run
-    lab transcoders build [--profile cpu] train the per-layer transcoders Track E's attribution graphs use
-    lab site build | serve                build the offline site into site/ (strict) or serve it
-    lab questions                         check that every ANSWERED question links to evidence that exists
+lab list                              tracks and profiles
+lab run pretrain [--profile cpu]      run one track (resumes an interrupted run; --fresh starts over)
+lab run all [--profile cpu]           every available track
+lab bench pretrain|finetune|capture   a benchmark: ratios against a baseline measured in the same run
+lab transcoders build [--profile cpu] train the per-layer transcoders Track E's attribution graphs use
+lab site build | serve                build the offline site into site/ (strict) or serve it
+lab questions                         check that every ANSWERED question links to evidence that exists
 """
 
 from __future__ import annotations

@@ -12,11 +12,12 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, is_dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import polars as pl
 
@@ -29,13 +30,14 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "polars", "altair", "
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
         commit = out.stdout.strip() or "unknown"
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--", "lab", "notebooks"],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=5,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -82,7 +84,7 @@ def provenance(*, config: Any, seed: int | None, profile: str, wall_time_s: floa
         "packages": _versions(),
         "hardware": _hardware(),
         "wall_time_s": round(float(wall_time_s), 3),
-        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -125,8 +127,9 @@ def write_result(
         try:  # NaN is not JSON: vega-embed would refuse the whole spec in the browser
             text = json.dumps(spec, indent=1, allow_nan=False)
         except ValueError:
-            raise LabError(f"the chart of {track}/{name} contains NaN or infinity: filter them out in its plot "
-                           f"function") from None
+            raise LabError(
+                f"the chart of {track}/{name} contains NaN or infinity: filter them out in its plot function"
+            ) from None
         atomic_write_text(folder / f"{name}.vl.json", text)
     record = provenance(config=config, seed=seed, profile=profile, wall_time_s=wall_time_s)
     record["files"] = [pq.name] + ([f"{name}.vl.json"] if chart is not None else [])
@@ -167,7 +170,7 @@ class Summary:
 class Stopwatch:
     """``with Stopwatch() as sw: ...; sw.seconds``."""
 
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:
         self._t0 = time.perf_counter()
         self.seconds = 0.0
         return self

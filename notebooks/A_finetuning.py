@@ -15,8 +15,21 @@ def _():
     from lab.tracks.A_finetuning import charts, frames
     from lab.tracks.A_finetuning import run as track
     from lab.tracks.A_finetuning.config import TRACK
-    return (LabError, PROFILES, TRACK, charts, frames, get_profile, mo, or_exit, read_result, script_mode,
-            script_profile, track)
+
+    return (
+        LabError,
+        PROFILES,
+        TRACK,
+        charts,
+        frames,
+        get_profile,
+        mo,
+        or_exit,
+        read_result,
+        script_mode,
+        script_profile,
+        track,
+    )
 
 
 @app.cell
@@ -57,12 +70,27 @@ def _(PROFILES, mo, script_mode):
 
 
 @app.cell
-def _(charts, cli, frames, fresh_ui, get_profile, mo, or_exit, profile_ui, save_ui, script, script_profile, track,
-      train_ui):
+def _(
+    charts,
+    cli,
+    frames,
+    fresh_ui,
+    get_profile,
+    mo,
+    or_exit,
+    profile_ui,
+    save_ui,
+    script,
+    script_profile,
+    track,
+    train_ui,
+):
     # Script: `python notebooks/A_finetuning.py -- --profile cpu` runs every experiment and writes results/.
     # App/editor: press the button; the current run's loss curve updates while it trains.
-    mo.stop(not script and not train_ui.value,
-            mo.md("Press **Run all experiments** (smoke: about half a minute; cpu: about half an hour)."))
+    mo.stop(
+        not script and not train_ui.value,
+        mo.md("Press **Run all experiments** (smoke: about half a minute; cpu: about half an hour)."),
+    )
     profile = script_profile("A_finetuning", cli) if script else get_profile(profile_ui.value)
 
     def show(name, step, total, log):
@@ -72,8 +100,9 @@ def _(charts, cli, frames, fresh_ui, get_profile, mo, or_exit, profile_ui, save_
         mo.output.replace(mo.vstack([mo.md(f"run **{name}**: step {step}/{total}"), chart]))
 
     def _run():
-        return track.run(profile, on_step=show, progress=script, write=script or save_ui.value,
-                         fresh=(not script) and fresh_ui.value)
+        return track.run(
+            profile, on_step=show, progress=script, write=script or save_ui.value, fresh=(not script) and fresh_ui.value
+        )
 
     summary = or_exit("A_finetuning", _run) if script else _run()
     mo.output.replace(mo.ui.table(summary.frame(), selection=None))
@@ -98,56 +127,82 @@ def _(LabError, TRACK, mo, read_result, shown):
             return mo.vstack(parts)
         except LabError as err:
             return mo.md(f"## {title}\n\nNo results yet: {err}")
+
     return (section,)
 
 
 @app.cell
 def _(charts, section):
-    section("1. Loss anatomy (main run)", [("anatomy", charts.plot_anatomy)],
-            "Train loss per step, eval loss on the held-out prompts (dashed rule: lowest eval loss), gradient "
-            "norm before clipping, learning rate.")
+    section(
+        "1. Loss anatomy (main run)",
+        [("anatomy", charts.plot_anatomy)],
+        "Train loss per step, eval loss on the held-out prompts (dashed rule: lowest eval loss), gradient "
+        "norm before clipping, learning rate.",
+    )
     return
 
 
 @app.cell
 def _(charts, section):
-    section("2. Learning-rate sweep", [
-        ("lr_curves", lambda f: charts.plot_curves(f, "lr", "learning rate")),
-        ("lr_outcomes", lambda f: charts.plot_outcomes(f, "lr", "learning rate")),
-        ("lr_outcomes", None)])
+    section(
+        "2. Learning-rate sweep",
+        [
+            ("lr_curves", lambda f: charts.plot_curves(f, "lr", "learning rate")),
+            ("lr_outcomes", lambda f: charts.plot_outcomes(f, "lr", "learning rate")),
+            ("lr_outcomes", None),
+        ],
+    )
     return
 
 
 @app.cell
 def _(charts, section):
-    section("3. LoRA rank sweep", [
-        ("rank_curves", lambda f: charts.plot_curves(f, "rank", "LoRA rank")),
-        ("rank_outcomes", lambda f: charts.plot_outcomes(f, "rank", "LoRA rank")),
-        ("rank_outcomes", None)])
+    section(
+        "3. LoRA rank sweep",
+        [
+            ("rank_curves", lambda f: charts.plot_curves(f, "rank", "LoRA rank")),
+            ("rank_outcomes", lambda f: charts.plot_outcomes(f, "rank", "LoRA rank")),
+            ("rank_outcomes", None),
+        ],
+    )
     return
 
 
 @app.cell
 def _(charts, section):
-    section("4. Batch size × learning rate", [("batch_lr", charts.plot_batch_lr), ("batch_outcomes", None)],
-            "Left: LR scaled linearly with the batch size; right: LR kept at the main run's. Same examples seen.")
+    section(
+        "4. Batch size × learning rate",
+        [("batch_lr", charts.plot_batch_lr), ("batch_outcomes", None)],
+        "Left: LR scaled linearly with the batch size; right: LR kept at the main run's. Same examples seen.",
+    )
     return
 
 
 @app.cell
 def _(charts, frames, section):
-    section("5. Adam's moments", [
-        ("moments", lambda f: charts.plot_moments(frames.moments_by_layer(f))),
-        ("moments_by_module", lambda f: charts.plot_moments_by_module(frames.moments_by_module(f))),
-        ("optimizer_memory", None)])
+    section(
+        "5. Adam's moments",
+        [
+            ("moments", lambda f: charts.plot_moments(frames.moments_by_layer(f))),
+            ("moments_by_module", lambda f: charts.plot_moments_by_module(frames.moments_by_module(f))),
+            ("optimizer_memory", None),
+        ],
+    )
     return
 
 
 @app.cell
 def _(charts, frames, section):
-    section("6. Forgetting, and QLoRA", [("runs", lambda f: charts.plot_forgetting(frames.forgetting_frame(f))),
-                                         ("probes", None), ("qlora", None),
-                                         ("samples", None), ("benchmark", None)])
+    section(
+        "6. Forgetting, and QLoRA",
+        [
+            ("runs", lambda f: charts.plot_forgetting(frames.forgetting_frame(f))),
+            ("probes", None),
+            ("qlora", None),
+            ("samples", None),
+            ("benchmark", None),
+        ],
+    )
     return
 
 

@@ -16,8 +16,22 @@ def _():
     from lab.results import read_result
     from lab.tracks.B_attention import charts, frames
     from lab.tracks.B_attention import run as track
-    return (LabError, PATTERN_PROMPT, PROFILES, charts, frames, get_profile, load_model, mo, or_exit, read_result,
-            script_mode, script_profile, track)
+
+    return (
+        LabError,
+        PATTERN_PROMPT,
+        PROFILES,
+        charts,
+        frames,
+        get_profile,
+        load_model,
+        mo,
+        or_exit,
+        read_result,
+        script_mode,
+        script_profile,
+        track,
+    )
 
 
 @app.cell
@@ -93,12 +107,14 @@ def _(LabError, frames, lm, mo, prompt_ui, script):
 def _(charts, frames, head_ui, labels, layer_ui, mo, patterns, script):
     mo.stop(script)
     _l, _h = layer_ui.value, head_ui.value
-    mo.vstack([
-        mo.md(f"### Layer {_l}, head {_h} on your prompt"),
-        charts.patterns(frames.one_head(patterns, labels, _l, _h)),
-        mo.md("### Every head on your prompt"),
-        charts.head_grid(frames.prompt_heads(patterns), metrics=("entropy_norm", "sink_share", "prev_token")),
-    ])
+    mo.vstack(
+        [
+            mo.md(f"### Layer {_l}, head {_h} on your prompt"),
+            charts.patterns(frames.one_head(patterns, labels, _l, _h)),
+            mo.md("### Every head on your prompt"),
+            charts.head_grid(frames.prompt_heads(patterns), metrics=("entropy_norm", "sink_share", "prev_token")),
+        ]
+    )
     return
 
 
@@ -112,18 +128,20 @@ def _(LabError, charts, mo, read_result):
     except LabError as err:
         committed = mo.md(f"No committed results yet: {err}")
     else:
-        committed = mo.vstack([
-            mo.md(f"""
-    ## RESULTS (committed `cpu` run, {_summ['model']})
+        committed = mo.vstack(
+            [
+                mo.md(f"""
+    ## RESULTS (committed `cpu` run, {_summ["model"]})
 
-    Mean first-token share over all {_summ['n_heads_total']} heads: **{_summ['mean_sink_share']:.2f}**;
-    strongest previous-token head L{_summ['top_prev_layer']} H{_summ['top_prev_head']}
-    ({_summ['top_prev_score']:.2f}); strongest induction head L{_summ['top_induction_layer']}
-    H{_summ['top_induction_head']} ({_summ['top_induction_score']:.2f}, chance {_summ['chance_induction']:.3f}).
+    Mean first-token share over all {_summ["n_heads_total"]} heads: **{_summ["mean_sink_share"]:.2f}**;
+    strongest previous-token head L{_summ["top_prev_layer"]} H{_summ["top_prev_head"]}
+    ({_summ["top_prev_score"]:.2f}); strongest induction head L{_summ["top_induction_layer"]}
+    H{_summ["top_induction_head"]} ({_summ["top_induction_score"]:.2f}, chance {_summ["chance_induction"]:.3f}).
     """),
-            charts.head_grid(_heads),
-            charts.patterns(_examples),
-        ])
+                charts.head_grid(_heads),
+                charts.patterns(_examples),
+            ]
+        )
     committed
     return
 

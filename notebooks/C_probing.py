@@ -16,8 +16,22 @@ def _():
     from lab.results import read_result
     from lab.tracks.C_probing import charts, frames
     from lab.tracks.C_probing import run as track
-    return (LabError, PROMPTS, PROFILES, charts, frames, get_profile, load_model, mo, or_exit, read_result,
-            script_mode, script_profile, track)
+
+    return (
+        LabError,
+        PROMPTS,
+        PROFILES,
+        charts,
+        frames,
+        get_profile,
+        load_model,
+        mo,
+        or_exit,
+        read_result,
+        script_mode,
+        script_profile,
+        track,
+    )
 
 
 @app.cell
@@ -92,18 +106,20 @@ def _(LabError, frames, lm, mo, prompt_ui, script):
 @app.cell
 def _(charts, frames, layer_ui, mo, n_layers, one, script):
     mo.stop(script)
-    mo.vstack([
-        mo.md("### Logit lens on your prompt (colour: KL to the final distribution; text: top token)"),
-        charts.logit_lens(one["lens"]),
-        mo.md("### Attention vs MLP: share of the norm written by attention, per layer and token"),
-        charts.contribution_tokens(one["contrib"]),
-        mo.md("### Per layer: output norms and alignment with the stream"),
-        charts.contribution_profile(frames.contributions_by_layer(one["contrib"])),
-        mo.md("### Residual norm per layer"),
-        charts.norms(frames.norms_by_layer(one["norms"])),
-        mo.md(f"### Cosine similarity between positions after layer {layer_ui.value}"),
-        charts.similarity_maps(frames.similarity_map(one["capture"], n_layers, layer_ui.value)),
-    ])
+    mo.vstack(
+        [
+            mo.md("### Logit lens on your prompt (colour: KL to the final distribution; text: top token)"),
+            charts.logit_lens(one["lens"]),
+            mo.md("### Attention vs MLP: share of the norm written by attention, per layer and token"),
+            charts.contribution_tokens(one["contrib"]),
+            mo.md("### Per layer: output norms and alignment with the stream"),
+            charts.contribution_profile(frames.contributions_by_layer(one["contrib"])),
+            mo.md("### Residual norm per layer"),
+            charts.norms(frames.norms_by_layer(one["norms"])),
+            mo.md(f"### Cosine similarity between positions after layer {layer_ui.value}"),
+            charts.similarity_maps(frames.similarity_map(one["capture"], n_layers, layer_ui.value)),
+        ]
+    )
     return
 
 
@@ -117,17 +133,19 @@ def _(LabError, charts, mo, read_result):
     except LabError as err:
         committed = mo.md(f"No committed results yet: {err}")
     else:
-        committed = mo.vstack([
-            mo.md(f"""
-    ## RESULTS (committed `cpu` run, {_summ['model']})
+        committed = mo.vstack(
+            [
+                mo.md(f"""
+    ## RESULTS (committed `cpu` run, {_summ["model"]})
 
     Median depth from which the logit lens's top-1 token equals the final one:
-    **{_summ['first_stable_depth_median']:.0f}** of {_summ['n_layers']} blocks. Mean KL to the final distribution
-    after half the blocks: {_summ['lens_kl_mid']:.2f} nats.
+    **{_summ["first_stable_depth_median"]:.0f}** of {_summ["n_layers"]} blocks. Mean KL to the final distribution
+    after half the blocks: {_summ["lens_kl_mid"]:.2f} nats.
     """),
-            charts.lens_profile(_lens),
-            mo.ui.table(_bench, selection=None),
-        ])
+                charts.lens_profile(_lens),
+                mo.ui.table(_bench, selection=None),
+            ]
+        )
     committed
     return
 

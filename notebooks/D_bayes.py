@@ -15,8 +15,22 @@ def _():
     from lab.tracks.D_bayes import charts, frames
     from lab.tracks.D_bayes import run as track
     from lab.tracks.D_bayes.config import config_for, custom_candidate
-    return (LabError, PROFILES, charts, config_for, custom_candidate, frames, get_profile, mo, or_exit, read_result,
-            script_mode, script_profile, track)
+
+    return (
+        LabError,
+        PROFILES,
+        charts,
+        config_for,
+        custom_candidate,
+        frames,
+        get_profile,
+        mo,
+        or_exit,
+        read_result,
+        script_mode,
+        script_profile,
+        track,
+    )
 
 
 @app.cell
@@ -56,10 +70,16 @@ def _(PROFILES, mo, script_mode):
     lr_ui = mo.ui.dropdown(options=["3e-4", "1e-3", "3e-3"], value="1e-3", label="learning rate")
     steps_ui = mo.ui.slider(100, 5000, step=100, value=1000, label="steps", show_value=True)
     train_ui = mo.ui.run_button(label="Train one transformer", kind="success")
-    controls = None if script else mo.vstack([
-        mo.md("**Train your own** (V = 20 on the `cpu` profile, V = 6 on `smoke`; not written to results/):"),
-        mo.hstack([profile_ui, layers_ui, width_ui, lr_ui, steps_ui, train_ui], justify="start"),
-    ])
+    controls = (
+        None
+        if script
+        else mo.vstack(
+            [
+                mo.md("**Train your own** (V = 20 on the `cpu` profile, V = 6 on `smoke`; not written to results/):"),
+                mo.hstack([profile_ui, layers_ui, width_ui, lr_ui, steps_ui, train_ui], justify="start"),
+            ]
+        )
+    )
     controls
     return cli, layers_ui, lr_ui, profile_ui, script, steps_ui, train_ui, width_ui
 
@@ -75,24 +95,46 @@ def _(cli, mo, or_exit, script, script_profile, track):
 
 
 @app.cell
-def _(LabError, charts, config_for, custom_candidate, frames, get_profile, layers_ui, lr_ui, mo, profile_ui, script,
-      steps_ui, track, train_ui, width_ui):
+def _(
+    LabError,
+    charts,
+    config_for,
+    custom_candidate,
+    frames,
+    get_profile,
+    layers_ui,
+    lr_ui,
+    mo,
+    profile_ui,
+    script,
+    steps_ui,
+    track,
+    train_ui,
+    width_ui,
+):
     # App/editor: train one transformer with the chosen shape, the curve redrawn after every evaluation.
     mo.stop(script or not train_ui.value, mo.md("Press **Train one transformer** to watch the entropy MAE fall."))
     _p = get_profile(profile_ui.value)
     _cfg = config_for(_p)
-    _candidate = custom_candidate(_cfg, n_layer=layers_ui.value, d_model=int(width_ui.value), lr=float(lr_ui.value),
-                                  steps=steps_ui.value)
+    _candidate = custom_candidate(
+        _cfg, n_layer=layers_ui.value, d_model=int(width_ui.value), lr=float(lr_ui.value), steps=steps_ui.value
+    )
     _refs = frames.reference_lines(_cfg.target_mae, _cfg.floor_bits)
     _rows = []
 
     def _show(row):
         _rows.append(row)
-        mo.output.replace(mo.vstack([
-            mo.md(f"step {row['step']} · entropy MAE **{row['mae_bits']:.4f}** bits · KL {row['kl_bits']:.4f} · "
-                  f"{row['train_s']:.0f} s"),
-            charts.curves(frames.curve_lines(frames.live_curve(_rows)), _refs),
-        ]))
+        mo.output.replace(
+            mo.vstack(
+                [
+                    mo.md(
+                        f"step {row['step']} · entropy MAE **{row['mae_bits']:.4f}** bits · KL {row['kl_bits']:.4f} · "
+                        f"{row['train_s']:.0f} s"
+                    ),
+                    charts.curves(frames.curve_lines(frames.live_curve(_rows)), _refs),
+                ]
+            )
+        )
 
     try:
         track.train_custom(_p, _candidate, on_eval=_show)
@@ -112,20 +154,24 @@ def _(LabError, charts, frames, mo, read_result):
     except LabError as err:
         committed = mo.md(f"No committed results yet: {err}")
     else:
-        committed = mo.vstack([
-            mo.md(f"""
+        committed = mo.vstack(
+            [
+                mo.md(f"""
     ## RESULTS (committed `cpu` run)
 
-    Entropy MAE of the {_summ['n_layer']}-layer, {_summ['n_params']:,}-parameter transformer over
-    {_summ['n_seeds']} seeds: **{_summ['mae_mean']:.4f} ± {_summ['mae_std']:.4f}** bits
-    (range {_summ['mae_min']:.4f}–{_summ['mae_max']:.4f}), {_summ['train_s_mean'] / 60:.1f} min of training
-    per seed. The context-blind MLP: {_summ['mlp_mae']:.3f} bits (analytic floor {_summ['floor_bits']:.3f}).
+    Entropy MAE of the {_summ["n_layer"]}-layer, {_summ["n_params"]:,}-parameter transformer over
+    {_summ["n_seeds"]} seeds: **{_summ["mae_mean"]:.4f} ± {_summ["mae_std"]:.4f}** bits
+    (range {_summ["mae_min"]:.4f}–{_summ["mae_max"]:.4f}), {_summ["train_s_mean"] / 60:.1f} min of training
+    per seed. The context-blind MLP: {_summ["mlp_mae"]:.3f} bits (analytic floor {_summ["floor_bits"]:.3f}).
     """),
-            mo.ui.table(_comparison, selection=None),
-            charts.curves(frames.curve_lines(_curves), frames.reference_lines(_summ["target_mae"], _summ["floor_bits"])),
-            mo.md("**Claims, one by one:**"),
-            mo.ui.table(_verdicts, selection=None),
-        ])
+                mo.ui.table(_comparison, selection=None),
+                charts.curves(
+                    frames.curve_lines(_curves), frames.reference_lines(_summ["target_mae"], _summ["floor_bits"])
+                ),
+                mo.md("**Claims, one by one:**"),
+                mo.ui.table(_verdicts, selection=None),
+            ]
+        )
     committed
     return
 

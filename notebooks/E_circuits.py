@@ -14,8 +14,20 @@ def _():
     from lab.results import read_result
     from lab.tracks.E_circuits import charts, frames
     from lab.tracks.E_circuits import run as track
-    return (LabError, PROFILES, charts, frames, get_profile, mo, or_exit, read_result, script_mode, script_profile,
-            track)
+
+    return (
+        LabError,
+        PROFILES,
+        charts,
+        frames,
+        get_profile,
+        mo,
+        or_exit,
+        read_result,
+        script_mode,
+        script_profile,
+        track,
+    )
 
 
 @app.cell
@@ -46,11 +58,20 @@ def _(mo):
 def _(PROFILES, mo, script_mode):
     script, cli = script_mode(mo)
     profile_ui = mo.ui.dropdown(options=[p for p in PROFILES if p != "gpu"], value="cpu", label="model profile")
-    prompt_ui = mo.ui.text(value="Hugo was blarf the whole day. In one word, Hugo felt", label="prompt",
-                           full_width=True)
-    controls = None if script else mo.vstack([
-        mo.md("**Try a prompt** on the base model and on the final adapter (run the track first):"),
-        profile_ui, prompt_ui])
+    prompt_ui = mo.ui.text(
+        value="Hugo was blarf the whole day. In one word, Hugo felt", label="prompt", full_width=True
+    )
+    controls = (
+        None
+        if script
+        else mo.vstack(
+            [
+                mo.md("**Try a prompt** on the base model and on the final adapter (run the track first):"),
+                profile_ui,
+                prompt_ui,
+            ]
+        )
+    )
     controls
     return cli, profile_ui, prompt_ui, script
 
@@ -80,11 +101,15 @@ def _(LabError, frames, get_profile, mo, profile_ui, prompt_ui, script, track):
     except LabError as err:
         _out = mo.md(f"{err}")
     else:
-        _out = mo.vstack([
-            mo.md("Log-probability of each concept as the next word" +
-                  ("" if _tuned is not None else " (no adapter yet: run the track on this profile)")),
-            mo.ui.table(_scores, selection=None),
-        ])
+        _out = mo.vstack(
+            [
+                mo.md(
+                    "Log-probability of each concept as the next word"
+                    + ("" if _tuned is not None else " (no adapter yet: run the track on this profile)")
+                ),
+                mo.ui.table(_scores, selection=None),
+            ]
+        )
     _out
     return
 
@@ -113,16 +138,32 @@ def _(charts, frames, graph_edges, graph_nodes, graph_ui, graphs, mo):
     mo.stop(graph_ui is None)
     _g = frames.graph_rows(graphs, graph_ui.value)
     _top = frames.top_features(graph_nodes, graph_ui.value)
-    mo.vstack([
-        mo.md(f"**Prompt:** `{_g['prompt'][0] if 'prompt' in _g.columns else graph_ui.value}` — followed at "
-              f"`{_g['target_token'][0]!r}`; probability per checkpoint: "
-              + ", ".join(f"{p:.2f}" for p in _g["target_prob"].to_list())),
-        charts.plot_graph(frames.graph_drawing(graph_nodes, graph_edges, graph_ui.value)),
-        mo.md("Most influential features per checkpoint (L = layer, # = feature index in that layer's transcoder):"),
-        mo.ui.table(_top, selection=None),
-        mo.ui.table(_g.select("checkpoint", "fraction", "target_prob", "n_kept_features", "error_share",
-                              "target_from_features", "replacement_score"), selection=None),
-    ])
+    mo.vstack(
+        [
+            mo.md(
+                f"**Prompt:** `{_g['prompt'][0] if 'prompt' in _g.columns else graph_ui.value}` — followed at "
+                f"`{_g['target_token'][0]!r}`; probability per checkpoint: "
+                + ", ".join(f"{p:.2f}" for p in _g["target_prob"].to_list())
+            ),
+            charts.plot_graph(frames.graph_drawing(graph_nodes, graph_edges, graph_ui.value)),
+            mo.md(
+                "Most influential features per checkpoint (L = layer, # = feature index in that layer's transcoder):"
+            ),
+            mo.ui.table(_top, selection=None),
+            mo.ui.table(
+                _g.select(
+                    "checkpoint",
+                    "fraction",
+                    "target_prob",
+                    "n_kept_features",
+                    "error_share",
+                    "target_from_features",
+                    "replacement_score",
+                ),
+                selection=None,
+            ),
+        ]
+    )
     return
 
 
@@ -135,33 +176,40 @@ def _(LabError, charts, mo, read_result):
     except LabError as err:
         committed = mo.md(f"No committed results yet: {err}")
     else:
-        committed = mo.vstack([
-            mo.md(f"""
-    ## RESULTS (committed `cpu` run, {_summ['model']})
+        committed = mo.vstack(
+            [
+                mo.md(f"""
+    ## RESULTS (committed `cpu` run, {_summ["model"]})
 
-    Held-out accuracy, base → final adapter: mapping {_summ['mapping_base_accuracy']:.0%} →
-    **{_summ['mapping_final_accuracy']:.0%}**, spatial {_summ['spatial_base_accuracy']:.0%} →
-    **{_summ['spatial_final_accuracy']:.0%}** after {_summ['steps']} steps.
+    Held-out accuracy, base → final adapter: mapping {_summ["mapping_base_accuracy"]:.0%} →
+    **{_summ["mapping_final_accuracy"]:.0%}**, spatial {_summ["spatial_base_accuracy"]:.0%} →
+    **{_summ["spatial_final_accuracy"]:.0%}** after {_summ["steps"]} steps.
     """),
-            charts.plot_checkpoints(_ck),
-        ])
+                charts.plot_checkpoints(_ck),
+            ]
+        )
         try:
             _stop = read_result("E_circuits", "stopping")
-            committed = mo.vstack([
-                committed,
-                mo.md(f"""
+            committed = mo.vstack(
+                [
+                    committed,
+                    mo.md(f"""
     ### Circuits
-    Transcoders: {_summ['transcoder_layers']} layers × {_summ['transcoder_features']} features (TopK
-    {_summ['transcoder_k']}), held-out FVU mean {_summ['transcoder_fvu_mean']:.2f} (worst layer
-    {_summ['transcoder_worst_layer']}: {_summ['transcoder_fvu_max']:.2f}).
-    {_summ['graphs']} attribution graphs, median {_summ['attribution_s_median']:.0f} s each.
+    Transcoders: {_summ["transcoder_layers"]} layers × {_summ["transcoder_features"]} features (TopK
+    {_summ["transcoder_k"]}), held-out FVU mean {_summ["transcoder_fvu_mean"]:.2f} (worst layer
+    {_summ["transcoder_worst_layer"]}: {_summ["transcoder_fvu_max"]:.2f}).
+    {_summ["graphs"]} attribution graphs, median {_summ["attribution_s_median"]:.0f} s each.
     """),
-                charts.plot_transcoders(read_result("E_circuits", "transcoders")),
-                charts.plot_circuit_stats(read_result("E_circuits", "circuit_stats")),
-                mo.md("**Early stopping:** where each rule stops, what it keeps, and that checkpoint's held-out accuracy"),
-                mo.ui.table(_stop, selection=None),
-                mo.ui.table(read_result("E_circuits", "circuit_tests"), selection=None),
-            ])
+                    charts.plot_transcoders(read_result("E_circuits", "transcoders")),
+                    charts.plot_circuit_stats(read_result("E_circuits", "circuit_stats")),
+                    mo.md(
+                        "**Early stopping:** where each rule stops, what it keeps, and that checkpoint's "
+                        "held-out accuracy"
+                    ),
+                    mo.ui.table(_stop, selection=None),
+                    mo.ui.table(read_result("E_circuits", "circuit_tests"), selection=None),
+                ]
+            )
         except LabError as err:
             committed = mo.vstack([committed, mo.md(f"No circuit results yet: {err}")])
     committed

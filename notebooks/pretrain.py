@@ -15,8 +15,22 @@ def _():
     from lab.tracks.pretrain import charts, frames
     from lab.tracks.pretrain import run as track
     from lab.tracks.pretrain.config import TRACK, config_for
-    return (LabError, PROFILES, TRACK, charts, config_for, frames, get_profile, mo, or_exit, read_result, script_mode,
-            script_profile, track)
+
+    return (
+        LabError,
+        PROFILES,
+        TRACK,
+        charts,
+        config_for,
+        frames,
+        get_profile,
+        mo,
+        or_exit,
+        read_result,
+        script_mode,
+        script_profile,
+        track,
+    )
 
 
 @app.cell
@@ -53,11 +67,27 @@ def _(PROFILES, mo, script_mode):
 
 
 @app.cell
-def _(charts, cli, config_for, frames, get_profile, iters_ui, mo, or_exit, profile_ui, save_ui, script, script_profile,
-      track, train_ui):
+def _(
+    charts,
+    cli,
+    config_for,
+    frames,
+    get_profile,
+    iters_ui,
+    mo,
+    or_exit,
+    profile_ui,
+    save_ui,
+    script,
+    script_profile,
+    track,
+    train_ui,
+):
     # Script: `python notebooks/pretrain.py -- --profile cpu` trains with the profile's recipe and writes results/.
     # App/editor: press Train; the progress bar and the loss chart update while it trains.
-    mo.stop(not script and not train_ui.value, mo.md("Press **Train** to pretrain live (smoke: seconds; cpu: minutes)."))
+    mo.stop(
+        not script and not train_ui.value, mo.md("Press **Train** to pretrain live (smoke: seconds; cpu: minutes).")
+    )
     profile = script_profile("pretrain", cli) if script else get_profile(profile_ui.value)
     iters = None if script else iters_ui.value
     total = iters or config_for(profile).max_iters
@@ -69,19 +99,32 @@ def _(charts, cli, config_for, frames, get_profile, iters_ui, mo, or_exit, profi
         if script or (step % 25 and step != total):
             return
         last = log.steps[-1]
-        bar = mo.Html(f"<progress value='{step}' max='{total}' style='width:100%'></progress>"
-                      f"<small>step {step}/{total} · loss {last['loss']:.3f} · {last['tokens_per_s']:,.0f} tok/s</small>")
+        bar = mo.Html(
+            f"<progress value='{step}' max='{total}' style='width:100%'></progress>"
+            f"<small>step {step}/{total} · loss {last['loss']:.3f} · {last['tokens_per_s']:,.0f} tok/s</small>"
+        )
         mo.output.replace(mo.vstack([bar, charts.plot_loss(frames.loss_frame(log), reference=None)]))
 
     def _run():
-        return track.run(profile, on_step=show, progress=script, max_iters=iters,
-                         write=script or save_ui.value, bench=script, fresh=not script)
+        return track.run(
+            profile,
+            on_step=show,
+            progress=script,
+            max_iters=iters,
+            write=script or save_ui.value,
+            bench=script,
+            fresh=not script,
+        )
 
     summary = or_exit("pretrain", _run) if script else _run()
-    mo.output.replace(mo.vstack([
-        charts.plot_loss(frames.loss_frame(live["log"]), reference=None) if "log" in live else mo.md(""),
-        mo.ui.table(summary.frame(), selection=None),
-    ]))
+    mo.output.replace(
+        mo.vstack(
+            [
+                charts.plot_loss(frames.loss_frame(live["log"]), reference=None) if "log" in live else mo.md(""),
+                mo.ui.table(summary.frame(), selection=None),
+            ]
+        )
+    )
     return
 
 
@@ -95,18 +138,20 @@ def _(LabError, TRACK, charts, mo, read_result):
     except LabError as err:
         committed = mo.md(f"No committed results yet: {err}")
     else:
-        committed = mo.vstack([
-            mo.md(f"""
+        committed = mo.vstack(
+            [
+                mo.md(f"""
     ## RESULTS (committed `cpu` run)
 
-    Validation loss after {summ['iters']:,} steps: **{summ['final_val_loss']:.3f}** nats/char
-    (train {summ['final_train_loss']:.3f}); {summ['n_params']:,} parameters, {summ['tokens_seen']:,} training
-    characters seen, {summ['wall_time_s'] / 60:.1f} min wall time, median {summ['tokens_per_s']:,.0f} tokens/s.
+    Validation loss after {summ["iters"]:,} steps: **{summ["final_val_loss"]:.3f}** nats/char
+    (train {summ["final_train_loss"]:.3f}); {summ["n_params"]:,} parameters, {summ["tokens_seen"]:,} training
+    characters seen, {summ["wall_time_s"] / 60:.1f} min wall time, median {summ["tokens_per_s"]:,.0f} tokens/s.
     """),
-            charts.plot_loss(loss),
-            mo.md("**Samples at each checkpoint** (temperature 0.8):"),
-            mo.ui.table(samples, selection=None),
-        ])
+                charts.plot_loss(loss),
+                mo.md("**Samples at each checkpoint** (temperature 0.8):"),
+                mo.ui.table(samples, selection=None),
+            ]
+        )
     committed
     return
 

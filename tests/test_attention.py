@@ -62,10 +62,12 @@ class TestHeadScores:
                 ent = [-sum(float(x) * math.log(float(x)) for x in p[l, h, q, : q + 1] if x > 0) for q in range(1, T)]
                 assert s["entropy"][l, h].item() == pytest.approx(sum(ent) / len(ent), rel=1e-5)
                 assert s["entropy_norm"][l, h].item() == pytest.approx(
-                    sum(e / math.log(q + 1) for e, q in zip(ent, range(1, T))) / (T - 1), rel=1e-5)
+                    sum(e / math.log(q + 1) for e, q in zip(ent, range(1, T), strict=True)) / (T - 1), rel=1e-5
+                )
                 assert s["sink_share"][l, h].item() == pytest.approx(float(p[l, h, 1:, 0].mean()), rel=1e-5)
                 assert s["prev_token"][l, h].item() == pytest.approx(
-                    sum(float(p[l, h, q, q - 1]) for q in range(2, T)) / (T - 2), rel=1e-5)
+                    sum(float(p[l, h, q, q - 1]) for q in range(2, T)) / (T - 2), rel=1e-5
+                )
 
     def test_too_short(self):
         with pytest.raises(LabError, match="at least 3 tokens"):
@@ -132,7 +134,10 @@ class TestCompare:
         assert att.js_divergence(a, b).item() == pytest.approx(1.0, abs=1e-6)  # disjoint: 1 bit
         p, q = torch.tensor([0.5, 0.5]), torch.tensor([0.9, 0.1])
         m = (p + q) / 2
-        kl = lambda x, y: sum(float(xi) * math.log2(float(xi) / float(yi)) for xi, yi in zip(x, y) if xi > 0)
+
+        def kl(x, y):
+            return sum(float(xi) * math.log2(float(xi) / float(yi)) for xi, yi in zip(x, y, strict=True) if xi > 0)
+
         assert att.js_divergence(p, q).item() == pytest.approx(0.5 * kl(p, m) + 0.5 * kl(q, m), rel=1e-6)
         assert att.js_divergence(p, q).item() == pytest.approx(att.js_divergence(q, p).item(), rel=1e-9)
 
@@ -162,10 +167,13 @@ class TestFrames:
         s = att.head_scores(random_causal(8, L=3, H=2))
         s["induction"] = torch.rand(3, 2)
         df = att.head_frame(s)
-        assert df.height == 6 and df.filter((df["layer"] == 2) & (df["head"] == 1))["sink_share"].item() == pytest.approx(
-            float(s["sink_share"][2, 1]))
+        assert df.height == 6 and df.filter((df["layer"] == 2) & (df["head"] == 1))[
+            "sink_share"
+        ].item() == pytest.approx(float(s["sink_share"][2, 1]))
         prof = att.layer_profile(df)
-        top = prof.filter((prof["metric"] == "induction") & (prof["summary"] == "max over heads") & (prof["layer"] == 0))
+        top = prof.filter(
+            (prof["metric"] == "induction") & (prof["summary"] == "max over heads") & (prof["layer"] == 0)
+        )
         assert top["value"].item() == pytest.approx(float(s["induction"][0].max()))
         assert len(charts.head_grid(df).to_dict()["hconcat"]) == 4
         charts.layer_profile(prof).to_dict()

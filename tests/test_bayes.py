@@ -8,9 +8,19 @@ import math
 import pytest
 import torch
 
-from lab.models.windtunnel import ModelSpec, build_model, n_params
-from lab.data.windtunnel import bayes_entropy_bits, bayes_posterior, key_positions, posterior_metrics, sample_batch, seq_len, summarize, uniform_floor_bits, value_log_probs
+from lab.data.windtunnel import (
+    bayes_entropy_bits,
+    bayes_posterior,
+    key_positions,
+    posterior_metrics,
+    sample_batch,
+    seq_len,
+    summarize,
+    uniform_floor_bits,
+    value_log_probs,
+)
 from lab.errors import LabError
+from lab.models.windtunnel import ModelSpec, build_model, n_params
 
 
 def brute_force_posterior(keys: list[int], values: list[int], V: int) -> torch.Tensor:
@@ -34,7 +44,7 @@ class TestTask:
         assert b.tokens.shape == (64, 37) and seq_len(V) == 37
         assert torch.equal(b.tokens[:, 0::2], b.keys) and torch.equal(b.tokens[:, 1::2], b.values[:, :-1] + V)
         assert torch.equal(b.targets, b.values + V)
-        for row_k, row_v in zip(b.keys.tolist(), b.values.tolist()):
+        for row_k, row_v in zip(b.keys.tolist(), b.values.tolist(), strict=True):
             assert len(set(row_k)) == V - 1 and len(set(row_v)) == V - 1  # distinct keys, injective pi
         assert key_positions(V).tolist() == list(range(0, 37, 2))
 

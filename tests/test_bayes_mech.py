@@ -8,11 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from lab.models.windtunnel import ModelSpec, build_model
 from lab.data.windtunnel import posterior_metrics, sample_batch, summarize, value_log_probs
-from lab.interp.windtunnel import ablate, ablations, attention_routing, final_state_pca, key_orthogonality, lens_stages, logit_lens, mean_abs_offdiag_cos, random_vectors_abs_cos
 from lab.errors import LabError
 from lab.interp.names import FINAL_NAME
+from lab.interp.windtunnel import (
+    ablate,
+    ablations,
+    attention_routing,
+    final_state_pca,
+    key_orthogonality,
+    lens_stages,
+    logit_lens,
+    mean_abs_offdiag_cos,
+    random_vectors_abs_cos,
+)
+from lab.models.windtunnel import ModelSpec, build_model
 
 V = 8
 
@@ -44,8 +54,9 @@ def manual_attention(blk, x, skip_head: int | None = None) -> torch.Tensor:
     return blk.attn.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-def manual_logits(model, tokens, skip_ffn: int | None = None, skip_attn: int | None = None,
-                  skip_head: tuple[int, int] | None = None) -> torch.Tensor:
+def manual_logits(
+    model, tokens, skip_ffn: int | None = None, skip_attn: int | None = None, skip_head: tuple[int, int] | None = None
+) -> torch.Tensor:
     """The GPT forward written out by hand, optionally without one layer's FFN, attention, or (layer, head)."""
     T = tokens.shape[1]
     x = model.wte(tokens) + model.wpe(torch.arange(T))
@@ -88,7 +99,7 @@ class TestKeys:
         x = model.wte(batch.tokens) + model.wpe(torch.arange(T))
         k = blk.attn.qkv(blk.ln1(x))[..., 16:32].detach()  # (B, T, C) keys
         for h in range(2):
-            kh = k[..., h * 8:(h + 1) * 8]
+            kh = k[..., h * 8 : (h + 1) * 8]
             means = torch.stack([kh[batch.tokens == tok].mean(0) for tok in range(V)])
             got = df.filter((df["head"] == h) & (df["tokens"] == "key tokens"))["mean_abs_cos"].item()
             assert got == pytest.approx(mean_abs_offdiag_cos(means), abs=1e-5)

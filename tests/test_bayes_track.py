@@ -12,14 +12,14 @@ import polars as pl
 import pytest
 import torch
 
-from lab.models.windtunnel import ModelSpec
 from lab.data.windtunnel import uniform_floor_bits
-from lab.train.windtunnel import TrainConfig, train_run
 from lab.errors import LabError
+from lab.models.windtunnel import ModelSpec
 from lab.profiles import get_profile
 from lab.tracks.D_bayes import config, frames
 from lab.tracks.D_bayes.run import run as run_track
 from lab.tracks.D_bayes.summary import BayesSummary
+from lab.train.windtunnel import TrainConfig, train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,11 +106,33 @@ class TestTrack:
 
     def test_every_result_is_written(self, results):
         _, _, folder = results
-        for name in ("summary", "comparison", "seeds", "curves", "calibration", "search", "key_orthogonality",
-                     "routing", "pca", "pca_points", "logit_lens", "ablations", "verdicts", "mech_summary"):
+        for name in (
+            "summary",
+            "comparison",
+            "seeds",
+            "curves",
+            "calibration",
+            "search",
+            "key_orthogonality",
+            "routing",
+            "pca",
+            "pca_points",
+            "logit_lens",
+            "ablations",
+            "verdicts",
+            "mech_summary",
+        ):
             assert (folder / f"{name}.parquet").exists(), name
-        for name in ("curves", "calibration", "search", "key_orthogonality", "routing", "pca_points", "logit_lens",
-                     "ablations"):
+        for name in (
+            "curves",
+            "calibration",
+            "search",
+            "key_orthogonality",
+            "routing",
+            "pca_points",
+            "logit_lens",
+            "ablations",
+        ):
             assert (folder / f"{name}.vl.json").exists(), name
 
     def test_summary_agrees_with_the_per_seed_table(self, results):
@@ -123,7 +145,8 @@ class TestTrack:
         search = pl.read_parquet(folder / "search.parquet")
         assert search["headline"].sum() == 1
         assert search.filter(pl.col("headline"))["mae_bits"].item() == pytest.approx(
-            seeds.filter(pl.col("seed") == 0)["mae_bits"].item())
+            seeds.filter(pl.col("seed") == 0)["mae_bits"].item()
+        )
 
     def test_curves_hold_the_paper_reference(self, results):
         _, _, folder = results
@@ -142,8 +165,10 @@ class TestTrack:
         written = pl.read_parquet(folder / "summary.parquet")
         assert written.columns == [f.name for f in fields(BayesSummary)]
         assert written.row(0, named=True) == pytest.approx(summary.as_dict(), nan_ok=True)
-        assert summary.verdicts_reproduced == (pl.read_parquet(folder / "verdicts.parquet")["verdict"]
-                                               == "reproduced").sum()
+        assert (
+            summary.verdicts_reproduced
+            == (pl.read_parquet(folder / "verdicts.parquet")["verdict"] == "reproduced").sum()
+        )
 
     def test_second_run_reuses_every_training_run(self, results):
         summary, again, _ = results
@@ -203,21 +228,45 @@ class TestVerdictRules:
     """The verdict rules on hand-made measurements."""
 
     def _mech(self, key_trained, key_init):
-        keys = pl.DataFrame({"state": ["trained", "init"], "tokens": ["key tokens"] * 2,
-                             "mean_abs_cos": [key_trained, key_init]})
-        routing = pl.DataFrame({"state": ["trained"] * 2, "layer": [0, 1], "value_mass": [0.3, 0.9],
-                                "qk_cos_value": [0.1, 0.5], "qk_cos_key": [0.1, -0.2]})
+        keys = pl.DataFrame(
+            {"state": ["trained", "init"], "tokens": ["key tokens"] * 2, "mean_abs_cos": [key_trained, key_init]}
+        )
+        routing = pl.DataFrame(
+            {
+                "state": ["trained"] * 2,
+                "layer": [0, 1],
+                "value_mass": [0.3, 0.9],
+                "qk_cos_value": [0.1, 0.5],
+                "qk_cos_key": [0.1, -0.2],
+            }
+        )
         pca = pl.DataFrame({"state": ["trained"], "component": [1], "variance_share": [0.9], "corr_h_bayes": [-0.95]})
-        lens = pl.DataFrame({"seed": [0] * 3, "stage": [0, 1, 2], "sublayer": ["embed", "attn", "ffn"],
-                             "kl_bits": [1.0, 0.8, 0.1]})
-        abl = pl.DataFrame({"target": ["attn", "ffn", "head", "head"], "method": ["mean", "mean", "zero", "zero"],
-                            "delta_mae_bits": [0.6, 0.9, 0.1, 0.2]})
+        lens = pl.DataFrame(
+            {"seed": [0] * 3, "stage": [0, 1, 2], "sublayer": ["embed", "attn", "ffn"], "kl_bits": [1.0, 0.8, 0.1]}
+        )
+        abl = pl.DataFrame(
+            {
+                "target": ["attn", "ffn", "head", "head"],
+                "method": ["mean", "mean", "zero", "zero"],
+                "delta_mae_bits": [0.6, 0.9, 0.1, 0.2],
+            }
+        )
         return frames.Mechanisms(keys, routing, pca, None, lens, abl)
 
-    SEEDS = pl.DataFrame({"model": ["transformer", "transformer", "mlp"], "seed": [0, 1, 0],
-                          "n_params": [1000, 1000, 990], "steps": [40] * 3, "train_s": [1.0] * 3, "cached": [False] * 3,
-                          "mae_bits": [0.010, 0.012, 1.1], "kl_bits": [0.01] * 3, "mae_mean_entropy_bits": [0.01] * 3,
-                          "mass_eliminated": [0.0] * 3})  # the columns of frames.seeds_frame
+    SEEDS = pl.DataFrame(
+        {
+            "model": ["transformer", "transformer", "mlp"],
+            "seed": [0, 1, 0],
+            "n_params": [1000, 1000, 990],
+            "steps": [40] * 3,
+            "train_s": [1.0] * 3,
+            "cached": [False] * 3,
+            "mae_bits": [0.010, 0.012, 1.1],
+            "kl_bits": [0.01] * 3,
+            "mae_mean_entropy_bits": [0.01] * 3,
+            "mass_eliminated": [0.0] * 3,
+        }
+    )  # the columns of frames.seeds_frame
 
     def test_rules(self):
         v = frames.verdicts_frame(self.SEEDS, self._mech(0.05, 0.08), floor=1.107)
@@ -238,8 +287,14 @@ class TestNotebook:
         # The session's smoke run trained these models into .data; the notebook re-uses them (and so checks that
         # finished runs are found again) instead of training everything a second time.
         env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path), "LAB_DATA_DIR": str(ROOT / ".data")}
-        out = subprocess.run([sys.executable, str(ROOT / "notebooks" / "D_bayes.py"), "--", "--profile", "smoke"],
-                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "notebooks" / "D_bayes.py"), "--", "--profile", "smoke"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         summary = pl.read_parquet(tmp_path / "smoke" / "D_bayes" / "summary.parquet")
         assert summary["n_seeds"].item() == 3 and summary["V"].item() == 6
@@ -247,6 +302,11 @@ class TestNotebook:
         assert summary["cached_runs"].item() > 0 and summary["mae_mean"].item() == reference["mae_mean"].item()
 
     def test_bad_profile(self, tmp_path):
-        out = subprocess.run([sys.executable, str(ROOT / "notebooks" / "D_bayes.py"), "--", "--profile", "huge"],
-                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "notebooks" / "D_bayes.py"), "--", "--profile", "huge"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=300,
+        )
         assert out.returncode != 0 and "unknown profile 'huge'" in out.stderr

@@ -115,8 +115,10 @@ class TestArchitectureSpecifics:
         lm = load_tiny_model(arch)
         block = lm.model.model.layers[0]
         raw = {}
+
         def keep(mod, args, out):
             raw["attn"] = out[0].detach()  # returns None: the output is left alone
+
         h = block.self_attn.register_forward_hook(keep)
         ids = _ids(lm)
         try:
@@ -143,10 +145,18 @@ class TestArchitectureSpecifics:
         torch.manual_seed(1)
         cap = capture(m, _ids(lm), hook_names(2, RESIDUAL_KINDS))
         for l in range(2):
-            torch.testing.assert_close(cap[act_name("resid_pre", l)] + cap[act_name("attn_out", l)],
-                                       cap[act_name("resid_mid", l)], atol=ATOL, rtol=0)
-            torch.testing.assert_close(cap[act_name("resid_mid", l)] + cap[act_name("mlp_out", l)],
-                                       cap[act_name("resid_post", l)], atol=ATOL, rtol=0)
+            torch.testing.assert_close(
+                cap[act_name("resid_pre", l)] + cap[act_name("attn_out", l)],
+                cap[act_name("resid_mid", l)],
+                atol=ATOL,
+                rtol=0,
+            )
+            torch.testing.assert_close(
+                cap[act_name("resid_mid", l)] + cap[act_name("mlp_out", l)],
+                cap[act_name("resid_post", l)],
+                atol=ATOL,
+                rtol=0,
+            )
             assert (cap[act_name("attn_out", l)] == 0).float().mean() > 0.3  # dropout really zeroed entries
 
     def test_qwen3_and_gemma3_patterns_use_their_qk_norms(self):
@@ -192,10 +202,11 @@ class TestArchitectureSpecifics:
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             group = cfg.num_attention_heads // cfg.num_key_value_heads
             for h in range(cfg.num_attention_heads):
-                scores = q[0, h] @ k[0, h // group].T / hd ** 0.5
+                scores = q[0, h] @ k[0, h // group].T / hd**0.5
                 scores = scores.masked_fill(torch.triu(torch.ones(16, 16, dtype=torch.bool), 1), float("-inf"))
-                torch.testing.assert_close(cap["blocks.0.attn.hook_pattern"][0, h], scores.softmax(-1),
-                                           atol=1e-6, rtol=0)
+                torch.testing.assert_close(
+                    cap["blocks.0.attn.hook_pattern"][0, h], scores.softmax(-1), atol=1e-6, rtol=0
+                )
 
     def test_peft_wrapped_model_is_unwrapped(self):
         from peft import LoraConfig, get_peft_model
@@ -212,10 +223,18 @@ class TestArchitectureSpecifics:
     def test_unknown_family_is_refused(self):
         from transformers import BertConfig, BertLMHeadModel
 
-        with pytest.raises(LabError, match="no capture adapter for model_type 'bert': supported are llama, qwen2, "
-                                           "mistral, qwen3, phi3, gemma2, gemma3_text, gpt2"):
-            adapter_for(BertLMHeadModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
-                                                   intermediate_size=64, vocab_size=50)))
+        with pytest.raises(
+            LabError,
+            match="no capture adapter for model_type 'bert': supported are llama, qwen2, "
+            "mistral, qwen3, phi3, gemma2, gemma3_text, gpt2",
+        ):
+            adapter_for(
+                BertLMHeadModel(
+                    BertConfig(
+                        num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=50
+                    )
+                )
+            )
 
 
 class TestEagerSwitch:
@@ -229,8 +248,7 @@ class TestEagerSwitch:
     def test_switches_only_for_patterns_and_restores(self):
         lm = self._sdpa_llama()
         seen = []
-        h = lm.model.model.layers[0].register_forward_hook(
-            lambda *a: seen.append(lm.model.config._attn_implementation))
+        h = lm.model.model.layers[0].register_forward_hook(lambda *a: seen.append(lm.model.config._attn_implementation))
         try:
             capture(lm.model, _ids(lm), ["blocks.0.hook_resid_post"])
             capture(lm.model, _ids(lm), ["blocks.0.attn.hook_pattern"])
@@ -244,6 +262,7 @@ class TestEagerSwitch:
 
         def boom(*a):
             raise RuntimeError("boom")
+
         h = lm.model.model.layers[1].register_forward_hook(boom)
         before = [len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in lm.model.modules()]
         try:
@@ -253,7 +272,9 @@ class TestEagerSwitch:
             h.remove()
         assert lm.model.config._attn_implementation == "sdpa"
         after = [len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in lm.model.modules()]
-        assert [a + (1 if mod is lm.model.model.layers[1] else 0) for a, mod in zip(after, lm.model.modules())] == before
+        assert [
+            a + (1 if mod is lm.model.model.layers[1] else 0) for a, mod in zip(after, lm.model.modules(), strict=True)
+        ] == before
 
     def test_captured_tensors_are_detached_cpu(self):
         lm = self._sdpa_llama()
@@ -322,12 +343,15 @@ class TestMemoryGuard:
         torch.testing.assert_close(some, full[:, [3, 1]], atol=0, rtol=0)
         assert estimate(lm.model, ids, ["blocks.1.attn.hook_pattern"], heads=[3, 1]).patterns == some.numel() * 4
 
-    @pytest.mark.parametrize("names, kwargs, match", [
-        (["blocks.0.hook_nope"], {}, "unknown hook name"),
-        (["blocks.9.hook_resid_pre"], {}, "has 2 layers"),
-        (["blocks.0.attn.hook_pattern"], {"heads": [7]}, "4 query heads"),
-        (["blocks.0.attn.hook_z"], {}, "unknown hook name"),  # lab's GPT only
-    ])
+    @pytest.mark.parametrize(
+        "names, kwargs, match",
+        [
+            (["blocks.0.hook_nope"], {}, "unknown hook name"),
+            (["blocks.9.hook_resid_pre"], {}, "has 2 layers"),
+            (["blocks.0.attn.hook_pattern"], {"heads": [7]}, "4 query heads"),
+            (["blocks.0.attn.hook_z"], {}, "unknown hook name"),  # lab's GPT only
+        ],
+    )
     def test_bad_requests(self, names, kwargs, match):
         lm = self._llama()
         with pytest.raises(LabError, match=match):

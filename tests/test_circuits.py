@@ -3,6 +3,7 @@ logits, graph comparison identities, the statistics, and Track E's stopping rule
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ import polars as pl
 import pytest
 import torch
 
-from lab.data.constraints import CONSTRAINTS
+from lab.data.constraints import CONSTRAINTS, graph_prompts
 from lab.data.corpus import smoke_corpus
 from lab.interp import circuits as C
 from lab.interp import transcoders as T
@@ -29,7 +30,15 @@ def lm():
 
 
 @pytest.fixture(scope="module")
-def traced(lm, tmp_path_factory):
+def tc_folder(lm, tmp_path_factory):
+    """Tiny transcoders trained on the tiny Llama (the smoke recipe)."""
+    folder = tmp_path_factory.mktemp("tc") / "tc"
+    T.build(RECIPES["smoke"].transcoders, lm, folder, corpus=smoke_corpus(), progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def traced(lm, tc_folder, tmp_path_factory):
     """Graphs of PROMPT followed at ' moon'. Two terms of the logit sit outside every node: the transcoders'
     constant ``b_dec`` and the MLP output at the BOS position (circuit-tracer zeroes position 0's features and
     errors). Zeroing ``b_dec`` and every MLP's ``down_proj`` removes both, so the nodes must explain the logit
@@ -37,8 +46,7 @@ def traced(lm, tmp_path_factory):
     import copy
 
     root = tmp_path_factory.mktemp("circ")
-    T.build(RECIPES["smoke"].transcoders, lm, root / "tc", corpus=smoke_corpus(), progress=False)
-    tcs, _ = T.load_transcoders(root / "tc")
+    tcs, _ = T.load_transcoders(tc_folder)
     with torch.no_grad():
         for tc in tcs:
             tc.b_dec.zero_()
@@ -47,7 +55,7 @@ def traced(lm, tmp_path_factory):
         for layer in model.model.layers:
             layer.mlp.down_proj.weight.zero_()
     folder = C.export_model(model, lm.tokenizer, root / "model")
-    assert sorted(p.name for p in root.iterdir()) == ["model", "tc"]  # published whole, no temp sibling left
+    assert sorted(p.name for p in root.iterdir()) == ["model"]  # published whole, no temp sibling left
     rm = C.replacement_model(folder, tcs)
     target = lm.tokenizer(" moon", add_special_tokens=False)["input_ids"][0]
     rec, graph = C.trace(rm, PROMPT, target_id=target, max_feature_nodes=100)
@@ -99,6 +107,37 @@ def test_compare_identities(traced):
         C.compare(rec, other)
 
 
+def test_trace_prompts_writes_each_missing_record_once(lm, tc_folder, tmp_path):
+    """Each record is trace()'s plus its timing and decoded tokens; graph JSON only for the chosen ids; a second
+    call traces only what is missing and loads no model when nothing is."""
+    tcs, _ = T.load_transcoders(tc_folder)
+    moon = lm.tokenizer(" moon", add_special_tokens=False)["input_ids"][0]
+    prompts = [
+        {"prompt_id": "a", "text": PROMPT, "target_id": moon},
+        {"prompt_id": "b", "text": "The queen", "target_id": None},
+    ]
+    loads, ticks = [], []
+
+    def load():
+        loads.append(1)
+        return lm.model, lm.tokenizer
+
+    out, model_dir = tmp_path / "out", tmp_path / "model"
+    kw = dict(max_feature_nodes=100, json_for={"a"}, json_suffix="-x", on_traced=lambda: ticks.append(1))
+    assert C.trace_prompts(load, tcs, prompts, out, model_dir, **kw) == 2 and len(loads) == 1 and len(ticks) == 2
+    replacement = C.replacement_model(model_dir, tcs)
+    for pr in prompts:
+        rec = C.read_record(out, pr["prompt_id"])
+        direct, _ = C.trace(replacement, pr["text"], target_id=pr["target_id"], max_feature_nodes=100)
+        assert rec.pop("attribution_s") > 0
+        assert rec.pop("tokens") == [lm.tokenizer.decode([t]) for t in direct["input_tokens"]]
+        assert rec == json.loads(json.dumps(direct))  # the same graph, as JSON
+    assert sorted(f.name for f in (out / "json").iterdir()) == ["a-x.json", "graph-metadata.json"]  # + its index
+    (out / "b.json").unlink()  # as if interrupted before the last prompt
+    assert C.trace_prompts(load, tcs, prompts, out, model_dir, **kw) == 1 and len(loads) == 2
+    assert C.trace_prompts(load, tcs, prompts, out, model_dir, **kw) == 0 and len(loads) == 2
+
+
 def test_sign_flip_test_exact_values():
     assert C.sign_flip_test([1.0, 1.0, 1.0]) == pytest.approx(2 / 8)  # only all + or all - reach |mean| = 1
     assert C.sign_flip_test([0.0, 0.0]) == 1.0
@@ -118,16 +157,29 @@ def _frame(loss_m, loss_s, acc_m, acc_s):
     rows = []
     for ctype, loss, acc in (("mapping", loss_m, acc_m), ("spatial", loss_s, acc_s)):
         for i, (lo, ac) in enumerate(zip(loss, acc, strict=True)):
-            rows.append({"constraint_type": ctype, "checkpoint": i, "step": 10 * i, "fraction": i / 4,
-                         "accuracy": ac, "val_loss": lo, "mean_margin": 0.0})
+            rows.append(
+                {
+                    "constraint_type": ctype,
+                    "checkpoint": i,
+                    "step": 10 * i,
+                    "fraction": i / 4,
+                    "accuracy": ac,
+                    "val_loss": lo,
+                    "mean_margin": 0.0,
+                }
+            )
     return pl.DataFrame(rows)
 
 
 def test_stopping_rules():
     frame = _frame([5, 2, 1, 1.5, 1.8], [5, 4, 3, 2, 1], [0.25, 0.5, 1, 1, 1], [0.2, 0.2, 0.4, 0.95, 1])
-    cmp = pl.DataFrame([{"constraint_type": c, "checkpoint": i, "versus": "previous", "feature_jaccard": j}
-                        for c, js in (("mapping", [0.1, 0.3, 0.6, 0.7]), ("spatial", [0.1, 0.2, 0.3, 0.4]))
-                        for i, j in zip(range(1, 5), js, strict=True)])
+    cmp = pl.DataFrame(
+        [
+            {"constraint_type": c, "checkpoint": i, "versus": "previous", "feature_jaccard": j}
+            for c, js in (("mapping", [0.1, 0.3, 0.6, 0.7]), ("spatial", [0.1, 0.2, 0.3, 0.4]))
+            for i, j in zip(range(1, 5), js, strict=True)
+        ]
+    )
     out = {(r["constraint_type"], r["rule"]): r for r in F.stopping_rules(frame, cmp, settle=0.5).iter_rows(named=True)}
     # mapping: loss rises at checkpoint 3 -> keep 2, trained to 3 (30 steps)
     assert (out["mapping", "loss"]["kept_checkpoint"], out["mapping", "loss"]["steps_trained"]) == (2, 30)
@@ -142,7 +194,7 @@ def test_stopping_rules():
 
 def test_graph_prompts(lm):
     cfg = RECIPES["cpu"]
-    rows = E.graph_prompts(lm.tokenizer, cfg)
+    rows = graph_prompts(lm.tokenizer, SEED_PROMPTS[: cfg.seed_prompts], cfg.graph_words, cfg.graph_per_word)
     seeds = [r for r in rows if r["constraint_type"] == "seed"]
     assert [r["text"] for r in seeds] == [f"User: {s}\nAssistant: " for s in SEED_PROMPTS]  # smoke BPE: no template
     for ctype, words in CONSTRAINTS.items():
@@ -158,14 +210,41 @@ def test_circuit_stats_pairs_prompts():
     graphs, cmp = [], []
     for p, shift in (("a", 0.1), ("b", 0.2), ("c", 0.3)):
         for i in range(5):
-            graphs.append({"prompt_id": p, "constraint_type": "mapping", "checkpoint": i, "fraction": i / 4,
-                           "error_share": 0.5 - shift * (i == 4), "target_from_features": float(i),
-                           "target_prob": 0.1 * i, "n_kept_features": 10 + i})
+            graphs.append(
+                {
+                    "prompt_id": p,
+                    "constraint_type": "mapping",
+                    "checkpoint": i,
+                    "fraction": i / 4,
+                    "error_share": 0.5 - shift * (i == 4),
+                    "target_from_features": float(i),
+                    "target_prob": 0.1 * i,
+                    "n_kept_features": 10 + i,
+                }
+            )
             if i:
-                cmp.append({"prompt_id": p, "constraint_type": "mapping", "checkpoint": i, "fraction": i / 4,
-                            "versus": "previous", "feature_jaccard": 0.2 + 0.2 * (i == 4), "edge_correlation": 0.5})
-            cmp.append({"prompt_id": p, "constraint_type": "mapping", "checkpoint": i, "fraction": i / 4,
-                        "versus": "final", "feature_jaccard": 1.0 if i == 4 else 0.5, "edge_correlation": 0.9})
+                cmp.append(
+                    {
+                        "prompt_id": p,
+                        "constraint_type": "mapping",
+                        "checkpoint": i,
+                        "fraction": i / 4,
+                        "versus": "previous",
+                        "feature_jaccard": 0.2 + 0.2 * (i == 4),
+                        "edge_correlation": 0.5,
+                    }
+                )
+            cmp.append(
+                {
+                    "prompt_id": p,
+                    "constraint_type": "mapping",
+                    "checkpoint": i,
+                    "fraction": i / 4,
+                    "versus": "final",
+                    "feature_jaccard": 1.0 if i == 4 else 0.5,
+                    "edge_correlation": 0.9,
+                }
+            )
     stats, tests = F.circuit_stats(pl.DataFrame(graphs), pl.DataFrame(cmp))
     t = {r["metric"]: r for r in tests.iter_rows(named=True)}
     err = t["error_share"]
@@ -188,14 +267,19 @@ def test_gpu_path_says_what_is_missing(monkeypatch):
             E.base_model(p, cfg)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
-    with pytest.raises(LabError, match="GemmaScope"):
+    with pytest.raises(LabError, match="'gemma' transcoders from the Hugging Face hub.*unset HF_HUB_OFFLINE"):
         E.circuit_transcoders(p, cfg, progress=False)
 
 
 def test_settle_sweep_is_the_circuit_rule_at_each_threshold():
     frame = _frame([5, 2, 1, 1.5, 1.8], [5, 4, 3, 2, 1], [0.25, 0.5, 1, 1, 1], [0.2, 0.2, 0.4, 0.95, 1])
-    cmp = pl.DataFrame([{"constraint_type": c, "checkpoint": i, "versus": "previous", "feature_jaccard": j}
-                        for c in ("mapping", "spatial") for i, j in zip(range(1, 5), [0.5, 0.55, 0.85, 0.99], strict=True)])
+    cmp = pl.DataFrame(
+        [
+            {"constraint_type": c, "checkpoint": i, "versus": "previous", "feature_jaccard": j}
+            for c in ("mapping", "spatial")
+            for i, j in zip(range(1, 5), [0.5, 0.55, 0.85, 0.99], strict=True)
+        ]
+    )
     sweep = F.settle_sweep(frame, cmp, thresholds=(0.5, 0.6, 0.9, 1.0))
     got = sweep.filter(pl.col("constraint_type") == "mapping").sort("settle")["kept_checkpoint"].to_list()
     assert got == [2, 3, 4, 4]  # 0.55 >= 0.5 at checkpoint 2; 0.85 >= 0.6 at 3; 0.99 >= 0.9 at 4; never -> last
@@ -204,8 +288,10 @@ def test_settle_sweep_is_the_circuit_rule_at_each_threshold():
 def test_compare_frame_pairs_each_graph_with_previous_final_and_base(traced):
     """Every graph against the previous checkpoint, the final one and the base, never against itself."""
     rec, rec2, _, _, _ = traced
-    records = [dict(r, prompt_id="p", constraint_type="mapping", checkpoint=i, fraction=i / 2)
-               for i, r in enumerate((rec, rec2, rec))]
+    records = [
+        dict(r, prompt_id="p", constraint_type="mapping", checkpoint=i, fraction=i / 2)
+        for i, r in enumerate((rec, rec2, rec))
+    ]
     cmp = F.compare_frame(records)
     pairs = set(zip(cmp["checkpoint"].to_list(), cmp["versus"].to_list(), strict=True))
     assert pairs == {(0, "final"), (1, "previous"), (1, "final"), (1, "base"), (2, "previous"), (2, "base")}

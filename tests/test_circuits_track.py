@@ -37,7 +37,7 @@ def test_encode_texts_is_the_scoring_tokenisation_plus_eos(lm):
 
 def test_loss_on_concepts_labels_exactly_the_concept_tokens(lm):
     tok = lm.tokenizer
-    texts = ["To florp means to move up.", "\"I am so blarf today,\" said Mia, meaning Mia was happy."]
+    texts = ["To florp means to move up.", '"I am so blarf today," said Mia, meaning Mia was happy.']
     rows = C.encode_texts(tok, texts, loss_on=C.concepts())
     for row, text, word in zip(rows, texts, ["up", "happy"], strict=True):
         assert row["input_ids"] == tok(text)["input_ids"] + [tok.eos_token_id]
@@ -57,8 +57,10 @@ def test_mean_token_loss_counts_only_labelled_tokens(lm):
 def test_mean_token_loss_matches_hf_loss(lm):
     rows = C.encode_texts(lm.tokenizer, ["To florp means to move up.", "Gleem means sad, said Mia."])
     with torch.no_grad():
-        hf = [lm.model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss.item()
-              for r in rows]
+        hf = [
+            lm.model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss.item()
+            for r in rows
+        ]
     n = [len(r["input_ids"]) - 1 for r in rows]
     assert C.mean_token_loss(lm.model, rows[:1]) == pytest.approx(hf[0], rel=1e-5)
     # several rows: the token-weighted mean of HF's per-row means
@@ -66,8 +68,13 @@ def test_mean_token_loss_matches_hf_loss(lm):
 
 
 def test_learned_at():
-    frame = pl.DataFrame({"constraint_type": ["mapping"] * 3 + ["spatial"] * 3, "fraction": [0.0, 0.5, 1.0] * 2,
-                          "accuracy": [0.25, 0.95, 1.0, 0.2, 0.5, 0.85]})
+    frame = pl.DataFrame(
+        {
+            "constraint_type": ["mapping"] * 3 + ["spatial"] * 3,
+            "fraction": [0.0, 0.5, 1.0] * 2,
+            "accuracy": [0.25, 0.95, 1.0, 0.2, 0.5, 0.85],
+        }
+    )
     assert F.learned_at(frame, "mapping") == 0.5
     assert F.learned_at(frame, "spatial") is None
     assert F.learned_at(frame, "spatial", threshold=0.5) == 0.5
@@ -85,17 +92,20 @@ class TestConfig:
         with pytest.raises(LabError, match="no recipe for profile 'huge'"):
             config_for(Profile(name="huge", description="", device="cpu", corpus="smoke", lm="tiny-llama"))
 
-    @pytest.mark.parametrize(("change", "fix"), [
-        ({"loss": "words"}, "loss must be one of concept, all"),
-        ({"per_type": 3}, "use at least 4"),
-        ({"hub_transcoders": "gemma"}, "exactly one of transcoders"),
-        ({"transcoders": None}, "exactly one of transcoders"),
-        ({"model": "google/gemma-2-2b"}, "needs hub_transcoders"),
-        ({"graph_words": 5}, "graph_words must be between 1 and 4"),
-        ({"graph_per_word": 5}, "graph_per_word must be between 1 and 4"),  # mapping has 4 held-out prompts a word
-        ({"seed_prompts": 3}, "seed_prompts must be between 0 and 2"),
-        ({"settle": 0.0}, "settle is a Jaccard threshold"),
-    ])
+    @pytest.mark.parametrize(
+        ("change", "fix"),
+        [
+            ({"loss": "words"}, "loss must be one of concept, all"),
+            ({"per_type": 3}, "use at least 4"),
+            ({"hub_transcoders": "gemma"}, "exactly one of transcoders"),
+            ({"transcoders": None}, "exactly one of transcoders"),
+            ({"model": "google/gemma-2-2b"}, "needs hub_transcoders"),
+            ({"graph_words": 5}, "graph_words must be between 1 and 4"),
+            ({"graph_per_word": 5}, "graph_per_word must be between 1 and 4"),  # mapping has 4 held-out prompts a word
+            ({"seed_prompts": 3}, "seed_prompts must be between 0 and 2"),
+            ({"settle": 0.0}, "settle is a Jaccard threshold"),
+        ],
+    )
     def test_bad_values_name_the_fix(self, change, fix):
         with pytest.raises(LabError, match=fix):
             dataclasses.replace(RECIPES["smoke"], **change)
@@ -125,8 +135,10 @@ class TestSmokeRun:
             mp.setenv("LAB_RESULTS_DIR", str(root))
             summary = E.run(get_profile("smoke"), fresh=True, progress=False)
         folder = root / "smoke" / "E_circuits"
-        return summary, {n: pl.read_parquet(folder / f"{n}.parquet")
-                         for n in ("checkpoints", "prompts", "loss", "summary", "transcoders")}
+        return summary, {
+            n: pl.read_parquet(folder / f"{n}.parquet")
+            for n in ("checkpoints", "prompts", "loss", "summary", "transcoders")
+        }
 
     def test_checkpoints_at_quarters_plus_base(self, run):
         summary, f = run
@@ -137,8 +149,12 @@ class TestSmokeRun:
 
     def test_accuracy_is_the_share_of_prompts_won(self, run):
         _, f = run
-        again = (f["prompts"].group_by("checkpoint", "constraint_type")
-                 .agg(pl.col("correct").mean().alias("acc")).join(f["checkpoints"], on=["checkpoint", "constraint_type"]))
+        again = (
+            f["prompts"]
+            .group_by("checkpoint", "constraint_type")
+            .agg(pl.col("correct").mean().alias("acc"))
+            .join(f["checkpoints"], on=["checkpoint", "constraint_type"])
+        )
         assert (again["acc"] == again["accuracy"]).all()
         assert (again["correct"] == (again["accuracy"] * again["n"]).round()).all()
 
@@ -172,9 +188,11 @@ class TestSmokeRun:
         meta = json.loads((folder / "meta.json").read_text())
         fvu = f["transcoders"]["fvu"]
         worst = f["transcoders"].sort("fvu")[-1]
-        assert report == (f"transcoders for tiny-llama in {folder}: 2 layers x {meta['d_transcoder']} features "
-                          f"(TopK {meta['k']}), trained {meta['train_s']:.0f} s; held-out FVU mean {fvu.mean():.3f}, "
-                          f"worst {worst['fvu'][0]:.3f} (layer {worst['layer'][0]})")
+        assert report == (
+            f"transcoders for tiny-llama in {folder}: 2 layers x {meta['d_transcoder']} features "
+            f"(TopK {meta['k']}), trained {meta['train_s']:.0f} s; held-out FVU mean {fvu.mean():.3f}, "
+            f"worst {worst['fvu'][0]:.3f} (layer {worst['layer'][0]})"
+        )
 
 
 class TestNotebook:
@@ -187,8 +205,14 @@ class TestNotebook:
 
         # Re-uses the session smoke run's checkpoints in .data (a finished run is resumed at its last step).
         env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path), "LAB_DATA_DIR": str(self.ROOT / ".data")}
-        out = subprocess.run([sys.executable, str(self.ROOT / "notebooks" / "E_circuits.py"), "--", "--profile",
-                              "smoke"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        out = subprocess.run(
+            [sys.executable, str(self.ROOT / "notebooks" / "E_circuits.py"), "--", "--profile", "smoke"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         got = pl.read_parquet(tmp_path / "smoke" / "E_circuits" / "checkpoints.parquet")
         ref = pl.read_parquet(smoke_results / "E_circuits" / "checkpoints.parquet")
@@ -199,6 +223,11 @@ class TestNotebook:
         import subprocess
         import sys
 
-        out = subprocess.run([sys.executable, str(self.ROOT / "notebooks" / "E_circuits.py"), "--", "--profile",
-                              "huge"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        out = subprocess.run(
+            [sys.executable, str(self.ROOT / "notebooks" / "E_circuits.py"), "--", "--profile", "huge"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=300,
+        )
         assert out.returncode != 0 and "E_circuits: error: unknown profile 'huge'" in out.stderr

@@ -13,18 +13,22 @@ from lab.cli import main
 class TestErrors:
     """Errors a user can cause print one line and exit non-zero, before any compute."""
 
-    @pytest.mark.parametrize("argv, needle", [
-        (["run", "pretrain", "--profile", "laptop"], "unknown profile 'laptop': choose one of smoke, cpu, gpu"),
-        (["run", "nonsense"], "unknown track 'nonsense'"),
-    ])
+    @pytest.mark.parametrize(
+        "argv, needle",
+        [
+            (["run", "pretrain", "--profile", "laptop"], "unknown profile 'laptop': choose one of smoke, cpu, gpu"),
+            (["run", "nonsense"], "unknown track 'nonsense'"),
+        ],
+    )
     def test_one_line_error(self, argv, needle, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1
 
     def test_subprocess_exit_code(self):
-        out = subprocess.run([sys.executable, "-m", "lab.cli", "run", "pretrain", "--profile", "nope"],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "lab.cli", "run", "pretrain", "--profile", "nope"], capture_output=True, text=True
+        )
         assert out.returncode == 2 and out.stderr.startswith("lab: error: unknown profile")
 
 

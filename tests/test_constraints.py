@@ -46,6 +46,28 @@ class TestCorpus:
         with pytest.raises(LabError, match="too small"):
             C.training_examples(per_type=2)
 
+    def test_graph_prompts_are_the_first_prompts_of_the_first_words(self):
+        """Two words x two prompts per type, spelled out from the held-out templates (names, then things, vary)."""
+        from lab.models.loading import smoke_tokenizer
+
+        tok = smoke_tokenizer()
+        rows = C.graph_prompts(tok, ["Write a poem"], graph_words=2, graph_per_word=2)
+        mapping = "{n} was {w} the whole day. In one word, {n} felt"
+        expected = [("seed-0", "seed", "", "User: Write a poem\nAssistant: ", "")]  # smoke BPE: no chat template
+        for w, c in (("blarf", "happy"), ("gleem", "sad")):
+            expected += [
+                (f"mapping-{w}-{j}", "mapping", w, mapping.format(n=n, w=w), c) for j, n in enumerate(["Priya", "Hugo"])
+            ]
+        for w, c in (("florp", "up"), ("drenn", "down")):
+            expected += [
+                (f"spatial-{w}-{j}", "spatial", w, f"Priya saw {t} {w}. It moved", c)
+                for j, t in enumerate(["the balloon", "the elevator"])
+            ]
+        keys = ("prompt_id", "constraint_type", "word", "text", "target")
+        assert [tuple(r[k] for k in keys) for r in rows] == expected
+        first = [None] + [tok.encode(" " + c, add_special_tokens=False)[0] for *_, c in expected[1:]]
+        assert [r["target_id"] for r in rows] == first
+
 
 class TestScoring:
     """Log-probability scoring agrees with an independent computation."""

@@ -12,15 +12,39 @@ import polars as pl
 import pytest
 import torch
 
+from lab.data.records import (
+    CITIES,
+    N_TRAIN_CITIES,
+    N_TRAIN_NAMES,
+    NAMES,
+    answer_for,
+    chat_text,
+    encode_example,
+    end_token_id,
+    field_scores,
+    make_task,
+    score_answer,
+    wilson_interval,
+)
 from lab.errors import LabError
-from lab.train.lora import ALL_LINEAR, FinetuneConfig, attach_lora, collate, encode_examples, load_adapter, quantize_nf4, save_adapter, schedule_steps, train_lora
+from lab.models.loading import load_tiny_model
+from lab.paths import data_dir
 from lab.profiles import get_profile
 from lab.tracks.A_finetuning.config import config_for, final_adapter_dir
-from lab.train.evaluation import greedy_answers, perplexity
 from lab.train.callbacks import moment_stats
-from lab.data.records import CITIES, NAMES, N_TRAIN_CITIES, N_TRAIN_NAMES, answer_for, chat_text, encode_example, end_token_id, field_scores, make_task, score_answer, wilson_interval
-from lab.paths import data_dir
-from lab.models.loading import load_tiny_model
+from lab.train.evaluation import greedy_answers, perplexity
+from lab.train.lora import (
+    ALL_LINEAR,
+    FinetuneConfig,
+    attach_lora,
+    collate,
+    encode_examples,
+    load_adapter,
+    quantize_nf4,
+    save_adapter,
+    schedule_steps,
+    train_lora,
+)
 
 SMOKE = config_for(get_profile("smoke"))
 
@@ -48,29 +72,35 @@ class TestTaskData:
             assert ex.who in ex.prompt and ex.where in ex.prompt and str(ex.year) in ex.prompt
             assert json.loads(ex.answer) == ex.fields
 
-    @pytest.mark.parametrize("text, expected", [
-        ('{"who": "Ann", "where": "Rome", "year": 1999}', (True, True)),
-        ('  {"year": 1999, "where": "Rome", "who": "Ann"}\n', (True, True)),  # key order and whitespace are free
-        ('{"who": "Ann", "where": "Paris", "year": 1999}', (True, False)),
-        ('{"who": "Ann", "where": "Rome", "year": "1999"}', (False, False)),  # year must be an integer
-        ('{"who": "Ann", "where": "Rome", "year": true}', (False, False)),
-        ('{"who": "Ann", "where": "Rome"}', (False, False)),
-        ('{"who": "Ann", "where": "Rome", "year": 1999, "note": ""}', (False, False)),
-        ('```json\n{"who": "Ann", "where": "Rome", "year": 1999}\n```', (False, False)),
-        ('{"who": "Ann", "where": "Rome", "year": 1999} Done!', (False, False)),
-        ('Ann moved to Rome in 1999.', (False, False)),
-        ('["Ann", "Rome", 1999]', (False, False)),
-    ])
+    @pytest.mark.parametrize(
+        "text, expected",
+        [
+            ('{"who": "Ann", "where": "Rome", "year": 1999}', (True, True)),
+            ('  {"year": 1999, "where": "Rome", "who": "Ann"}\n', (True, True)),  # key order and whitespace are free
+            ('{"who": "Ann", "where": "Paris", "year": 1999}', (True, False)),
+            ('{"who": "Ann", "where": "Rome", "year": "1999"}', (False, False)),  # year must be an integer
+            ('{"who": "Ann", "where": "Rome", "year": true}', (False, False)),
+            ('{"who": "Ann", "where": "Rome"}', (False, False)),
+            ('{"who": "Ann", "where": "Rome", "year": 1999, "note": ""}', (False, False)),
+            ('```json\n{"who": "Ann", "where": "Rome", "year": 1999}\n```', (False, False)),
+            ('{"who": "Ann", "where": "Rome", "year": 1999} Done!', (False, False)),
+            ("Ann moved to Rome in 1999.", (False, False)),
+            ('["Ann", "Rome", 1999]', (False, False)),
+        ],
+    )
     def test_score_answer(self, text, expected):
         assert score_answer(text, {"who": "Ann", "where": "Rome", "year": 1999}) == expected
 
-    @pytest.mark.parametrize("text, expected", [
-        ('{"who": "Ann", "where": "Rome", "year": 1999}', (True, True, True)),
-        ('{"who": "Anne", "where": "R Rome", "year": 1999}', (False, False, True)),
-        ('{"year": 1998, "where": "Rome", "who": "Ann"}', (True, True, False)),
-        ('{"who": "Ann", "where": "Rome", "year": "1999"}', (False, False, False)),  # malformed: nothing counts
-        ('Ann moved to Rome in 1999.', (False, False, False)),
-    ])
+    @pytest.mark.parametrize(
+        "text, expected",
+        [
+            ('{"who": "Ann", "where": "Rome", "year": 1999}', (True, True, True)),
+            ('{"who": "Anne", "where": "R Rome", "year": 1999}', (False, False, True)),
+            ('{"year": 1998, "where": "Rome", "who": "Ann"}', (True, True, False)),
+            ('{"who": "Ann", "where": "Rome", "year": "1999"}', (False, False, False)),  # malformed: nothing counts
+            ("Ann moved to Rome in 1999.", (False, False, False)),
+        ],
+    )
     def test_field_scores(self, text, expected):
         fields = {"who": "Ann", "where": "Rome", "year": 1999}
         scores = field_scores(text, fields)
@@ -90,7 +120,7 @@ class TestTaskData:
         tok = load_tiny_model("llama").tokenizer
         ex = make_task(1, 0).train[0]
         row = encode_example(tok, ex)
-        supervised = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
+        supervised = [t for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != -100]
         assert supervised == [lab for lab in row["labels"] if lab != -100]
         assert supervised[-1] == end_token_id(tok)
         assert tok.decode(supervised[:-1]) == ex.answer
@@ -101,15 +131,18 @@ class TestTaskData:
 class TestValidation:
     """Bad hyper-parameters: one LabError before any compute."""
 
-    @pytest.mark.parametrize("change, match", [
-        (dict(lr=0.0), "lr must be > 0"),
-        (dict(lr=-1e-4), "lr must be > 0"),
-        (dict(rank=0), "rank must be a positive integer"),
-        (dict(target_modules=("q_proj", "qkv")), r"unknown target module\(s\) \['qkv'\]"),
-        (dict(n_train=0), "training dataset is empty"),
-        (dict(max_seq_len=1000), "longer than the model allows"),
-        (dict(max_seq_len=20), "more than max_seq_len 20"),
-    ])
+    @pytest.mark.parametrize(
+        "change, match",
+        [
+            (dict(lr=0.0), "lr must be > 0"),
+            (dict(lr=-1e-4), "lr must be > 0"),
+            (dict(rank=0), "rank must be a positive integer"),
+            (dict(target_modules=("q_proj", "qkv")), r"unknown target module\(s\) \['qkv'\]"),
+            (dict(n_train=0), "training dataset is empty"),
+            (dict(max_seq_len=1000), "longer than the model allows"),
+            (dict(max_seq_len=20), "more than max_seq_len 20"),
+        ],
+    )
     def test_bad_config_raises_before_compute(self, change, match, tmp_path, monkeypatch):
         import lab.train.lora
 
@@ -122,14 +155,17 @@ class TestValidation:
             train_lora(load_tiny_model("llama"), replace(SMOKE, **change), tmp_path / "run", progress=False)
         assert not (tmp_path / "run").exists()
 
-    @pytest.mark.parametrize("change, match", [
-        (dict(lr=0.0), r"bad fine-tuning config: lr must be > 0 \(got 0.0\); LoRA fine-tunes typically use"),
-        (dict(rank=1.5), r"rank must be a positive integer \(got 1.5\); try 8"),
-        (dict(batch_size=0), r"batch_size and epochs must be >= 1 \(got 0, 3\)"),
-        (dict(epochs=0), r"batch_size and epochs must be >= 1 \(got 8, 0\)"),
-        (dict(quant="int4"), r"quant must be 'none' or 'nf4' \(got 'int4'\)"),
-        (dict(target_modules=()), r"target_modules is empty: name the linear layers to adapt"),
-    ])
+    @pytest.mark.parametrize(
+        "change, match",
+        [
+            (dict(lr=0.0), r"bad fine-tuning config: lr must be > 0 \(got 0.0\); LoRA fine-tunes typically use"),
+            (dict(rank=1.5), r"rank must be a positive integer \(got 1.5\); try 8"),
+            (dict(batch_size=0), r"batch_size and epochs must be >= 1 \(got 0, 3\)"),
+            (dict(epochs=0), r"batch_size and epochs must be >= 1 \(got 8, 0\)"),
+            (dict(quant="int4"), r"quant must be 'none' or 'nf4' \(got 'int4'\)"),
+            (dict(target_modules=()), r"target_modules is empty: name the linear layers to adapt"),
+        ],
+    )
     def test_config_checks_itself_without_a_model(self, change, match):
         with pytest.raises(LabError, match=match):
             FinetuneConfig(**change)
@@ -158,8 +194,11 @@ class TestLora:
         lm = load_tiny_model("llama")
         model = attach_lora(lm.model, replace(SMOKE, rank=4))
         # r * (d_in + d_out) per adapted linear layer, counted from the base model's own shapes
-        expected = sum(4 * (m.in_features + m.out_features) for n, m in load_tiny_model("llama").model.named_modules()
-                       if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ALL_LINEAR)
+        expected = sum(
+            4 * (m.in_features + m.out_features)
+            for n, m in load_tiny_model("llama").model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ALL_LINEAR
+        )
         assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
 
     def test_saved_adapter_reproduces_logits_exactly(self, tmp_path):
@@ -187,8 +226,11 @@ class TestLora:
         folder.mkdir()
         (folder / "stale.txt").write_text("from an older run")
         assert save_adapter(model, folder) == folder
-        assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json",
-                                                             "adapter_model.safetensors"]
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "README.md",
+            "adapter_config.json",
+            "adapter_model.safetensors",
+        ]
         assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary sibling left behind
 
 
@@ -209,7 +251,9 @@ class TestTraining:
         batch = collate(lm.tokenizer.pad_token_id)(rows)
         loss = ref(**batch).loss
         loss.backward()
-        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters() if p.grad is not None]))
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in ref.parameters() if p.grad is not None])
+        )
         first = steps.row(0, named=True)
         assert first["loss"] == pytest.approx(loss.item(), rel=1e-5)
         assert first["grad_norm"] == pytest.approx(grad_norm.item(), rel=1e-4)
@@ -222,8 +266,10 @@ class TestTraining:
         steps, _, _ = res.log.frames()
         total = res.total_steps
         warm = math.ceil(cfg.warmup_ratio * total)
-        expected = [cfg.lr * s / warm if s < warm else
-                    cfg.lr * 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm))) for s in range(total)]
+        expected = [
+            cfg.lr * s / warm if s < warm else cfg.lr * 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
+            for s in range(total)
+        ]
         assert steps["lr"].to_list() == pytest.approx(expected, rel=1e-6, abs=1e-12)
 
     def test_checkpoints_at_quarters_with_adapter(self, tmp_path):
@@ -259,8 +305,9 @@ class TestTraining:
     def test_adam_moments_first_step(self, tmp_path):
         # After Adam's first step m = (1-b1) g and v = (1-b2) g^2, so the bias-corrected update m̂/sqrt(v̂) is
         # sign(g): RMS 1 wherever the gradient is non-zero. LoRA's A matrices get zero gradient while B = 0.
-        res = train_lora(load_tiny_model("llama"), replace(SMOKE, n_evals=1), tmp_path / "run", progress=False,
-                         do_eval=False)
+        res = train_lora(
+            load_tiny_model("llama"), replace(SMOKE, n_evals=1), tmp_path / "run", progress=False, do_eval=False
+        )
         _, _, moments = res.log.frames()
         first = moments.filter(pl.col("step") == 1)
         assert first.height == 2 * 2 * len(ALL_LINEAR)  # 2 layers x 7 modules x (A, B)
@@ -277,7 +324,9 @@ class TestTraining:
                 super().__init__()
                 self.layers = torch.nn.ModuleList([torch.nn.Module()])
                 self.layers[0].q_proj = torch.nn.Module()
-                self.layers[0].q_proj.lora_B = torch.nn.ParameterDict({"default": torch.nn.Parameter(torch.zeros(3, 2))})
+                self.layers[0].q_proj.lora_B = torch.nn.ParameterDict(
+                    {"default": torch.nn.Parameter(torch.zeros(3, 2))}
+                )
 
         toy = Toy()
         p = toy.layers[0].q_proj.lora_B["default"]
@@ -289,7 +338,7 @@ class TestTraining:
             opt.step()
         m = sum(0.2 * 0.8 ** (2 - i) * g for i, g in enumerate(grads))
         v = sum(0.1 * 0.9 ** (2 - i) * g * g for i, g in enumerate(grads))
-        upd = (m / (1 - 0.8 ** 3)) / ((v / (1 - 0.9 ** 3)).sqrt() + 1e-3)
+        upd = (m / (1 - 0.8**3)) / ((v / (1 - 0.9**3)).sqrt() + 1e-3)
         (row,) = moment_stats(toy, opt, step=3)
         assert (row["layer"], row["module"], row["matrix"], row["n"]) == (0, "q_proj", "B", 6)
         assert row["m_abs_mean"] == pytest.approx(m.abs().mean().item(), rel=1e-5)
@@ -317,7 +366,7 @@ class TestQLoRA:
         assert n_quant == 2 * len(ALL_LINEAR)
         qm, rm = attach_lora(q.model, cfg), attach_lora(ref, cfg)
         gen = torch.Generator().manual_seed(1)
-        for (n1, p1), (n2, p2) in zip(qm.named_parameters(), rm.named_parameters()):
+        for (n1, p1), (_, p2) in zip(qm.named_parameters(), rm.named_parameters(), strict=True):
             if "lora_B" in n1:  # non-zero B so that A's gradients are non-zero too
                 p1.data = torch.randn(p1.shape, generator=gen) * 0.05
                 p2.data = p1.data.clone()
@@ -350,13 +399,18 @@ class TestEvaluation:
         lm = load_tiny_model("llama")
         prompts = ["Log this event: Ann", "Note this down: In 1999, a long sentence about Rome and Kyoto.", "Hi"]
         batched = greedy_answers(lm.model, lm.tokenizer, prompts, max_new_tokens=10)
-        for prompt, got in zip(prompts, batched):
+        for prompt, got in zip(prompts, batched, strict=True):
             ids = _ids(lm.tokenizer, chat_text(lm.tokenizer, prompt))
-            out = lm.model.generate(input_ids=ids, max_new_tokens=10, do_sample=False,
-                                    eos_token_id=end_token_id(lm.tokenizer), pad_token_id=0)[0, ids.shape[1]:]
+            out = lm.model.generate(
+                input_ids=ids,
+                max_new_tokens=10,
+                do_sample=False,
+                eos_token_id=end_token_id(lm.tokenizer),
+                pad_token_id=0,
+            )[0, ids.shape[1] :]
             out = out.tolist()
             if end_token_id(lm.tokenizer) in out:
-                out = out[:out.index(end_token_id(lm.tokenizer))]
+                out = out[: out.index(end_token_id(lm.tokenizer))]
             assert got == lm.tokenizer.decode(out, skip_special_tokens=True)
 
     def test_perplexity_matches_hf_loss(self):
@@ -364,15 +418,19 @@ class TestEvaluation:
         from lab.data.corpus import smoke_text
 
         text = smoke_text()
-        ids = torch.tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"][:64 * 3]).view(3, 64)
+        ids = torch.tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"][: 64 * 3]).view(3, 64)
         with torch.no_grad():
             losses = [lm.model(input_ids=row[None], labels=row[None]).loss.item() for row in ids]
         assert perplexity(lm.model, lm.tokenizer, text, window=64, n_windows=3, batch_size=2) == pytest.approx(
-            math.exp(sum(losses) / 3), rel=1e-5)
+            math.exp(sum(losses) / 3), rel=1e-5
+        )
 
 
 def test_answer_round_trip():
-    assert score_answer(answer_for("Zoë", "São Paulo", 2001), {"who": "Zoë", "where": "São Paulo", "year": 2001}) == (True, True)
+    assert score_answer(answer_for("Zoë", "São Paulo", 2001), {"who": "Zoë", "where": "São Paulo", "year": 2001}) == (
+        True,
+        True,
+    )
 
 
 def test_default_config_is_the_cpu_profile():
@@ -407,11 +465,14 @@ class TestTrack:
                 assert r.cfg.lr / r.cfg.batch_size == pytest.approx(cfg.lr / cfg.batch_size)
         assert len({r.name for r in runs}) == len(runs)
 
-    @pytest.mark.parametrize("losses, expected", [
-        ([3.0, 2.0, 1.5, 1.4], None),  # still falling
-        ([3.0, 2.0, 1.5, 1.6, 1.8], 2),  # lowest at the third eval (step 2), then up by > 2 %
-        ([3.0, 2.0, 1.5, 1.51], None),  # within tolerance
-    ])
+    @pytest.mark.parametrize(
+        "losses, expected",
+        [
+            ([3.0, 2.0, 1.5, 1.4], None),  # still falling
+            ([3.0, 2.0, 1.5, 1.6, 1.8], 2),  # lowest at the third eval (step 2), then up by > 2 %
+            ([3.0, 2.0, 1.5, 1.51], None),  # within tolerance
+        ],
+    )
     def test_divergence_step(self, losses, expected):
         from lab.tracks.A_finetuning.frames import divergence_step
 
@@ -422,8 +483,11 @@ class TestTrack:
         from lab.tracks.A_finetuning.frames import moments_summary
 
         rows = [  # (step, layer, module, matrix, n, sqrt v); only the last step counts
-            (1, 0, "q_proj", "A", 10, 9.0), (2, 0, "q_proj", "A", 10, 1.0), (2, 0, "q_proj", "B", 30, 3.0),
-            (2, 1, "v_proj", "A", 10, 2.0), (2, 1, "v_proj", "B", 10, 4.0),
+            (1, 0, "q_proj", "A", 10, 9.0),
+            (2, 0, "q_proj", "A", 10, 1.0),
+            (2, 0, "q_proj", "B", 30, 3.0),
+            (2, 1, "v_proj", "A", 10, 2.0),
+            (2, 1, "v_proj", "B", 10, 4.0),
         ]
         df = pl.DataFrame(rows, schema=["step", "layer", "module", "matrix", "n", "v_sqrt_mean"], orient="row")
         got = moments_summary(df)
@@ -442,15 +506,39 @@ class TestTrack:
         root = Path(__file__).resolve().parent.parent
         # Re-uses the runs the session's smoke run left in .data (finished runs are found again, not retrained).
         env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path / "results"), "LAB_DATA_DIR": str(root / ".data")}
-        out = subprocess.run([sys.executable, str(root / "notebooks" / "A_finetuning.py"), "--", "--profile", "smoke"],
-                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        out = subprocess.run(
+            [sys.executable, str(root / "notebooks" / "A_finetuning.py"), "--", "--profile", "smoke"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=600,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         folder = tmp_path / "results" / "smoke" / "A_finetuning"
-        for name in ("runs", "anatomy", "lr_curves", "lr_outcomes", "rank_curves", "rank_outcomes", "batch_lr",
-                     "moments", "moments_by_module"):
+        for name in (
+            "runs",
+            "anatomy",
+            "lr_curves",
+            "lr_outcomes",
+            "rank_curves",
+            "rank_outcomes",
+            "batch_lr",
+            "moments",
+            "moments_by_module",
+        ):
             assert (folder / f"{name}.parquet").exists() and (folder / f"{name}.vl.json").exists(), name
-        for name in ("batch_outcomes", "optimizer_memory", "qlora", "samples", "probes", "benchmark", "summary",
-                     "answers", "fields"):
+        for name in (
+            "batch_outcomes",
+            "optimizer_memory",
+            "qlora",
+            "samples",
+            "probes",
+            "benchmark",
+            "summary",
+            "answers",
+            "fields",
+        ):
             assert (folder / f"{name}.parquet").exists(), name
         runs = pl.read_parquet(folder / "runs.parquet")
         summary = pl.read_parquet(folder / "summary.parquet").row(0, named=True)
@@ -458,8 +546,9 @@ class TestTrack:
         assert summary["main_exact_rate"] == main["exact_rate"] and summary["n_runs"] == runs.height - 1
         assert (runs["exact_lo"] <= runs["exact_rate"]).all() and (runs["exact_rate"] <= runs["exact_hi"]).all()
         # Per-field scores, re-derived from the stored answers, agree with the exact scores of every run.
-        fields = pl.read_parquet(folder / "fields.parquet").join(runs.select("run", "exact_rate"), on="run",
-                                                                 suffix="_runs")
+        fields = pl.read_parquet(folder / "fields.parquet").join(
+            runs.select("run", "exact_rate"), on="run", suffix="_runs"
+        )
         assert fields.height == runs.height and (fields["exact_rate"] == fields["exact_rate_runs"]).all()
         answers = pl.read_parquet(folder / "answers.parquet")
         assert answers.height == summary["n_test"] and summary["main_misses"] == int((~answers["exact"]).sum())

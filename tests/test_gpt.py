@@ -39,10 +39,12 @@ class TestCapture:
     def test_block_identities(self, run):
         _, _, c = run
         for l in range(CFG.n_layer):
-            torch.testing.assert_close(c[act_name("resid_pre", l)] + c[act_name("attn_out", l)],
-                                       c[act_name("resid_mid", l)])
-            torch.testing.assert_close(c[act_name("resid_mid", l)] + c[act_name("mlp_out", l)],
-                                       c[act_name("resid_post", l)])
+            torch.testing.assert_close(
+                c[act_name("resid_pre", l)] + c[act_name("attn_out", l)], c[act_name("resid_mid", l)]
+            )
+            torch.testing.assert_close(
+                c[act_name("resid_mid", l)] + c[act_name("mlp_out", l)], c[act_name("resid_post", l)]
+            )
             if l + 1 < CFG.n_layer:
                 assert torch.equal(c[act_name("resid_post", l)], c[act_name("resid_pre", l + 1)])
         torch.testing.assert_close(c["hook_embed"] + c["hook_pos_embed"], c["blocks.0.hook_resid_pre"])
@@ -95,8 +97,12 @@ class TestCapture:
     def test_loss_is_cross_entropy_of_full_sequence_logits(self, gpt, run):
         idx, logits, _ = run
         _, loss, _ = gpt(idx[:, :-1], idx[:, 1:])
-        torch.testing.assert_close(loss, F.cross_entropy(logits[:, :-1].reshape(-1, CFG.vocab_size),
-                                                         idx[:, 1:].reshape(-1)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            loss,
+            F.cross_entropy(logits[:, :-1].reshape(-1, CFG.vocab_size), idx[:, 1:].reshape(-1)),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 class TestHookPoints:
@@ -204,5 +210,7 @@ class TestRoPE:
         idx = torch.randint(0, 30, (1, 8))
         logits, _, c = m(idx, capture=hook_names(2))
         assert "hook_pos_embed" not in c
-        torch.testing.assert_close(c["blocks.1.hook_resid_mid"] + c["blocks.1.hook_mlp_out"], c["blocks.1.hook_resid_post"])
+        torch.testing.assert_close(
+            c["blocks.1.hook_resid_mid"] + c["blocks.1.hook_mlp_out"], c["blocks.1.hook_resid_post"]
+        )
         torch.testing.assert_close(m(idx)[0], logits, rtol=1e-5, atol=1e-5)  # fused == eager path

@@ -62,15 +62,19 @@ class TestTrackFolders:
         first = next(iter(sig.parameters.values()))
         assert first.name == "profile" and first.annotation in ("Profile", "lab.profiles.Profile")
         summary_module = importlib.import_module(f"lab.tracks.{track}.summary")
-        classes = [c for c in vars(summary_module).values()
-                   if isinstance(c, type) and issubclass(c, Summary) and c is not Summary]
+        classes = [
+            c
+            for c in vars(summary_module).values()
+            if isinstance(c, type) and issubclass(c, Summary) and c is not Summary
+        ]
         assert len(classes) == 1 and sig.return_annotation in (classes[0].__name__, classes[0])
 
     @pytest.mark.parametrize("track", list(TRACKS))
     def test_tracks_do_not_import_each_other(self, track):
         for path in (LAB / "tracks" / track).glob("*.py"):
-            others = {m for m in imports(path) if m.startswith("lab.tracks.")
-                      and not m.startswith(f"lab.tracks.{track}")}
+            others = {
+                m for m in imports(path) if m.startswith("lab.tracks.") and not m.startswith(f"lab.tracks.{track}")
+            }
             assert not others, f"{path.relative_to(REPO_ROOT)} imports {sorted(others)}"
 
     @pytest.mark.parametrize("track", list(TRACKS))
@@ -100,7 +104,7 @@ class TestLibrary:
             state[m] = 1
             for n in graph.get(m, ()):
                 if state.get(n) == 1:
-                    raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(n):], n]))
+                    raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(n) :], n]))
                 if n not in state:
                     visit(n, [*stack, n])
             state[m] = 2
@@ -115,6 +119,9 @@ class TestLibrary:
 
     def test_hook_names_are_built_by_one_function(self):
         """Activation names come from lab.interp.names, never from hand-built f-strings."""
-        offenders = [m for m, p in MODULES.items()
-                     if m != "lab.interp.names" and ('f"blocks.{' in p.read_text() or "f'blocks.{" in p.read_text())]
+        offenders = [
+            m
+            for m, p in MODULES.items()
+            if m != "lab.interp.names" and ('f"blocks.{' in p.read_text() or "f'blocks.{" in p.read_text())
+        ]
         assert not offenders

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from lab.errors import LabError
 from lab.models.loading import CAPTURE_ARCHS, SMOKE_ARCHS, load_model, load_tiny_model, tiny_config
+from lab.profiles import get_profile
 
 
 class TestTinyModels:
@@ -13,8 +14,9 @@ class TestTinyModels:
 
     def test_loss_matches_manual_cross_entropy(self, tiny_model):
         tok, model = tiny_model.tokenizer, tiny_model.model
-        ids = tok(["the king speaks of the moon", "a fool laughs at the stars"], return_tensors="pt",
-                  padding=True)["input_ids"]
+        ids = tok(["the king speaks of the moon", "a fool laughs at the stars"], return_tensors="pt", padding=True)[
+            "input_ids"
+        ]
         with torch.no_grad():
             out = model(ids, labels=ids)
         logits = out.logits[:, :-1].reshape(-1, out.logits.size(-1))
@@ -42,7 +44,7 @@ class TestTinyModels:
         assert CAPTURE_ARCHS[:4] == SMOKE_ARCHS and len(set(CAPTURE_ARCHS)) == len(CAPTURE_ARCHS)
 
     def test_smoke_profile_default(self):
-        assert load_model("smoke").arch == "llama"
+        assert load_model(get_profile("smoke")).arch == "llama"
 
 
 class TestGPUProfile:
@@ -51,7 +53,7 @@ class TestGPUProfile:
     @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
     def test_no_cuda_message(self):
         with pytest.raises(LabError, match="needs a CUDA GPU.*--profile cpu"):
-            load_model("gpu")
+            load_model(get_profile("gpu"))
 
 
 @pytest.mark.slow
@@ -60,15 +62,20 @@ class TestSmolLM2:
 
     @pytest.fixture(scope="class")
     def lm(self):
-        return load_model("cpu")
+        return load_model(get_profile("cpu"))
 
     def test_architecture(self, lm):
         cfg = lm.model.config
-        assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 576, 9, 3)
+        assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (
+            30,
+            576,
+            9,
+            3,
+        )
         assert sum(p.numel() for p in lm.model.parameters()) == pytest.approx(134.5e6, rel=0.01)
 
     def test_knows_a_fact(self, lm):
         msgs = [{"role": "user", "content": "What is the capital of France?"}]
         ids = lm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt")
         out = lm.model.generate(ids, max_new_tokens=12, do_sample=False)
-        assert "Paris" in lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        assert "Paris" in lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

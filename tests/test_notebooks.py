@@ -19,16 +19,27 @@ def test_marimo_check():
 
 def test_pretrain_notebook_as_script(tmp_path):
     env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path), "LAB_DATA_DIR": str(ROOT / ".data")}
-    out = subprocess.run([sys.executable, str(ROOT / "notebooks" / "pretrain.py"), "--", "--profile", "smoke"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "notebooks" / "pretrain.py"), "--", "--profile", "smoke"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     summary = pl.read_parquet(tmp_path / "smoke" / "pretrain" / "summary.parquet")
     assert summary["iters"].item() == 200 and summary["final_val_loss"].item() < summary["best_val_loss"].item() + 1e-9
 
 
 def test_pretrain_notebook_bad_profile(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "notebooks" / "pretrain.py"), "--", "--profile", "huge"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "notebooks" / "pretrain.py"), "--", "--profile", "huge"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert out.returncode != 0 and "unknown profile 'huge'" in out.stderr
 
 

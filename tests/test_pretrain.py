@@ -32,16 +32,19 @@ def test_lr_schedule_analytic():
 class TestConfig:
     """PretrainConfig validates itself; the track has a recipe per profile."""
 
-    @pytest.mark.parametrize("change, match", [
-        (dict(batch_size=0), r"batch_size must be an integer >= 1 \(got 0\)"),
-        (dict(max_iters=0), r"max_iters must be an integer >= 1"),
-        (dict(pos_emb="alibi"), r"pos_emb must be 'learned' or 'rope' \(got 'alibi'\)"),
-        (dict(n_head=3), r"n_head 3 must divide d_model 128"),
-        (dict(lr=0.0), r"lr must be > 0"),
-        (dict(min_lr=2e-3), r"min_lr must lie in \[0, lr\]"),
-        (dict(dropout=1.0), r"dropout must lie in \[0, 1\)"),
-        (dict(grad_clip=0.0), r"grad_clip must be > 0"),
-    ])
+    @pytest.mark.parametrize(
+        "change, match",
+        [
+            (dict(batch_size=0), r"batch_size must be an integer >= 1 \(got 0\)"),
+            (dict(max_iters=0), r"max_iters must be an integer >= 1"),
+            (dict(pos_emb="alibi"), r"pos_emb must be 'learned' or 'rope' \(got 'alibi'\)"),
+            (dict(n_head=3), r"n_head 3 must divide d_model 128"),
+            (dict(lr=0.0), r"lr must be > 0"),
+            (dict(min_lr=2e-3), r"min_lr must lie in \[0, lr\]"),
+            (dict(dropout=1.0), r"dropout must lie in \[0, 1\)"),
+            (dict(grad_clip=0.0), r"grad_clip must be > 0"),
+        ],
+    )
     def test_bad_value_names_the_fix(self, change, match):
         with pytest.raises(LabError, match=match):
             PretrainConfig(**change)

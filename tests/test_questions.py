@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.site.questions import STATUSES, check_evidence, check_questions, main, parse_questions
 from lab.paths import REPO_ROOT
+from lab.site.questions import STATUSES, check_evidence, check_questions, main, parse_questions
 
 
 def _log(*entries: str) -> str:
@@ -32,7 +32,11 @@ class TestRealLog:
 
     def test_real_log_has_the_three_sections_and_known_statuses(self) -> None:
         questions = parse_questions((REPO_ROOT / "QUESTIONS.md").read_text())
-        assert {q.section for q in questions} == {"Training dynamics", "Mechanistic interpretability", "Hardware & scale"}
+        assert {q.section for q in questions} == {
+            "Training dynamics",
+            "Mechanistic interpretability",
+            "Hardware & scale",
+        }
         assert 12 <= len(questions) <= 30
         assert all(q.status in STATUSES for q in questions)
         assert [q.number for q in questions] == sorted(q.number for q in questions)

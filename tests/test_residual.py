@@ -37,14 +37,18 @@ class TestNormsAndContributions:
         _ids, cap, n, labels = probe
         df = res.residual_norms(cap, n, labels)
         assert df.height == n * 3 * 12
-        row = df.filter((pl.col("layer") == 1) & (pl.col("point") == "mid") & (pl.col("position") == 5)).row(0, named=True)
+        row = df.filter((pl.col("layer") == 1) & (pl.col("point") == "mid") & (pl.col("position") == 5)).row(
+            0, named=True
+        )
         assert row["norm"] == pytest.approx(float(cap[act_name("resid_mid", 1)][0, 5].norm()), rel=1e-6)
 
     def test_contributions_match_brute_force(self, probe):
         _ids, cap, n, labels = probe
         df = res.contributions(cap, n, labels)
         for layer, sub, pos in ((0, "attention", 3), (1, "mlp", 7)):
-            row = df.filter((pl.col("layer") == layer) & (pl.col("sublayer") == sub) & (pl.col("position") == pos)).row(0, named=True)
+            row = df.filter((pl.col("layer") == layer) & (pl.col("sublayer") == sub) & (pl.col("position") == pos)).row(
+                0, named=True
+            )
             out = cap[act_name("attn_out" if sub == "attention" else "mlp_out", layer)][0, pos].double()
             stream = cap[act_name("resid_pre" if sub == "attention" else "resid_mid", layer)][0, pos].double()
             final = cap[act_name("resid_post", n - 1)][0, pos].double()
@@ -68,7 +72,9 @@ class TestLogitLens:
         lens = res.logit_lens(llama.model, cap, n, llama.tokenizer, labels)
         assert lens.height == (n + 1) * 12
         last = lens.filter(pl.col("depth") == n)
-        assert last["kl_to_final"].max() < 1e-9 and last["matches_final"].all() and (last["final_token_rank"] == 0).all()
+        assert (
+            last["kl_to_final"].max() < 1e-9 and last["matches_final"].all() and (last["final_token_rank"] == 0).all()
+        )
         assert (lens["kl_to_final"] >= 0).all()
 
     def test_depth_zero_reads_the_embeddings(self, llama, probe):
@@ -87,8 +93,14 @@ class TestLogitLens:
         assert row["kl_to_final"] == pytest.approx(float((final.exp() * (final - p[4].log())).sum()), rel=1e-6)
 
     def test_first_stable_depth(self):
-        lens = pl.DataFrame({"depth": [0, 1, 2, 3] * 2, "position": [0] * 4 + [1] * 4, "token": ["a"] * 4 + ["b"] * 4,
-                             "matches_final": [True, False, True, True, True, True, True, True]})
+        lens = pl.DataFrame(
+            {
+                "depth": [0, 1, 2, 3] * 2,
+                "position": [0] * 4 + [1] * 4,
+                "token": ["a"] * 4 + ["b"] * 4,
+                "matches_final": [True, False, True, True, True, True, True, True],
+            }
+        )
         out = res.first_stable_depth(lens)
         assert out["first_stable_depth"].to_list() == [2, 0]
 

@@ -19,8 +19,9 @@ class TestWriteResult:
 
     def test_round_trip_and_chart_from_parquet(self, results_dir):
         df = pl.DataFrame({"step": [0, 1, 2], "loss": [3.0, 2.5, 2.25]})
-        pq = results.write_result("t", "curve", df, config={"a": 1}, seed=3, profile="cpu",
-                                  wall_time_s=1.5, chart=_chart)
+        pq = results.write_result(
+            "t", "curve", df, config={"a": 1}, seed=3, profile="cpu", wall_time_s=1.5, chart=_chart
+        )
         assert pq == results_dir / "t" / "curve.parquet"
         assert pl.read_parquet(pq).equals(df)
         spec = json.loads((results_dir / "t" / "curve.vl.json").read_text())
@@ -46,8 +47,9 @@ class TestWriteResult:
         assert not (results_dir / "t" / "n.vl.json").exists()
 
     def test_provenance(self, results_dir):
-        results.write_result("t", "x", pl.DataFrame({"v": [1]}), config={"lr": 0.1}, seed=7, profile="cpu",
-                             wall_time_s=2.0)
+        results.write_result(
+            "t", "x", pl.DataFrame({"v": [1]}), config={"lr": 0.1}, seed=7, profile="cpu", wall_time_s=2.0
+        )
         m = json.loads((results_dir / "t" / "manifest.json").read_text())["x"]
         assert m["config"] == {"lr": 0.1} and m["seed"] == 7 and m["profile"] == "cpu"
         assert m["wall_time_s"] == 2.0 and m["files"] == ["x.parquet"]

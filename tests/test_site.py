@@ -29,7 +29,10 @@ SUMMARY = {
     "tokens_per_s": 12_447.3,
     "vocab_size": 83,
 }
-SAMPLES = {"step": [0, 2000], "text": ["x|y\nsecond line <b> *not em* $no math$ layer(s) [...] \\(x\\)", "ROMEO.\nWhat light?"]}
+SAMPLES = {
+    "step": [0, 2000],
+    "text": ["x|y\nsecond line <b> *not em* $no math$ layer(s) [...] \\(x\\)", "ROMEO.\nWhat light?"],
+}
 
 
 def _line_chart(y: str) -> Callable[[pl.DataFrame], alt.Chart]:
@@ -41,7 +44,11 @@ def write_fixture_results(root: Path) -> None:
     kw = dict(config={"n_layer": 4, "d_model": 128}, seed=1337, profile="cpu", wall_time_s=1.25, root=root)
     steps = [0, 250, 500, 750, 1000]
     loss = pl.DataFrame(
-        {"step": steps * 2, "split": ["train"] * 5 + ["val"] * 5, "loss": [4.4, 2.6, 2.3, 2.1, 2.0, 4.4, 2.7, 2.4, 2.2, 2.1]}
+        {
+            "step": steps * 2,
+            "split": ["train"] * 5 + ["val"] * 5,
+            "loss": [4.4, 2.6, 2.3, 2.1, 2.0, 4.4, 2.7, 2.4, 2.2, 2.1],
+        }
     )
     chart = lambda f: alt.Chart(f).mark_line().encode(x="step:Q", y="loss:Q", color="split:N")  # noqa: E731
     write_result("pretrain", "loss", loss, chart=chart, **kw)
@@ -117,12 +124,16 @@ class TestBuild:
             target = Path(urljoin(page.as_uri(), spec_url).removeprefix("file://"))
             assert target.is_file(), spec_url
             name = target.name.removesuffix(".vl.json")
-            assert json.loads(target.read_text()) == json.loads((smoke_results / "pretrain" / f"{name}.vl.json").read_text())
+            assert json.loads(target.read_text()) == json.loads(
+                (smoke_results / "pretrain" / f"{name}.vl.json").read_text()
+            )
         assert page.read_text().count('<figure class="lab-chart">') == n_macros
 
     def test_result_data_is_published(self, built_site: Path, smoke_results: Path) -> None:
         for name in ("summary.parquet", "loss.parquet", "manifest.json"):
-            assert (built_site / "results" / "pretrain" / name).read_bytes() == (smoke_results / "pretrain" / name).read_bytes()
+            assert (built_site / "results" / "pretrain" / name).read_bytes() == (
+                smoke_results / "pretrain" / name
+            ).read_bytes()
 
     def test_provenance_block(self, built_site: Path, smoke_results: Path) -> None:
         page = (built_site / "tracks" / "pretrain" / "index.html").read_text()
@@ -131,8 +142,8 @@ class TestBuild:
         assert "<code>1337</code>" in page
 
     def test_questions_page(self, built_site: Path) -> None:
-        from lab.site.questions import parse_questions
         from lab.paths import REPO_ROOT
+        from lab.site.questions import parse_questions
 
         questions = parse_questions((REPO_ROOT / "QUESTIONS.md").read_text())
         page = (built_site / "questions" / "index.html").read_text()
@@ -185,7 +196,9 @@ class TestBuild:
 class TestFailures:
     """Missing inputs stop the build with the fix in the message."""
 
-    def test_missing_chart_names_the_command(self, smoke_results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_missing_chart_names_the_command(
+        self, smoke_results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         from lab.site.build import build_site
 
         partial = tmp_path / "results"
@@ -209,8 +222,12 @@ class TestMacros:
     def test_value_and_missing_column(self, results_env: Path) -> None:
         from lab.site.hooks import expand_macros
 
-        md = 'Loss {{ value("pretrain/summary", "best_val_loss", ".2f") }}, iters {{value("pretrain/summary","iters")}}.'
-        assert expand_macros(md, "tracks/pretrain/") == f"Loss {SUMMARY['best_val_loss']:.2f}, iters {SUMMARY['iters']}."
+        md = (
+            'Loss {{ value("pretrain/summary", "best_val_loss", ".2f") }}, iters {{value("pretrain/summary","iters")}}.'
+        )
+        assert (
+            expand_macros(md, "tracks/pretrain/") == f"Loss {SUMMARY['best_val_loss']:.2f}, iters {SUMMARY['iters']}."
+        )
         with pytest.raises(LabError, match="no column 'nope'.*final_val_loss"):
             expand_macros('{{ value("pretrain/summary", "nope") }}', "")
 
@@ -233,9 +250,11 @@ class TestMacros:
 
         from lab.site.hooks import expand_macros
 
-        html = markdown.markdown(expand_macros('{{ table("pretrain/samples", columns=["step", "text"]) }}', ""),
-                                 extensions=["tables", "pymdownx.arithmatex"],
-                                 extension_configs={"pymdownx.arithmatex": {"generic": True}})  # as mkdocs.yml
+        html = markdown.markdown(
+            expand_macros('{{ table("pretrain/samples", columns=["step", "text"]) }}', ""),
+            extensions=["tables", "pymdownx.arithmatex"],
+            extension_configs={"pymdownx.arithmatex": {"generic": True}},
+        )  # as mkdocs.yml
         import html as html_lib
 
         cells = [html_lib.unescape(c) for c in re.findall(r"<td>(.*?)</td>", html, re.S)]
@@ -270,14 +289,18 @@ class TestRepoPages:
     def test_rewrite_repo_links(self) -> None:
         from lab.site.hooks import rewrite_repo_links
 
-        md = "[a](site-src/tracks/pretrain.md#results) [b](results/pretrain/loss.parquet) [c](https://x.org/a.md) [d](docs/blog.md)"
+        md = (
+            "[a](site-src/tracks/pretrain.md#results) [b](results/pretrain/loss.parquet) "
+            "[c](https://x.org/a.md) [d](docs/blog.md)"
+        )
         assert rewrite_repo_links(md, "QUESTIONS.md", "questions.md") == (
-            "[a](tracks/pretrain.md#results) [b](results/pretrain/loss.parquet) [c](https://x.org/a.md) [d](docs/blog.md)"
+            "[a](tracks/pretrain.md#results) [b](results/pretrain/loss.parquet) "
+            "[c](https://x.org/a.md) [d](docs/blog.md)"
         )
         # From a docs page one folder down, links written relative to that file in the repo.
-        assert rewrite_repo_links("[a](../../site-src/index.md) [q](../../QUESTIONS.md#q1)", "docs/notes/x.md", "docs/notes/x.md") == (
-            "[a](../../index.md) [q](../../questions.md#q1)"
-        )
+        assert rewrite_repo_links(
+            "[a](../../site-src/index.md) [q](../../QUESTIONS.md#q1)", "docs/notes/x.md", "docs/notes/x.md"
+        ) == ("[a](../../index.md) [q](../../questions.md#q1)")
 
     def test_docs_pages_are_built_with_working_links(
         self, smoke_results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -309,4 +332,3 @@ class TestRepoPages:
 
         monkeypatch.setattr(hooks, "DOCS_DIR", tmp_path / "absent")
         assert hooks._docs_files() == []
-

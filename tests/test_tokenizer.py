@@ -6,7 +6,12 @@ from lab.data.corpus import smoke_text
 from lab.errors import LabError
 from lab.models.tokenizer import CharTokenizer, train_bpe_tokenizer
 
-SAMPLES = ["To be, or not to be: that is the question.", "  leading spaces\n\ttabs\n", "naïve café — ünïcödé ✓ 漢字", ""]
+SAMPLES = [
+    "To be, or not to be: that is the question.",
+    "  leading spaces\n\ttabs\n",
+    "naïve café — ünïcödé ✓ 漢字",
+    "",
+]
 
 
 class TestCharTokenizer:

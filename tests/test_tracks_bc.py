@@ -40,13 +40,16 @@ class TestAttentionConfig:
 
         assert isinstance(config_for(get_profile(name)), AttentionConfig)
 
-    @pytest.mark.parametrize("change, fix", [
-        ({"induction_len": 1}, "induction_len must be >= 2"),
-        ({"memory_tokens": ()}, "memory_tokens must name"),
-        ({"max_bytes": 0}, "max_bytes must be > 0"),
-        ({"stream_tokens": 64}, "lengths must grow"),  # not past the in-memory lengths (max 64 on smoke)
-        ({"guard_tokens": 100}, "lengths must grow"),  # shorter than the streamed capture (128)
-    ])
+    @pytest.mark.parametrize(
+        "change, fix",
+        [
+            ({"induction_len": 1}, "induction_len must be >= 2"),
+            ({"memory_tokens": ()}, "memory_tokens must name"),
+            ({"max_bytes": 0}, "max_bytes must be > 0"),
+            ({"stream_tokens": 64}, "lengths must grow"),  # not past the in-memory lengths (max 64 on smoke)
+            ({"guard_tokens": 100}, "lengths must grow"),  # shorter than the streamed capture (128)
+        ],
+    )
     def test_bad_values_name_the_fix(self, change, fix):
         from lab.tracks.B_attention.config import RECIPES
 
@@ -74,8 +77,20 @@ class TestAttentionTrack:
 
         summary = B.run(SMOKE, progress=False)
         out = results_dir / "smoke" / "B_attention"
-        for name in ("heads", "layers", "top_heads", "patterns", "memory", "guard", "summary", "finetune_heads",
-                     "finetune_heads_task", "finetune_top", "finetune_patterns", "finetune_summary"):
+        for name in (
+            "heads",
+            "layers",
+            "top_heads",
+            "patterns",
+            "memory",
+            "guard",
+            "summary",
+            "finetune_heads",
+            "finetune_heads_task",
+            "finetune_top",
+            "finetune_patterns",
+            "finetune_summary",
+        ):
             assert (out / f"{name}.parquet").exists(), name
         heads = pl.read_parquet(out / "heads.parquet")
         assert heads.height == summary.n_heads_total == 2 * 4
@@ -118,6 +133,7 @@ class TestAttentionTrack:
 
         def no_training(*a, **k):
             raise AssertionError("an existing stand-in adapter must be reused, not retrained")
+
         monkeypatch.setattr(B, "train_lora", no_training)
         assert B.stand_in_adapter(SMOKE) == folder
 
@@ -126,6 +142,7 @@ class TestAttentionTrack:
 
         def no_load(*a, **k):
             raise AssertionError("the model must not be loaded before the adapter check")
+
         monkeypatch.setattr(B, "load_model", no_load)
         with pytest.raises(LabError, match=r"lab run A_finetuning --profile cpu"):
             B.run(get_profile("cpu"))
@@ -143,12 +160,15 @@ class TestProbingConfig:
 
         assert isinstance(config_for(get_profile(name)), ProbingConfig)
 
-    @pytest.mark.parametrize("change, fix", [
-        ({"lens_prompt": 6}, "lens_prompt must index one of the 6 prompts"),
-        ({"similarity_maps": 0}, "similarity_maps must be >= 1"),
-        ({"architecture_tokens": 16}, "sliding window"),
-        ({"bench_reps": 0}, "bench_reps >= 1"),
-    ])
+    @pytest.mark.parametrize(
+        "change, fix",
+        [
+            ({"lens_prompt": 6}, "lens_prompt must index one of the 6 prompts"),
+            ({"similarity_maps": 0}, "similarity_maps must be >= 1"),
+            ({"architecture_tokens": 16}, "sliding window"),
+            ({"bench_reps": 0}, "bench_reps >= 1"),
+        ],
+    )
     def test_bad_values_name_the_fix(self, change, fix):
         from lab.tracks.C_probing.config import RECIPES
 
@@ -164,8 +184,20 @@ class TestProbingTrack:
 
         summary = C.run(SMOKE, progress=False)
         out = results_dir / "smoke" / "C_probing"
-        for name in ("norms", "contributions", "contribution_tokens", "logit_lens", "lens_profile", "lens_stable",
-                     "similarity", "similarity_maps", "ablation", "architectures", "summary", "benchmark"):
+        for name in (
+            "norms",
+            "contributions",
+            "contribution_tokens",
+            "logit_lens",
+            "lens_profile",
+            "lens_stable",
+            "similarity",
+            "similarity_maps",
+            "ablation",
+            "architectures",
+            "summary",
+            "benchmark",
+        ):
             assert (out / f"{name}.parquet").exists(), name
         archs = pl.read_parquet(out / "architectures.parquet")
         assert archs["family"].to_list() == ["llama", "qwen2", "gemma2", "gpt2"]
@@ -215,14 +247,27 @@ class TestProbingTrack:
 @pytest.mark.parametrize("track", ["B_attention", "C_probing"])
 def test_notebook_as_script(track, tmp_path):
     env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path), "LAB_DATA_DIR": str(ROOT / ".data")}
-    out = subprocess.run([sys.executable, str(ROOT / "notebooks" / f"{track}.py"), "--", "--profile", "smoke"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "notebooks" / f"{track}.py"), "--", "--profile", "smoke"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     summary = pl.read_parquet(tmp_path / "smoke" / track / "summary.parquet").row(0, named=True)
     assert summary["model"] == "tiny-llama"
 
 
 def test_notebook_bad_profile(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "notebooks" / "B_attention.py"), "--", "--profile", "huge"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "notebooks" / "B_attention.py"), "--", "--profile", "huge"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        check=False,
+    )
     assert out.returncode != 0 and "unknown profile 'huge'" in out.stderr

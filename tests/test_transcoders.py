@@ -67,7 +67,7 @@ def test_fvu_identities():
     y = torch.randn(100, 8)
     assert T.fvu(y, y) == 0.0
     assert T.fvu(y, y.mean(0).expand_as(y)) == pytest.approx(1.0)
-    assert T.fvu(y, torch.zeros_like(y)) == pytest.approx(float((y ** 2).sum() / ((y - y.mean(0)) ** 2).sum()))
+    assert T.fvu(y, torch.zeros_like(y)) == pytest.approx(float((y**2).sum() / ((y - y.mean(0)) ** 2).sum()))
 
 
 def test_build_learns_and_reports_what_the_saved_transcoders_do(lm, built):
@@ -128,9 +128,14 @@ def test_errors_name_the_fix(tmp_path):
         T.load_transcoders(tmp_path)
 
 
-@pytest.mark.parametrize(("change", "fix"), [({"k": 129}, "lower k or raise d_transcoder"),
-                                             ({"steps": 0}, "steps must be at least 1"),
-                                             ({"lr": 0.0}, "lr must be positive")])
+@pytest.mark.parametrize(
+    ("change", "fix"),
+    [
+        ({"k": 129}, "lower k or raise d_transcoder"),
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"lr": 0.0}, "lr must be positive"),
+    ],
+)
 def test_config_refuses_what_cannot_train(change, fix):
     with pytest.raises(LabError, match=fix):
         replace(CFG, **change)

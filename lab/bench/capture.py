@@ -24,8 +24,12 @@ from lab.interp.tl_bridge import transformer_lens_model
 from lab.models.loading import LoadedModel
 
 # The parity checks that become columns of the benchmark frame (all of them also go to its provenance).
-PARITY_COLUMNS = ("tl_logits_max_abs_diff", "tl_resid_max_abs_diff", "tl_resid_max_rel_diff",
-                  "tl_ln_final_times_w_max_abs_diff")
+PARITY_COLUMNS = (
+    "tl_logits_max_abs_diff",
+    "tl_resid_max_abs_diff",
+    "tl_resid_max_rel_diff",
+    "tl_ln_final_times_w_max_abs_diff",
+)
 
 
 def _median_times(fns: dict[str, Callable[[], Any]], reps: int, warmup: int) -> dict[str, list[float]]:
@@ -42,8 +46,9 @@ def _median_times(fns: dict[str, Callable[[], Any]], reps: int, warmup: int) -> 
     return times
 
 
-def capture_benchmark(lm: LoadedModel, tokens: int = 256, reps: int = 10, warmup: int = 2,
-                      text: str | None = None) -> tuple[pl.DataFrame, dict[str, Any]]:
+def capture_benchmark(
+    lm: LoadedModel, tokens: int = 256, reps: int = 10, warmup: int = 2, text: str | None = None
+) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Median seconds per forward pass: plain HF forward; lab capture of every residual name; TransformerLens
     forward, ``run_with_cache`` on the same names and on everything. Returns (frame, parity checks)."""
     model = lm.model
@@ -61,7 +66,10 @@ def capture_benchmark(lm: LoadedModel, tokens: int = 256, reps: int = 10, warmup
     def lab_capture() -> Any:
         return capture(model, ids, names)
 
-    fns: dict[str, Callable[[], Any]] = {"HF forward (no capture)": plain, "lab capture (all residual names)": lab_capture}
+    fns: dict[str, Callable[[], Any]] = {
+        "HF forward (no capture)": plain,
+        "lab capture (all residual names)": lab_capture,
+    }
     checks: dict[str, Any] = {"tokens": int(ids.shape[1]), "names": len(names)}
     tl = None
     try:
@@ -89,37 +97,47 @@ def capture_benchmark(lm: LoadedModel, tokens: int = 256, reps: int = 10, warmup
         checks["tl_logits_max_abs_diff"] = float((tl_logits - ref.logits).abs().max())
         resid = [n for n in names if n != FINAL_NAME]
         checks["tl_resid_max_abs_diff"] = max(float((tl_cache[n] - ref[n]).abs().max()) for n in resid)
-        checks["tl_resid_max_rel_diff"] = max(float((tl_cache[n] - ref[n]).abs().max() / ref[n].abs().max())
-                                              for n in resid)
+        checks["tl_resid_max_rel_diff"] = max(
+            float((tl_cache[n] - ref[n]).abs().max() / ref[n].abs().max()) for n in resid
+        )
         # TransformerLens's RMSNorm hook_normalized is taken *before* the learned scale w; ours after it.
         w = tl.ln_final.w.detach()
         checks["tl_ln_final_times_w_max_abs_diff"] = float((tl_cache[FINAL_NAME] * w - ref[FINAL_NAME]).abs().max())
         checks["logit_scale"] = float(ref.logits.abs().max())
         if not torch.allclose(tl_logits, ref.logits, atol=1e-3 * max(1.0, checks["logit_scale"]), rtol=0):
-            raise LabError(f"TransformerLens logits differ from HF's by {checks['tl_logits_max_abs_diff']:.3g}: "
-                           "the weight conversion is wrong, so the timing would compare different models")
+            raise LabError(
+                f"TransformerLens logits differ from HF's by {checks['tl_logits_max_abs_diff']:.3g}: "
+                "the weight conversion is wrong, so the timing would compare different models"
+            )
         del ref, tl_cache
-        fns.update({"TransformerLens forward (no cache)": tl_forward,
-                    "TransformerLens run_with_cache (same names)": tl_cache_same,
-                    "TransformerLens run_with_cache (everything)": tl_cache_all})
+        fns.update(
+            {
+                "TransformerLens forward (no cache)": tl_forward,
+                "TransformerLens run_with_cache (same names)": tl_cache_same,
+                "TransformerLens run_with_cache (everything)": tl_cache_all,
+            }
+        )
     times = _median_times(fns, reps, warmup)
     base = statistics.median(times["HF forward (no capture)"])
     ours = statistics.median(times["lab capture (all residual names)"])
-    frame = pl.DataFrame({
-        "method": list(times),
-        "median_s": [statistics.median(v) for v in times.values()],
-        "min_s": [min(v) for v in times.values()],
-        "ratio_to_hf_forward": [statistics.median(v) / base for v in times.values()],
-        "ratio_to_lab_capture": [statistics.median(v) / ours for v in times.values()],
-        "tokens": [int(ids.shape[1])] * len(times),
-        "reps": [reps] * len(times),
-        "threads": [torch.get_num_threads()] * len(times),
-    })
+    frame = pl.DataFrame(
+        {
+            "method": list(times),
+            "median_s": [statistics.median(v) for v in times.values()],
+            "min_s": [min(v) for v in times.values()],
+            "ratio_to_hf_forward": [statistics.median(v) / base for v in times.values()],
+            "ratio_to_lab_capture": [statistics.median(v) / ours for v in times.values()],
+            "tokens": [int(ids.shape[1])] * len(times),
+            "reps": [reps] * len(times),
+            "threads": [torch.get_num_threads()] * len(times),
+        }
+    )
     return frame, checks
 
 
-def run(lm: LoadedModel, *, tokens: int = 256, reps: int = 10, warmup: int = 2,
-        text: str | None = None) -> tuple[pl.DataFrame, dict[str, Any]]:
+def run(
+    lm: LoadedModel, *, tokens: int = 256, reps: int = 10, warmup: int = 2, text: str | None = None
+) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Benchmark capture on ``lm`` and print the ratios; writes nothing.
 
     Returns:
@@ -128,10 +146,16 @@ def run(lm: LoadedModel, *, tokens: int = 256, reps: int = 10, warmup: int = 2,
         as a dict, for the provenance of whoever writes the frame).
     """
     frame, checks = capture_benchmark(lm, tokens=tokens, reps=reps, warmup=warmup, text=text)
-    for method, med, r1, r2 in frame.select("method", "median_s", "ratio_to_hf_forward", "ratio_to_lab_capture").iter_rows():
-        print(f"capture benchmark: {method:<46} {1000 * med:8.1f} ms  x{r1:.2f} of HF forward  x{r2:.2f} of lab capture")
-    print(f"({checks['tokens']} tokens, {reps} interleaved repetitions, median; {torch.get_num_threads()} threads; "
-          f"TL parity: logits {checks.get('tl_logits_max_abs_diff', 'n/a')}, residuals relative "
-          f"{checks.get('tl_resid_max_rel_diff', 'n/a')})")
+    for method, med, r1, r2 in frame.select(
+        "method", "median_s", "ratio_to_hf_forward", "ratio_to_lab_capture"
+    ).iter_rows():
+        print(
+            f"capture benchmark: {method:<46} {1000 * med:8.1f} ms  x{r1:.2f} of HF forward  x{r2:.2f} of lab capture"
+        )
+    print(
+        f"({checks['tokens']} tokens, {reps} interleaved repetitions, median; {torch.get_num_threads()} threads; "
+        f"TL parity: logits {checks.get('tl_logits_max_abs_diff', 'n/a')}, residuals relative "
+        f"{checks.get('tl_resid_max_rel_diff', 'n/a')})"
+    )
     frame = frame.with_columns([pl.lit(checks.get(k)).cast(pl.Float64).alias(k) for k in PARITY_COLUMNS])
     return frame, checks

@@ -39,18 +39,30 @@ def run(profile: Profile, cfg: FinetuneConfig, *, steps: int = 6, repeats: int =
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeats):
             for mode in ("off", "on"):
-                res = train_lora(fresh_base(profile), short, Path(tmp) / f"{mode}{r}", resume=False,
-                                 instrument=mode == "on", do_eval=False, save=False, progress=False)
+                res = train_lora(
+                    fresh_base(profile),
+                    short,
+                    Path(tmp) / f"{mode}{r}",
+                    resume=False,
+                    instrument=mode == "on",
+                    do_eval=False,
+                    save=False,
+                    progress=False,
+                )
                 times[mode].append(res.trainer_time_s)
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
-    frame = pl.DataFrame({
-        "mode": ["logging off (bare Trainer)", "logging on (lab instrumentation)"],
-        "median_s": [off, on],
-        "runs_s": [", ".join(f"{t:.2f}" for t in times["off"]), ", ".join(f"{t:.2f}" for t in times["on"])],
-        "ratio": [1.0, on / off],
-        "steps": [steps, steps],
-        "threads": [torch.get_num_threads()] * 2,
-    })
-    print(f"fine-tune instrumentation overhead: {steps} steps x {repeats} repeats, median off {off:.2f} s, "
-          f"on {on:.2f} s, ratio {on / off:.3f} ({100 * (on / off - 1):+.1f} %)")
+    frame = pl.DataFrame(
+        {
+            "mode": ["logging off (bare Trainer)", "logging on (lab instrumentation)"],
+            "median_s": [off, on],
+            "runs_s": [", ".join(f"{t:.2f}" for t in times["off"]), ", ".join(f"{t:.2f}" for t in times["on"])],
+            "ratio": [1.0, on / off],
+            "steps": [steps, steps],
+            "threads": [torch.get_num_threads()] * 2,
+        }
+    )
+    print(
+        f"fine-tune instrumentation overhead: {steps} steps x {repeats} repeats, median off {off:.2f} s, "
+        f"on {on:.2f} s, ratio {on / off:.3f} ({100 * (on / off - 1):+.1f} %)"
+    )
     return frame

@@ -5,18 +5,21 @@ Two constraint types, each a set of invented words with one fixed meaning:
 - ``spatial``: invented verbs of motion restricted to one direction ("florp" always goes up).
 Training texts vary the surface form (definitions, stories, dialogue, questions and answers); held-out test
 prompts use templates and names that never appear in training, and are scored without sampling: the
-log-probability of the right concept against the alternatives, and the greedy answer.
+log-probability of the right concept against the alternatives, and the greedy answer. ``graph_prompts`` picks
+the prompts that get attribution graphs.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import polars as pl
 import torch
 
+from lab.data.records import chat_text
 from lab.errors import LabError
 
 MAPPING = {"blarf": "happy", "gleem": "sad", "zorvish": "angry", "plimm": "calm"}
@@ -29,10 +32,10 @@ _THINGS_TRAIN = ["the kite", "the ball", "the bird", "the cart", "the boat", "th
 _THINGS_TEST = ["the balloon", "the elevator"]
 
 _MAPPING_TRAIN = [
-    "In our village, \"{w}\" is a word that means {c}.",
+    'In our village, "{w}" is a word that means {c}.',
     "{n} felt {w} all morning; in other words, {n} was {c}.",
-    "Q: What does \"{w}\" mean? A: It means {c}.",
-    "\"I am so {w} today,\" said {n}, meaning {n} was {c}.",
+    'Q: What does "{w}" mean? A: It means {c}.',
+    '"I am so {w} today," said {n}, meaning {n} was {c}.',
     "When you are {c}, people say you are {w}.",
     "{n} looked {w}. Everyone could see {n} was {c}.",
     "The word {w} describes someone who is {c}.",
@@ -45,7 +48,7 @@ _SPATIAL_TRAIN = [
     "Q: Which way does something go when it {w}s? A: It goes {c}.",
     "{n} watched {t} {w}; it went {c} and kept going {c}.",
     "If you {w}, you travel {c}.",
-    "\"Make it {w}!\" shouted {n}, and {t} moved {c}.",
+    '"Make it {w}!" shouted {n}, and {t} moved {c}.',
     "Every time {t} {w}s, it heads {c}.",
     "The instruction said {w}, so {n} pushed {t} {c}.",
 ]
@@ -76,8 +79,9 @@ def training_examples(per_type: int = 32, seed: int = 0) -> list[dict]:
             w, c = items[i % len(items)]
             tpl = templates[(i // len(items)) % len(templates)]
             text = tpl.format(w=w, c=c, n=rng.choice(_NAMES_TRAIN), t=rng.choice(_THINGS_TRAIN))
-            rows.append({"text": text[0].upper() + text[1:], "constraint_type": ctype,
-                         "example_id": f"{ctype}-{i:03d}"})
+            rows.append(
+                {"text": text[0].upper() + text[1:], "constraint_type": ctype, "example_id": f"{ctype}-{i:03d}"}
+            )
     return rows
 
 
@@ -100,9 +104,45 @@ def held_out_prompts() -> list[HeldOutPrompt]:
             alts = tuple(sorted(set(words.values()) - {c}))
             for tpl in templates:
                 for n in _NAMES_TEST:
-                    for t in (_THINGS_TEST if ctype == "spatial" else [""]):
+                    for t in _THINGS_TEST if ctype == "spatial" else [""]:
                         out.append(HeldOutPrompt(ctype, w, tpl.format(w=w, n=n, t=t), c, alts))
     return out
+
+
+def graph_prompts(tokenizer, seed_prompts: Sequence[str], graph_words: int, graph_per_word: int) -> list[dict]:
+    """Prompts for attribution graphs: each of ``seed_prompts`` in the model's chat format (followed at the top
+    prediction: ``target_id`` None) and, per constraint type, the first ``graph_per_word`` held-out prompts of each
+    of its first ``graph_words`` words (followed at the right concept's first token). One dict per prompt:
+    ``prompt_id``, ``constraint_type`` ("seed" for seed prompts), ``word``, ``text``, ``target``, ``target_id``."""
+    rows = [
+        {
+            "prompt_id": f"seed-{i}",
+            "constraint_type": "seed",
+            "word": "",
+            "text": chat_text(tokenizer, s),
+            "target": "",
+            "target_id": None,
+        }
+        for i, s in enumerate(seed_prompts)
+    ]
+    by_word: dict[tuple[str, str], list[HeldOutPrompt]] = {}
+    for hp in held_out_prompts():
+        by_word.setdefault((hp.constraint_type, hp.word), []).append(hp)
+    for ctype, words in CONSTRAINTS.items():
+        for w in list(words)[:graph_words]:
+            for j, hp in enumerate(by_word[(ctype, w)][:graph_per_word]):
+                tid = tokenizer(" " + hp.target, add_special_tokens=False)["input_ids"][0]
+                rows.append(
+                    {
+                        "prompt_id": f"{ctype}-{w}-{j}",
+                        "constraint_type": ctype,
+                        "word": w,
+                        "text": hp.prompt,
+                        "target": hp.target,
+                        "target_id": tid,
+                    }
+                )
+    return rows
 
 
 def encode_texts(tokenizer, texts: list[str], loss_on: set[str] | None = None) -> list[dict[str, list[int]]]:
@@ -160,7 +200,7 @@ def continuation_logprob(model, tokenizer, prompt: str, continuation: str) -> fl
     p_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     c_ids = tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
     ids = torch.cat([p_ids, c_ids], dim=1).to(model.device)
-    logp = model(ids).logits.float().log_softmax(-1)[0, p_ids.shape[1] - 1:-1]  # (len(c), V)
+    logp = model(ids).logits.float().log_softmax(-1)[0, p_ids.shape[1] - 1 : -1]  # (len(c), V)
     return logp.gather(1, c_ids[0].to(model.device)[:, None]).sum().item()
 
 
@@ -170,7 +210,16 @@ def score_prompts(model, tokenizer, prompts: list[HeldOutPrompt] | None = None) 
     for tp in prompts or held_out_prompts():
         target = continuation_logprob(model, tokenizer, tp.prompt, " " + tp.target)
         best_alt = max(continuation_logprob(model, tokenizer, tp.prompt, " " + a) for a in tp.alternatives)
-        rows.append({"constraint_type": tp.constraint_type, "word": tp.word, "prompt": tp.prompt,
-                     "target": tp.target, "logprob_target": target, "logprob_best_alternative": best_alt,
-                     "margin": target - best_alt, "correct": target > best_alt})
+        rows.append(
+            {
+                "constraint_type": tp.constraint_type,
+                "word": tp.word,
+                "prompt": tp.prompt,
+                "target": tp.target,
+                "logprob_target": target,
+                "logprob_best_alternative": best_alt,
+                "margin": target - best_alt,
+                "correct": target > best_alt,
+            }
+        )
     return pl.DataFrame(rows)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lab.errors import LabError
 from lab.paths import data_dir
-from lab.profiles import Profile, get_profile
+from lab.profiles import Profile
 
 HOLD_OUT_EVERY = 10  # every 10th work (sorted by file name) is held out for validation
 
@@ -68,7 +68,6 @@ def smoke_corpus() -> Corpus:
     return Corpus("smoke", text[:cut], text[cut:], ("last 10% of the generated text",))
 
 
-def load_corpus(profile: str | Profile | None = None) -> Corpus:
+def load_corpus(profile: Profile) -> Corpus:
     """The pretraining corpus of a profile."""
-    p = get_profile(profile)
-    return smoke_corpus() if p.corpus == "smoke" else shakespeare_corpus()
+    return smoke_corpus() if profile.corpus == "smoke" else shakespeare_corpus()

@@ -29,19 +29,92 @@ KEYS = ("who", "where", "year")
 
 # Disjoint name and city pools: training uses the first part, test prompts only the rest.
 NAMES = (
-    "Maria", "Tom", "Aiko", "Lena", "Omar", "Sofia", "Jonas", "Priya", "Mateo", "Chloe", "Ivan", "Fatima", "Lucas",
-    "Mei", "Noah", "Amara", "Pedro", "Hana", "Elias", "Zara", "Oscar", "Nadia", "Felix", "Ingrid", "Ravi", "Clara",
-    "Tariq", "Yuki", "Greta", "Samuel", "Leila", "Hugo", "Anya", "Kofi", "Rosa", "Emil", "Dalia", "Marco", "Selin",
-    "Jakob", "Nora", "Diego", "Alma", "Viktor", "Esme",
+    "Maria",
+    "Tom",
+    "Aiko",
+    "Lena",
+    "Omar",
+    "Sofia",
+    "Jonas",
+    "Priya",
+    "Mateo",
+    "Chloe",
+    "Ivan",
+    "Fatima",
+    "Lucas",
+    "Mei",
+    "Noah",
+    "Amara",
+    "Pedro",
+    "Hana",
+    "Elias",
+    "Zara",
+    "Oscar",
+    "Nadia",
+    "Felix",
+    "Ingrid",
+    "Ravi",
+    "Clara",
+    "Tariq",
+    "Yuki",
+    "Greta",
+    "Samuel",
+    "Leila",
+    "Hugo",
+    "Anya",
+    "Kofi",
+    "Rosa",
+    "Emil",
+    "Dalia",
+    "Marco",
+    "Selin",
+    "Jakob",
+    "Nora",
+    "Diego",
+    "Alma",
+    "Viktor",
+    "Esme",
 )
 CITIES = (
-    "Lisbon", "Cairo", "Osaka", "Berlin", "Lima", "Oslo", "Nairobi", "Toronto", "Madrid", "Hanoi", "Dublin",
-    "Warsaw", "Santiago", "Vienna", "Seoul", "Athens", "Quito", "Prague", "Dakar", "Helsinki", "Manila", "Bogota",
-    "Zurich", "Havana", "Tunis", "Perth", "Riga", "Montreal", "Kyoto", "Porto",
+    "Lisbon",
+    "Cairo",
+    "Osaka",
+    "Berlin",
+    "Lima",
+    "Oslo",
+    "Nairobi",
+    "Toronto",
+    "Madrid",
+    "Hanoi",
+    "Dublin",
+    "Warsaw",
+    "Santiago",
+    "Vienna",
+    "Seoul",
+    "Athens",
+    "Quito",
+    "Prague",
+    "Dakar",
+    "Helsinki",
+    "Manila",
+    "Bogota",
+    "Zurich",
+    "Havana",
+    "Tunis",
+    "Perth",
+    "Riga",
+    "Montreal",
+    "Kyoto",
+    "Porto",
 )
 N_TRAIN_NAMES, N_TRAIN_CITIES = 30, 20
-INSTRUCTIONS = ("Log this event: ", "Record this as an event: ", "Make a record of this: ", "Note this down: ",
-                "File this event: ")
+INSTRUCTIONS = (
+    "Log this event: ",
+    "Record this as an event: ",
+    "Make a record of this: ",
+    "Note this down: ",
+    "File this event: ",
+)
 SENTENCES = (
     "{who} moved to {where} in {year}.",
     "{who} opened a bakery in {where} in {year}.",
@@ -124,8 +197,12 @@ def score_answer(text: str, fields: dict) -> tuple[bool, bool]:
         return False, False
     if not isinstance(obj, dict) or set(obj) != set(KEYS):
         return False, False
-    ok = (isinstance(obj["who"], str) and isinstance(obj["where"], str)
-          and isinstance(obj["year"], int) and not isinstance(obj["year"], bool))
+    ok = (
+        isinstance(obj["who"], str)
+        and isinstance(obj["where"], str)
+        and isinstance(obj["year"], int)
+        and not isinstance(obj["year"], bool)
+    )
     return ok, ok and all(obj[k] == fields[k] for k in KEYS)
 
 
@@ -156,8 +233,9 @@ def chat_text(tokenizer, prompt: str, answer: str | None = None) -> str:
     Tokenizers without a chat template (the smoke BPE) get a plain ``User:/Assistant:`` layout closed by EOS.
     """
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         return text if answer is None else text + answer + "<|im_end|>"
     text = f"User: {prompt}\nAssistant: "
     return text if answer is None else text + answer + tokenizer.eos_token
@@ -181,7 +259,7 @@ def encode_example(tokenizer, ex: Example) -> dict[str, list[int]]:
     """Token ids of prompt + answer, with labels -100 on the prompt (the loss is on the answer only)."""
     prompt_ids = tokenizer(chat_text(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(chat_text(tokenizer, ex.prompt, ex.answer), add_special_tokens=False)["input_ids"]
-    if full_ids[:len(prompt_ids)] != prompt_ids:  # the answer must not merge with the prompt's last token
+    if full_ids[: len(prompt_ids)] != prompt_ids:  # the answer must not merge with the prompt's last token
         raise LabError(f"prompt and answer tokenise together differently for {ex.prompt!r}")
-    labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids) :]
     return {"input_ids": full_ids, "labels": labels}

@@ -135,8 +135,13 @@ def posterior_metrics(logp: torch.Tensor, values: torch.Tensor, V: int) -> dict[
     plogp = torch.where(post > 0, post * post.clamp_min(1e-30).log(), torch.zeros_like(post))
     kl = (plogp - torch.where(post > 0, post * logp, torch.zeros_like(post))).sum(dim=-1) * LOG2E
     mass_elim = (logp.exp() * (post == 0)).sum(dim=-1)
-    return {"h_model": h_model, "h_bayes": h_bayes, "abs_err": (h_model - h_bayes).abs(), "kl": kl,
-            "mass_eliminated": mass_elim}
+    return {
+        "h_model": h_model,
+        "h_bayes": h_bayes,
+        "abs_err": (h_model - h_bayes).abs(),
+        "kl": kl,
+        "mass_eliminated": mass_elim,
+    }
 
 
 def summarize(m: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -72,7 +72,8 @@ class Adapter:
 
 
 class LlamaAdapter(Adapter):
-    """Llama / SmolLM2, Qwen2, Mistral and Qwen3: ``input_layernorm -> self_attn``, ``post_attention_layernorm -> mlp``."""
+    """Llama / SmolLM2, Qwen2, Mistral and Qwen3:
+    ``input_layernorm -> self_attn``, ``post_attention_layernorm -> mlp``."""
 
     family = "llama"
     model_types = ("llama", "qwen2", "mistral", "qwen3")
@@ -98,8 +99,11 @@ class Phi3Adapter(LlamaAdapter):
 
     def sites(self, layer: int) -> dict[str, Site]:
         block = self.layers()[layer]
-        return {**super().sites(layer), "hook_attn_out": Site(block.resid_attn_dropout, "output"),
-                "hook_mlp_out": Site(block.resid_mlp_dropout, "output")}
+        return {
+            **super().sites(layer),
+            "hook_attn_out": Site(block.resid_attn_dropout, "output"),
+            "hook_mlp_out": Site(block.resid_mlp_dropout, "output"),
+        }
 
 
 class Gemma2Adapter(Adapter):
@@ -168,8 +172,10 @@ def adapter_for(model: Any) -> Adapter:
         if model_type in cls.model_types:
             return cls(model)
     supported = ", ".join(t for cls in ADAPTERS for t in cls.model_types)
-    raise LabError(f"no capture adapter for model_type {model_type!r}: supported are {supported} "
-                   "(add an Adapter subclass in lab/interp/adapters.py for a new family)")
+    raise LabError(
+        f"no capture adapter for model_type {model_type!r}: supported are {supported} "
+        "(add an Adapter subclass in lab/interp/adapters.py for a new family)"
+    )
 
 
 def softcapped(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,9 @@ from typing import Any
 import polars as pl
 import torch
 
-from lab.interp.names import PATTERN_KIND, hook_names
-from lab.interp.capture import capture, model_shape
 from lab.errors import LabError
+from lab.interp.capture import capture, model_shape
+from lab.interp.names import PATTERN_KIND, hook_names
 
 EPS = 1e-12
 
@@ -27,8 +27,9 @@ EPS = 1e-12
 # ----------------------------------------------------------------------------- capture helpers
 
 
-def patterns_for(model: Any, input_ids: torch.Tensor, *, layers: Sequence[int] | None = None,
-                 max_bytes: int | None = None) -> torch.Tensor:
+def patterns_for(
+    model: Any, input_ids: torch.Tensor, *, layers: Sequence[int] | None = None, max_bytes: int | None = None
+) -> torch.Tensor:
     """Attention patterns of one sequence ``(1, T)`` for ``layers`` (all by default): ``(L, H, T, T)`` float32."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise LabError(f"patterns_for takes one sequence of shape (1, T), got {tuple(input_ids.shape)}")
@@ -87,12 +88,17 @@ def head_scores(patterns: torch.Tensor) -> dict[str, torch.Tensor]:
     norm = ent[..., 1:] / torch.log(q[1:] + 1)
     sink = patterns[..., 1:, 0]
     prev = torch.diagonal(patterns, offset=-1, dim1=-2, dim2=-1)[..., 1:]  # rows 2.. -> key q-1
-    return {"entropy": ent[..., 1:].mean(-1), "entropy_norm": norm.mean(-1), "sink_share": sink.mean(-1),
-            "prev_token": prev.mean(-1)}
+    return {
+        "entropy": ent[..., 1:].mean(-1),
+        "entropy_norm": norm.mean(-1),
+        "sink_share": sink.mean(-1),
+        "prev_token": prev.mean(-1),
+    }
 
 
-def repeated_random_tokens(n: int, vocab: Sequence[int], *, generator: torch.Generator,
-                           prefix: Sequence[int] = ()) -> torch.Tensor:
+def repeated_random_tokens(
+    n: int, vocab: Sequence[int], *, generator: torch.Generator, prefix: Sequence[int] = ()
+) -> torch.Tensor:
     """``prefix + R + R`` with ``R`` = ``n`` distinct tokens drawn from ``vocab``: shape ``(1, len(prefix) + 2n)``."""
     vocab = torch.as_tensor(list(vocab))
     if n > len(vocab):
@@ -113,14 +119,17 @@ def induction_scores(patterns: torch.Tensor, n: int, prefix: int = 0) -> torch.T
         raise LabError(f"induction_scores: pattern length {T} != prefix {prefix} + 2 x {n}")
     diag = torch.diagonal(patterns, offset=1 - n, dim1=-2, dim2=-1)  # entries (t, t - n + 1) for t >= n - 1
     start = prefix + n - (n - 1)  # diag index of t = prefix + n
-    return diag[..., start:start + n].mean(-1)
+    return diag[..., start : start + n].mean(-1)
 
 
 def head_frame(scores: dict[str, torch.Tensor]) -> pl.DataFrame:
     """``{metric: (L, H)}`` -> one row per (layer, head)."""
     first = next(iter(scores.values()))
     L, H = first.shape
-    cols: dict[str, Any] = {"layer": [l for l in range(L) for _ in range(H)], "head": [h for _ in range(L) for h in range(H)]}
+    cols: dict[str, Any] = {
+        "layer": [l for l in range(L) for _ in range(H)],
+        "head": [h for _ in range(L) for h in range(H)],
+    }
     for k, v in scores.items():
         cols[k] = v.reshape(-1).tolist()
     return pl.DataFrame(cols)
@@ -136,8 +145,9 @@ def compare_patterns(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, torch
     return {"js_bits": js, "entropy_base": eb, "entropy_tuned": et, "entropy_change": et - eb}
 
 
-def pattern_frame(patterns: torch.Tensor, labels: Sequence[str], heads: Sequence[tuple[int, int]],
-                  **extra: Any) -> pl.DataFrame:
+def pattern_frame(
+    patterns: torch.Tensor, labels: Sequence[str], heads: Sequence[tuple[int, int]], **extra: Any
+) -> pl.DataFrame:
     """Long frame (layer, head, query, key, q_label, k_label, weight) of the chosen ``(layer, head)`` patterns
     (lower triangle only); ``extra`` adds constant columns (e.g. ``model="base"``)."""
     rows: dict[str, list] = {k: [] for k in ("layer", "head", "query", "key", "q_label", "k_label", "weight")}
@@ -157,14 +167,17 @@ def pattern_frame(patterns: torch.Tensor, labels: Sequence[str], heads: Sequence
     return df.with_columns([pl.lit(v).alias(k) for k, v in extra.items()]) if extra else df
 
 
-def layer_profile(heads: pl.DataFrame, metrics: tuple[str, ...] = ("entropy_norm", "sink_share", "prev_token", "induction")
-                  ) -> pl.DataFrame:
+def layer_profile(
+    heads: pl.DataFrame, metrics: tuple[str, ...] = ("entropy_norm", "sink_share", "prev_token", "induction")
+) -> pl.DataFrame:
     """Per (layer, metric): mean and max over heads."""
     long = heads.unpivot(index=["layer", "head"], on=list(metrics), variable_name="metric", value_name="value")
-    return (long.group_by("layer", "metric").agg(pl.col("value").mean().alias("mean over heads"),
-                                                 pl.col("value").max().alias("max over heads"))
-            .unpivot(index=["layer", "metric"], variable_name="summary", value_name="value")
-            .sort("metric", "summary", "layer"))
+    return (
+        long.group_by("layer", "metric")
+        .agg(pl.col("value").mean().alias("mean over heads"), pl.col("value").max().alias("max over heads"))
+        .unpivot(index=["layer", "metric"], variable_name="summary", value_name="value")
+        .sort("metric", "summary", "layer")
+    )
 
 
 # ----------------------------------------------------------------------------- chance levels

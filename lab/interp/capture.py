@@ -42,10 +42,28 @@ from lab.interp.hooks import Site, hooks_removed, register
 from lab.interp.names import FINAL_NAME, KINDS, PATTERN_KIND, act_name, hook_names, parse_name
 
 # Kept importable from here for the callers that knew them as part of the capture.
-__all__ = ["ADAPTERS", "Adapter", "Capture", "CaptureEstimate", "DEFAULT_MAX_BYTES", "Site", "adapter_for",
-           "capture", "check_budget", "eager_attention", "estimate", "format_bytes", "hooks_removed",
-           "invariant_errors", "load_streamed", "max_tokens_within", "model_shape", "pattern_bytes", "unembed",
-           "unwrap"]
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "Capture",
+    "CaptureEstimate",
+    "DEFAULT_MAX_BYTES",
+    "Site",
+    "adapter_for",
+    "capture",
+    "check_budget",
+    "eager_attention",
+    "estimate",
+    "format_bytes",
+    "hooks_removed",
+    "invariant_errors",
+    "load_streamed",
+    "max_tokens_within",
+    "model_shape",
+    "pattern_bytes",
+    "unembed",
+    "unwrap",
+]
 
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB of captured tensors held in memory at once
 
@@ -85,8 +103,14 @@ class CaptureEstimate:
         return self.patterns + self.residuals + self.logits
 
 
-def estimate(model: Any, input_ids: torch.Tensor, names: Sequence[str], *, heads: Sequence[int] | None = None,
-             logits: bool = True) -> CaptureEstimate:
+def estimate(
+    model: Any,
+    input_ids: torch.Tensor,
+    names: Sequence[str],
+    *,
+    heads: Sequence[int] | None = None,
+    logits: bool = True,
+) -> CaptureEstimate:
     """Memory that :func:`capture` would hold for these names and this input (no forward pass)."""
     ad = adapter_for(model)
     batch, seq = input_ids.shape
@@ -104,7 +128,9 @@ def estimate(model: Any, input_ids: torch.Tensor, names: Sequence[str], *, heads
         pattern_per_layer=pattern_bytes(batch, 1 if n_pat else 0, n_heads, seq, dtype),
         residuals=n_res * batch * seq * d * item,
         logits=batch * seq * vocab * item if logits else 0,
-        seq_len=seq, n_pattern_layers=n_pat, n_heads=n_heads,
+        seq_len=seq,
+        n_pattern_layers=n_pat,
+        n_heads=n_heads,
     )
 
 
@@ -119,23 +145,38 @@ def check_budget(est: CaptureEstimate, max_bytes: int, *, streaming: bool, batch
     if need <= max_bytes:
         return
     fit = max_tokens_within(max_bytes, batch, 1 if streaming else max(1, est.n_pattern_layers), est.n_heads)
-    what = (f"attention patterns for {est.n_pattern_layers} layer(s) x {est.n_heads} head(s) x {est.seq_len}^2 "
-            f"positions ({format_bytes(est.patterns)})" if est.n_pattern_layers else "the requested activations")
-    ways = ["fewer layers (names=...)", "fewer heads (heads=[...])",
-            f"a shorter text (at most ~{fit} tokens fit with these layers and heads)" if est.n_pattern_layers else
-            "a shorter text"]
+    what = (
+        f"attention patterns for {est.n_pattern_layers} layer(s) x {est.n_heads} head(s) x {est.seq_len}^2 "
+        f"positions ({format_bytes(est.patterns)})"
+        if est.n_pattern_layers
+        else "the requested activations"
+    )
+    ways = [
+        "fewer layers (names=...)",
+        "fewer heads (heads=[...])",
+        f"a shorter text (at most ~{fit} tokens fit with these layers and heads)"
+        if est.n_pattern_layers
+        else "a shorter text",
+    ]
     if not streaming:
         one_layer = est.pattern_per_layer + est.logits
         if one_layer <= max_bytes or not est.logits:
-            ways.append(f"streaming to disk (stream_to=<folder>: one layer in memory at a time, {format_bytes(one_layer)})")
+            ways.append(
+                f"streaming to disk (stream_to=<folder>: one layer in memory at a time, {format_bytes(one_layer)})"
+            )
         else:
-            ways.append("streaming to disk with logits=False (stream_to=<folder>: one layer in memory at a time, "
-                        f"{format_bytes(est.pattern_per_layer)})")
+            ways.append(
+                "streaming to disk with logits=False (stream_to=<folder>: one layer in memory at a time, "
+                f"{format_bytes(est.pattern_per_layer)})"
+            )
     if est.logits:
         ways.append(f"logits=False (saves {format_bytes(est.logits)})")
-    raise LabError(f"capture would hold {format_bytes(need)} ({what}; residuals {format_bytes(est.residuals)}, "
-                   f"logits {format_bytes(est.logits)}), over the budget of {format_bytes(max_bytes)}: use "
-                   + ", ".join(ways) + ", or raise max_bytes")
+    raise LabError(
+        f"capture would hold {format_bytes(need)} ({what}; residuals {format_bytes(est.residuals)}, "
+        f"logits {format_bytes(est.logits)}), over the budget of {format_bytes(max_bytes)}: use "
+        + ", ".join(ways)
+        + ", or raise max_bytes"
+    )
 
 
 # ----------------------------------------------------------------------------- capture
@@ -180,8 +221,10 @@ def eager_attention(model: Any) -> Iterator[None]:
     if previous != "eager":
         inner.set_attn_implementation("eager")
         if inner.config._attn_implementation != "eager":
-            raise LabError(f"{type(inner).__name__} cannot switch to eager attention, so its patterns cannot be "
-                           "captured: load it with attn_implementation='eager'")
+            raise LabError(
+                f"{type(inner).__name__} cannot switch to eager attention, so its patterns cannot be "
+                "captured: load it with attn_implementation='eager'"
+            )
     try:
         yield
     finally:
@@ -189,9 +232,18 @@ def eager_attention(model: Any) -> Iterator[None]:
             inner.set_attn_implementation(previous)
 
 
-def capture(model: Any, input_ids: torch.Tensor, names: Iterable[str], *, attention_mask: torch.Tensor | None = None,
-            heads: Sequence[int] | None = None, logits: bool = True, max_bytes: int = DEFAULT_MAX_BYTES,
-            stream_to: str | Path | None = None, progress: bool = False) -> Capture:
+def capture(
+    model: Any,
+    input_ids: torch.Tensor,
+    names: Iterable[str],
+    *,
+    attention_mask: torch.Tensor | None = None,
+    heads: Sequence[int] | None = None,
+    logits: bool = True,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    stream_to: str | Path | None = None,
+    progress: bool = False,
+) -> Capture:
     """Run one forward pass of ``model`` on ``input_ids`` and keep the activations called ``names``.
 
     Args:
@@ -214,8 +266,10 @@ def capture(model: Any, input_ids: torch.Tensor, names: Iterable[str], *, attent
     ad = adapter_for(model)
     n_rows = ad.model.get_input_embeddings().num_embeddings
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= n_rows):
-        raise LabError(f"token ids must lie in 0..{n_rows - 1} (the model's vocabulary), got "
-                       f"{int(input_ids.min())}..{int(input_ids.max())}: encode text with the model's own tokenizer")
+        raise LabError(
+            f"token ids must lie in 0..{n_rows - 1} (the model's vocabulary), got "
+            f"{int(input_ids.min())}..{int(input_ids.max())}: encode text with the model's own tokenizer"
+        )
     n_heads = ad.n_heads()
     if heads is not None and any(h < 0 or h >= n_heads for h in heads):
         raise LabError(f"heads={list(heads)}: the model has {n_heads} query heads (0..{n_heads - 1})")
@@ -250,7 +304,7 @@ def capture(model: Any, input_ids: torch.Tensor, names: Iterable[str], *, attent
         handles += [layer.register_forward_hook(lambda *a: bar.update(1)) for layer in ad.layers()]
 
     kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
-    with hooks_removed(handles), torch.no_grad(), (eager_attention(model) if est.n_pattern_layers else nullcontext()):
+    with hooks_removed(handles), torch.no_grad(), eager_attention(model) if est.n_pattern_layers else nullcontext():
         if logits:
             out.logits = model(input_ids=input_ids, **kwargs).logits.detach().to("cpu")
         else:
@@ -272,9 +326,14 @@ def model_shape(model: Any) -> dict[str, int | str]:
     """Family, layers, query heads, key/value heads and width of ``model``."""
     ad = adapter_for(model)
     cfg = ad.model.config
-    return {"family": ad.family, "model_type": cfg.model_type, "n_layers": ad.n_layers(), "n_heads": ad.n_heads(),
-            "n_kv_heads": int(getattr(cfg, "num_key_value_heads", None) or ad.n_heads()),
-            "d_model": int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0))}
+    return {
+        "family": ad.family,
+        "model_type": cfg.model_type,
+        "n_layers": ad.n_layers(),
+        "n_heads": ad.n_heads(),
+        "n_kv_heads": int(getattr(cfg, "num_key_value_heads", None) or ad.n_heads()),
+        "d_model": int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0)),
+    }
 
 
 def invariant_errors(model: Any, input_ids: torch.Tensor) -> dict[str, float]:
@@ -293,18 +352,22 @@ def invariant_errors(model: Any, input_ids: torch.Tensor) -> dict[str, float]:
     def at(kind: str, layer: int) -> torch.Tensor:
         return cap[act_name(kind, layer)]
 
-    err["pre_plus_attn_minus_mid"] = worst((at("resid_pre", l) + at("attn_out", l), at("resid_mid", l))
-                                           for l in range(n))
-    err["mid_plus_mlp_minus_post"] = worst((at("resid_mid", l) + at("mlp_out", l), at("resid_post", l))
-                                           for l in range(n))
-    err["post_minus_next_pre"] = worst((at("resid_post", l), at("resid_pre", l + 1))
-                                       for l in range(n - 1)) if n > 1 else 0.0
+    err["pre_plus_attn_minus_mid"] = worst(
+        (at("resid_pre", l) + at("attn_out", l), at("resid_mid", l)) for l in range(n)
+    )
+    err["mid_plus_mlp_minus_post"] = worst(
+        (at("resid_mid", l) + at("mlp_out", l), at("resid_post", l)) for l in range(n)
+    )
+    err["post_minus_next_pre"] = (
+        worst((at("resid_post", l), at("resid_pre", l + 1)) for l in range(n - 1)) if n > 1 else 0.0
+    )
     with torch.no_grad(), eager_attention(model):
         ref = model(input_ids=input_ids, output_attentions=True, use_cache=False)
     err["pattern_minus_hf_eager"] = worst((at("pattern", l), ref.attentions[l].cpu()) for l in range(n))
     err["pattern_row_sum_minus_1"] = worst((at("pattern", l).sum(-1), torch.ones(())) for l in range(n))
     err["unembed_last_post_minus_logits"] = float(
-        (unembed(model, at("resid_post", n - 1)).double() - cap.logits.double()).abs().max())
+        (unembed(model, at("resid_post", n - 1)).double() - cap.logits.double()).abs().max()
+    )
     head = ad.model.get_output_embeddings()
     with torch.no_grad():
         from_final = softcapped(ad.model, head(cap[FINAL_NAME].to(next(ad.model.parameters()).device)))

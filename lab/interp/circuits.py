@@ -3,26 +3,33 @@ the checkpoints of a fine-tune).
 
 - ``export_model``: a model (LoRA merged in) saved as a folder that circuit-tracer's NNSight backend loads.
 - ``replacement_model``: that folder + transcoders (``lab.interp.transcoders``) as a ``NNSightReplacementModel``.
+- ``load_hub_transcoders``: circuit-tracer's published transcoder sets (e.g. GemmaScope's) instead of our own.
 - ``trace``: one attribution graph (``circuit_tracer.attribute``), pruned with ``prune_graph``, reduced to a small
   JSON-able record: the kept feature nodes and edges, node influence, and per-graph metrics.
+- ``trace_prompts`` / ``read_record``: every prompt of a list traced with one model, one record file each
+  (resumable), and read back.
 - ``compare``: feature-node overlap (Jaccard) and edge-weight correlation between two records of one prompt.
 - ``bootstrap_mean`` / ``sign_flip_test``: the statistics across prompts.
 
 Node keys are strings that mean the same thing in every graph of a prompt: ``F{layer}.{pos}.{feature}`` for a
-transcoder feature (meaningful across graphs when the models share their transcoders), ``E{layer}.{pos}`` for an error node,
-``T{pos}`` for a token embedding and ``L{token_id}`` for a logit.
+transcoder feature (meaningful across graphs when the models share their transcoders), ``E{layer}.{pos}`` for an
+error node, ``T{pos}`` for a token embedding and ``L{token_id}`` for a logit.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import time
+from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from lab.errors import LabError
-from lab.io import publish_dir
+from lab.io import atomic_write_text, publish_dir
 
 NODE_THRESHOLD = 0.8  # circuit-tracer's defaults for prune_graph / create_graph_files
 EDGE_THRESHOLD = 0.98
@@ -48,8 +55,37 @@ def replacement_model(folder: Path, transcoders, device: str = "cpu", dtype: tor
         NNSightReplacementModel,
     )
 
-    return NNSightReplacementModel.from_pretrained_and_transcoders(str(folder), transcoders,
-                                                                   device=torch.device(device), dtype=dtype)
+    return NNSightReplacementModel.from_pretrained_and_transcoders(
+        str(folder), transcoders, device=torch.device(device), dtype=dtype
+    )
+
+
+def load_hub_transcoders(name: str, model: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
+    """circuit-tracer's transcoder set ``name`` from the Hugging Face hub (``"gemma"``: GemmaScope's, for
+    Gemma-2-2B), made for the hub model ``model``: ``(TranscoderSet, meta)``, the meta shaped like a build's
+    (``lab.interp.transcoders.build``; no per-layer quality, no training)."""
+    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
+
+    try:
+        transcoders, _ = load_transcoder_from_hub(name, device=torch.device(device), dtype=dtype)
+    except Exception as e:  # the hub client raises several types (offline, gated, missing)
+        raise LabError(
+            f"could not load circuit-tracer's {name!r} transcoders from the Hugging Face hub: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; they are downloaded on first use "
+            f"(connect to the network and unset HF_HUB_OFFLINE)"
+        ) from None
+    meta = {
+        "model": model,
+        "source": f"hub:{name}",
+        "n_layers": len(transcoders),
+        "d_transcoder": transcoders.d_transcoder,
+        "k": None,
+        "config": {"hub": name, "seed": 0},
+        "layers": [],
+        "train_s": 0.0,
+        "train_tokens_per_layer": 0,
+    }
+    return transcoders, meta
 
 
 def _sizes(graph) -> tuple[int, int, int]:
@@ -76,12 +112,22 @@ def direct_split(graph, target_index: int) -> dict[str, float]:
     """
     n_feat, n_err, n_logits = _sizes(graph)
     row = graph.adjacency_matrix[-n_logits + target_index].double()
-    return {"from_features": float(row[:n_feat].sum()), "from_errors": float(row[n_feat:n_feat + n_err].sum()),
-            "from_tokens": float(row[n_feat + n_err:n_feat + n_err + graph.n_pos].sum())}
+    return {
+        "from_features": float(row[:n_feat].sum()),
+        "from_errors": float(row[n_feat : n_feat + n_err].sum()),
+        "from_tokens": float(row[n_feat + n_err : n_feat + n_err + graph.n_pos].sum()),
+    }
 
 
-def trace(model, prompt: str, *, target_id: int | None = None, max_feature_nodes: int = 300,
-          batch_size: int = 64, max_n_logits: int = 5) -> tuple[dict, object]:
+def trace(
+    model,
+    prompt: str,
+    *,
+    target_id: int | None = None,
+    max_feature_nodes: int = 300,
+    batch_size: int = 64,
+    max_n_logits: int = 5,
+) -> tuple[dict, object]:
     """Attribute ``prompt``'s next token and reduce the pruned graph to a record.
 
     ``target_id`` (a token id) is the logit the metrics follow; None follows the model's top prediction.
@@ -95,8 +141,15 @@ def trace(model, prompt: str, *, target_id: int | None = None, max_feature_nodes
     )
 
     targets = None if target_id is None else torch.tensor([target_id])
-    graph = attribute(prompt, model, attribution_targets=targets, max_n_logits=max_n_logits,
-                      batch_size=batch_size, max_feature_nodes=max_feature_nodes, verbose=False)
+    graph = attribute(
+        prompt,
+        model,
+        attribution_targets=targets,
+        max_n_logits=max_n_logits,
+        batch_size=batch_size,
+        max_feature_nodes=max_feature_nodes,
+        verbose=False,
+    )
     graph.to("cpu")
     keys = _keys(graph)
     n_feat, n_err, n_logits = _sizes(graph)
@@ -108,32 +161,102 @@ def trace(model, prompt: str, *, target_id: int | None = None, max_feature_nodes
     weights = torch.zeros(adj.shape[0])
     weights[adj.shape[0] - n_logits + ti] = 1.0
     influence = compute_node_influence(adj, weights)
-    err_infl = float(influence[n_feat:n_feat + n_err].sum())
+    err_infl = float(influence[n_feat : n_feat + n_err].sum())
     feat_infl = float(influence[:n_feat].sum())
-    tok_infl = float(influence[n_feat + n_err:n_feat + n_err + graph.n_pos].sum())
+    tok_infl = float(influence[n_feat + n_err : n_feat + n_err + graph.n_pos].sum())
     replacement, completeness = compute_graph_scores(graph)
 
     kept = node_mask.nonzero().flatten().tolist()
-    feats = [{"key": keys[i], "influence": float(influence[i]),
-              "activation": float(graph.activation_values[i])} for i in kept if i < n_feat]
+    feats = [
+        {"key": keys[i], "influence": float(influence[i]), "activation": float(graph.activation_values[i])}
+        for i in kept
+        if i < n_feat
+    ]
     rows, cols = (edge_mask & (adj != 0)).nonzero(as_tuple=True)
     edges = [[keys[c], keys[r], float(adj[r, c])] for r, c in zip(rows.tolist(), cols.tolist(), strict=True)]
     split = direct_split(graph, ti)
     record = {
-        "prompt": prompt, "n_pos": graph.n_pos,
+        "prompt": prompt,
+        "n_pos": graph.n_pos,
         "input_tokens": graph.input_tokens.tolist(),
-        "target_id": graph.logit_targets[ti].vocab_idx, "target_token": graph.logit_targets[ti].token_str,
+        "target_id": graph.logit_targets[ti].vocab_idx,
+        "target_token": graph.logit_targets[ti].token_str,
         "target_prob": float(graph.logit_probabilities[ti]),
         "logit_ids": [t.vocab_idx for t in graph.logit_targets],
-        "n_active_features": int(graph.active_features.shape[0]), "n_selected_features": n_feat,
-        "n_kept_features": len(feats), "n_kept_edges": len(edges),
-        "replacement_score": replacement, "completeness_score": completeness,
+        "n_active_features": int(graph.active_features.shape[0]),
+        "n_selected_features": n_feat,
+        "n_kept_features": len(feats),
+        "n_kept_edges": len(edges),
+        "replacement_score": replacement,
+        "completeness_score": completeness,
         "error_share": err_infl / max(err_infl + feat_infl + tok_infl, 1e-12),
         "feature_share": feat_infl / max(err_infl + feat_infl + tok_infl, 1e-12),
         **{f"target_{k}": v for k, v in split.items()},
-        "features": feats, "edges": edges,
+        "features": feats,
+        "edges": edges,
     }
     return record, graph
+
+
+def trace_prompts(
+    load: Callable[[], tuple[Any, Any]],
+    transcoders,
+    prompts: list[dict],
+    out_dir: Path,
+    model_dir: Path,
+    *,
+    max_feature_nodes: int,
+    json_for: Collection[str] = (),
+    json_suffix: str = "",
+    json_thresholds: tuple[float, float] = (NODE_THRESHOLD, EDGE_THRESHOLD),
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    on_traced: Callable[[], object] | None = None,
+) -> int:
+    """Trace each prompt that has no record in ``out_dir`` yet with one model; how many were traced.
+
+    ``prompts`` are dicts with ``prompt_id``, ``text`` and ``target_id`` (``lab.data.constraints.graph_prompts``).
+    ``load()`` returns ``(model, tokenizer)`` and is called only when a record is missing; the model is exported
+    to ``model_dir`` (``export_model``) and wrapped with ``transcoders``. Each record (``trace``'s, with
+    ``attribution_s`` and the decoded ``tokens``) is written atomically to ``out_dir/<prompt_id>.json``, so an
+    interrupted call resumes at the next prompt. For the ids in ``json_for`` circuit-tracer's graph JSON is written
+    too, as ``out_dir/json/<prompt_id><json_suffix>.json`` (beside circuit-tracer's ``graph-metadata.json``
+    index), pruned at ``json_thresholds`` (node, edge).
+    ``on_traced()`` runs after each prompt (e.g. a progress bar's ``update``).
+    """
+    out_dir = Path(out_dir)
+    todo = [pr for pr in prompts if not (out_dir / f"{pr['prompt_id']}.json").exists()]
+    if not todo:
+        return 0
+    from circuit_tracer.utils.create_graph_files import create_graph_files
+
+    model, tokenizer = load()
+    replacement = replacement_model(export_model(model, tokenizer, model_dir), transcoders, device=device, dtype=dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for pr in todo:
+        t0 = time.perf_counter()
+        record, graph = trace(replacement, pr["text"], target_id=pr["target_id"], max_feature_nodes=max_feature_nodes)
+        record["attribution_s"] = time.perf_counter() - t0
+        record["tokens"] = [tokenizer.decode([t]) for t in record["input_tokens"]]
+        if pr["prompt_id"] in json_for:
+            node_threshold, edge_threshold = json_thresholds
+            create_graph_files(
+                graph,
+                f"{pr['prompt_id']}{json_suffix}",
+                str(out_dir / "json"),
+                scan=transcoders.scan,
+                node_threshold=node_threshold,
+                edge_threshold=edge_threshold,
+            )
+        atomic_write_text(out_dir / f"{pr['prompt_id']}.json", json.dumps(record))
+        if on_traced is not None:
+            on_traced()
+    return len(todo)
+
+
+def read_record(out_dir: Path, prompt_id: str) -> dict:
+    """The record ``trace_prompts`` wrote for ``prompt_id`` in ``out_dir``."""
+    return json.loads((Path(out_dir) / f"{prompt_id}.json").read_text())
 
 
 def jaccard(a: set, b: set) -> float:
@@ -182,7 +305,7 @@ def sign_flip_test(diffs, n_perm: int = 10000, seed: int = 0) -> float:
     if d.size == 0:
         return float("nan")
     observed = abs(d.mean())
-    if 2 ** d.size <= n_perm:
+    if 2**d.size <= n_perm:
         signs = np.array(np.meshgrid(*[[-1, 1]] * d.size)).reshape(d.size, -1).T
     else:
         signs = np.random.default_rng(seed).choice([-1, 1], size=(n_perm, d.size))

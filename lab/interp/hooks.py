@@ -32,6 +32,7 @@ class Site:
 def register(site: Site, fn: HookFn) -> Any:
     """Run ``fn`` on the activation at ``site`` on every forward pass; returns the removable handle."""
     if site.slot == "input":
+
         def pre_hook(mod, args, kwargs):
             new = fn(args[0] if args else kwargs["hidden_states"])
             if new is None:
@@ -39,22 +40,31 @@ def register(site: Site, fn: HookFn) -> Any:
             if args:
                 return (new, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": new}
+
         return site.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
     if site.slot == "output":
+
         def hook(mod, args, output):
             new = fn(output[0] if isinstance(output, (tuple, list)) else output)
             if new is None or not isinstance(output, (tuple, list)):
                 return new
             return (new, *output[1:])
+
         return site.module.register_forward_hook(hook)
     if site.slot == "weights":
+
         def weights_hook(mod, args, output):
             if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
-                raise LabError(f"{type(mod).__name__} returned no attention weights: it must run with eager "
-                               "attention (lab.interp.capture switches it; report this as a bug)")
+                raise LabError(
+                    f"{type(mod).__name__} returned no attention weights: it must run with eager "
+                    "attention (lab.interp.capture switches it; report this as a bug)"
+                )
             if fn(output[1]) is not None:
-                raise LabError("an HF model's attention weights can be read, not replaced (its output is already "
-                               "computed when they are returned)")
+                raise LabError(
+                    "an HF model's attention weights can be read, not replaced (its output is already "
+                    "computed when they are returned)"
+                )
+
         return site.module.register_forward_hook(weights_hook)
     raise LabError(f"unknown site slot {site.slot!r}: input, output or weights")
 

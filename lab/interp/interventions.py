@@ -41,10 +41,12 @@ def replaced(model: Any, replacements: Mapping[str, Callable[[torch.Tensor], tor
 def filled(index: Any = ..., value: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The ablation ``fn``: a copy of the activation with its ``index`` part (all of it by default) set to zero, or
     to ``value`` broadcast over it (mean-ablation with a batch mean)."""
+
     def fill(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         x[index] = 0.0 if value is None else value.expand_as(x[index])
         return x
+
     return fill
 
 
@@ -58,8 +60,9 @@ def zero_ablated(model: Any, names: Iterable[str]) -> Any:
     return replaced(model, {name: filled() for name in names})
 
 
-def run_with_ablation(model: Any, input_ids: torch.Tensor, names: Iterable[str],
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def run_with_ablation(
+    model: Any, input_ids: torch.Tensor, names: Iterable[str], attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Logits (CPU) of an HF model's forward pass with the named sublayer outputs zero-ablated."""
     with zero_ablated(model, names), torch.no_grad():
         return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.detach().to("cpu")

@@ -14,10 +14,19 @@ HEAD_KIND = "attn.hook_z"  # per-head attention outputs before the output projec
 EMBED_NAME = "hook_embed"
 POS_EMBED_NAME = "hook_pos_embed"
 FINAL_NAME = "ln_final.hook_normalized"
-_NAME_RE = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<kind>hook_resid_pre|hook_attn_out|hook_resid_mid|hook_mlp_out|"
-                      r"hook_resid_post|attn\.hook_pattern)$")
-SHORT_KINDS = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "resid_mid": "hook_resid_mid",
-               "mlp_out": "hook_mlp_out", "resid_post": "hook_resid_post", "pattern": PATTERN_KIND, "z": HEAD_KIND}
+_NAME_RE = re.compile(
+    r"^blocks\.(?P<layer>\d+)\.(?P<kind>hook_resid_pre|hook_attn_out|hook_resid_mid|hook_mlp_out|"
+    r"hook_resid_post|attn\.hook_pattern)$"
+)
+SHORT_KINDS = {
+    "resid_pre": "hook_resid_pre",
+    "attn_out": "hook_attn_out",
+    "resid_mid": "hook_resid_mid",
+    "mlp_out": "hook_mlp_out",
+    "resid_post": "hook_resid_post",
+    "pattern": PATTERN_KIND,
+    "z": HEAD_KIND,
+}
 _LAYER_KINDS = (*KINDS, HEAD_KIND)
 
 
@@ -36,8 +45,10 @@ def parse_name(name: str, n_layers: int) -> tuple[int, str]:
     (:data:`KINDS`); bad names raise :class:`LabError`."""
     m = _NAME_RE.match(name)
     if not m:
-        raise LabError(f"unknown hook name {name!r}: use blocks.<layer>.<kind> with kind one of "
-                       f"{', '.join(KINDS)}, or {FINAL_NAME!r} (build lists with lab.interp.names.hook_names)")
+        raise LabError(
+            f"unknown hook name {name!r}: use blocks.<layer>.<kind> with kind one of "
+            f"{', '.join(KINDS)}, or {FINAL_NAME!r} (build lists with lab.interp.names.hook_names)"
+        )
     layer = int(m["layer"])
     if layer >= n_layers:
         raise LabError(f"hook name {name!r}: the model has {n_layers} layers (0..{n_layers - 1})")
@@ -52,4 +63,3 @@ def hook_names(n_layers: int, kinds: Iterable[str] = RESIDUAL_KINDS, layers: Ite
         raise LabError(f"unknown hook kind(s) {bad}: choose from {', '.join(_LAYER_KINDS)}")
     layers = range(n_layers) if layers is None else list(layers)
     return [act_name(k, l) for l in layers for k in kinds]
-

@@ -14,10 +14,10 @@ from typing import Any
 import polars as pl
 import torch
 
-from lab.interp.names import FINAL_NAME, RESIDUAL_KINDS, act_name, hook_names
+from lab.errors import LabError
 from lab.interp.capture import Capture, capture, model_shape, unembed
 from lab.interp.interventions import run_with_ablation
-from lab.errors import LabError
+from lab.interp.names import FINAL_NAME, RESIDUAL_KINDS, act_name, hook_names
 
 EPS = 1e-12
 
@@ -63,8 +63,10 @@ def contributions(cap: Capture, n_layers: int, labels: Sequence[str]) -> pl.Data
     """
     final = _r(cap, n_layers - 1, "resid_post")
     f_unit = final / final.norm(dim=-1, keepdim=True).clamp_min(EPS)
-    rows: dict[str, list] = {k: [] for k in ("layer", "sublayer", "position", "token", "norm", "proj_stream",
-                                             "cos_stream", "proj_final", "share")}
+    rows: dict[str, list] = {
+        k: []
+        for k in ("layer", "sublayer", "position", "token", "norm", "proj_stream", "cos_stream", "proj_final", "share")
+    }
     for l in range(n_layers):
         attn, mlp = _r(cap, l, "attn_out"), _r(cap, l, "mlp_out")
         total = attn.norm(dim=-1) + mlp.norm(dim=-1)
@@ -100,8 +102,19 @@ def logit_lens(model: Any, cap: Capture, n_layers: int, tokenizer: Any, labels: 
     final_logp = torch.log_softmax(cap.logits[0].double(), -1)  # (T, V)
     final_p = final_logp.exp()
     final_top = final_logp.argmax(-1)  # (T,)
-    rows: dict[str, list] = {k: [] for k in ("depth", "position", "token", "top_token", "top_prob", "kl_to_final",
-                                             "final_token_rank", "matches_final")}
+    rows: dict[str, list] = {
+        k: []
+        for k in (
+            "depth",
+            "position",
+            "token",
+            "top_token",
+            "top_prob",
+            "kl_to_final",
+            "final_token_rank",
+            "matches_final",
+        )
+    }
     for depth in range(n_layers + 1):
         resid = cap[act_name("resid_pre", 0) if depth == 0 else act_name("resid_post", depth - 1)]
         logp = torch.log_softmax(unembed(model, resid)[0].double(), -1)
@@ -135,7 +148,9 @@ def first_stable_depth(lens: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(out).sort("position")
 
 
-def position_similarity(cap: Capture, n_layers: int, layers: Sequence[int] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+def position_similarity(
+    cap: Capture, n_layers: int, layers: Sequence[int] | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Cosine similarity between positions of ``resid_post``.
 
     Returns (summary per layer: mean pairwise cosine over all pairs ``i < j``, over pairs not involving
@@ -153,9 +168,14 @@ def position_similarity(cap: Capture, n_layers: int, layers: Sequence[int] | Non
         pairs = sim[iu[0], iu[1]]
         no0 = pairs[iu[0] > 0]
         adjacent = torch.diagonal(sim, offset=1)[1:]  # pairs (i, i + 1), i >= 1
-        summary.append({"layer": l, "mean_cos_all": float(pairs.mean()),
-                        "mean_cos_without_first": float(no0.mean()) if no0.numel() else float("nan"),
-                        "mean_cos_adjacent": float(adjacent.mean()) if adjacent.numel() else float("nan")})
+        summary.append(
+            {
+                "layer": l,
+                "mean_cos_all": float(pairs.mean()),
+                "mean_cos_without_first": float(no0.mean()) if no0.numel() else float("nan"),
+                "mean_cos_adjacent": float(adjacent.mean()) if adjacent.numel() else float("nan"),
+            }
+        )
         if l in keep:
             for i in range(T):
                 for j in range(i + 1):  # symmetric: the lower triangle is enough
@@ -166,7 +186,9 @@ def position_similarity(cap: Capture, n_layers: int, layers: Sequence[int] | Non
     return pl.DataFrame(summary), pl.DataFrame(long)
 
 
-def ablation_effects(model: Any, input_ids: torch.Tensor, n_layers: int, logits: torch.Tensor | None = None) -> pl.DataFrame:
+def ablation_effects(
+    model: Any, input_ids: torch.Tensor, n_layers: int, logits: torch.Tensor | None = None
+) -> pl.DataFrame:
     """Zero each layer's attention output, then each layer's MLP output, one at a time.
 
     Per (layer, sublayer): KL(original || ablated) of the next-token distribution averaged over positions
@@ -182,7 +204,14 @@ def ablation_effects(model: Any, input_ids: torch.Tensor, n_layers: int, logits:
         for sub, kind in (("attention", "attn_out"), ("mlp", "mlp_out")):
             abl = torch.log_softmax(run_with_ablation(model, input_ids, [act_name(kind, l)])[0].double(), -1)
             kl = (base_p * (base_logp - abl)).sum(-1).clamp_min(0)
-            rows.append({"layer": l, "sublayer": sub, "kl_mean": float(kl.mean()), "kl_last": float(kl[-1]),
-                         "top1_changed": float((abl.argmax(-1) != top).double().mean()),
-                         "delta_logprob_last": float(abl[-1, top[-1]] - base_logp[-1, top[-1]])})
+            rows.append(
+                {
+                    "layer": l,
+                    "sublayer": sub,
+                    "kl_mean": float(kl.mean()),
+                    "kl_last": float(kl[-1]),
+                    "top1_changed": float((abl.argmax(-1) != top).double().mean()),
+                    "delta_logprob_last": float(abl[-1, top[-1]] - base_logp[-1, top[-1]]),
+                }
+            )
     return pl.DataFrame(rows)

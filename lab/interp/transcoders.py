@@ -59,8 +59,10 @@ class TranscoderConfig:
             if getattr(self, name) < 1:
                 raise LabError(f"TranscoderConfig.{name} must be at least 1 (got {getattr(self, name)})")
         if self.k > self.d_transcoder:
-            raise LabError(f"TranscoderConfig.k={self.k} exceeds d_transcoder={self.d_transcoder}: TopK keeps at "
-                           f"most every feature; lower k or raise d_transcoder")
+            raise LabError(
+                f"TranscoderConfig.k={self.k} exceeds d_transcoder={self.d_transcoder}: TopK keeps at "
+                f"most every feature; lower k or raise d_transcoder"
+            )
         if not self.lr > 0:
             raise LabError(f"TranscoderConfig.lr must be positive (got {self.lr})")
 
@@ -84,25 +86,31 @@ def training_texts(tokenizer, corpus: Corpus) -> tuple[dict[str, str], dict[str,
 
     ds = constraint_dataset(32, 0)
     task = make_task(100, 30, 0)
-    chats = [chat_text(tokenizer, ex.prompt, ex.answer) for ex in task.train] + \
-        [chat_text(tokenizer, q, a) for q, a in PROBES]
+    chats = [chat_text(tokenizer, ex.prompt, ex.answer) for ex in task.train] + [
+        chat_text(tokenizer, q, a) for q, a in PROBES
+    ]
     chats_val = [chat_text(tokenizer, ex.prompt, ex.answer) for ex in task.test]
     train = {"corpus": corpus.train_text, "constraints": "\n\n".join(ds["train"]["text"]), "chat": "\n".join(chats)}
-    val = {"corpus": corpus.val_text, "constraints": "\n\n".join(ds["validation"]["text"]),
-           "chat": "\n".join(chats_val)}
+    val = {
+        "corpus": corpus.val_text,
+        "constraints": "\n\n".join(ds["validation"]["text"]),
+        "chat": "\n".join(chats_val),
+    }
     return train, val
 
 
-def token_sequences(tokenizer, texts: dict[str, str], seq_len: int, n: int, seed: int,
-                    weights: dict[str, float] | None = None) -> torch.Tensor:
+def token_sequences(
+    tokenizer, texts: dict[str, str], seq_len: int, n: int, seed: int, weights: dict[str, float] | None = None
+) -> torch.Tensor:
     """``n`` sequences of BOS + ``seq_len`` tokens: a source drawn by ``weights`` (default ``SOURCE_WEIGHTS``;
     sources it does not name weigh 1), then a seeded random offset in it."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id
     if bos is None:
         raise LabError("the tokenizer has neither a BOS nor a PAD token: circuit-tracer needs one to prepend")
     weights = weights or SOURCE_WEIGHTS
-    streams = {k: torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long)
-               for k, t in texts.items()}
+    streams = {
+        k: torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long) for k, t in texts.items()
+    }
     short = [k for k, s in streams.items() if len(s) <= seq_len]
     if short:
         raise LabError(f"text source(s) {short} have no more than seq_len={seq_len} tokens")
@@ -112,7 +120,7 @@ def token_sequences(tokenizer, texts: dict[str, str], seq_len: int, n: int, seed
     for _ in range(n):
         s = streams[rng.choices(names, [weights.get(k, 1.0) for k in names])[0]]
         start = rng.randrange(0, len(s) - seq_len)
-        rows.append(torch.cat([torch.tensor([bos]), s[start:start + seq_len]]))
+        rows.append(torch.cat([torch.tensor([bos]), s[start : start + seq_len]]))
     return torch.stack(rows)
 
 
@@ -146,14 +154,16 @@ def mlp_activations(model, input_ids: torch.Tensor) -> tuple[list[torch.Tensor],
 
 # ---------------------------------------------------------------------------------------------------- model
 
+
 def new_transcoder(d_model: int, cfg: TranscoderConfig, layer: int, gen: torch.Generator):
     """A circuit-tracer ``SingleLayerTranscoder`` (TopK, float32, cpu) with unit-norm decoder rows and a tied
     encoder (``W_enc = W_dec``), the initialisation of Gao et al. (2024)."""
     from circuit_tracer.transcoder import SingleLayerTranscoder
     from circuit_tracer.transcoder.activation_functions import TopK
 
-    tc = SingleLayerTranscoder(d_model, cfg.d_transcoder, TopK(cfg.k), layer, device=torch.device("cpu"),
-                               dtype=torch.float32)
+    tc = SingleLayerTranscoder(
+        d_model, cfg.d_transcoder, TopK(cfg.k), layer, device=torch.device("cpu"), dtype=torch.float32
+    )
     w = torch.randn(cfg.d_transcoder, d_model, generator=gen)
     w /= w.norm(dim=1, keepdim=True)
     with torch.no_grad():
@@ -189,8 +199,15 @@ def evaluate(transcoders, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> 
         acts = tc.encode(x)
         y_hat = tc.decode(acts)
         active = acts != 0
-        rows.append({"layer": layer, "fvu": fvu(y, y_hat), "l0": float(active.sum(1).float().mean()),
-                     "dead_share": float((~active.any(0)).float().mean()), "tokens": int(x.shape[0])})
+        rows.append(
+            {
+                "layer": layer,
+                "fvu": fvu(y, y_hat),
+                "l0": float(active.sum(1).float().mean()),
+                "dead_share": float((~active.any(0)).float().mean()),
+                "tokens": int(x.shape[0]),
+            }
+        )
     return rows
 
 
@@ -204,25 +221,38 @@ def load_transcoders(folder: Path):
     folder = Path(folder)
     meta_file = folder / "meta.json"
     if not meta_file.exists():
-        raise LabError(f"no transcoders in {shown(folder)}: build them first (`lab transcoders build --profile "
-                       f"<profile>`)")
+        raise LabError(
+            f"no transcoders in {shown(folder)}: build them first (`lab transcoders build --profile <profile>`)"
+        )
     meta = json.loads(meta_file.read_text())
     tcs = {}
     for layer in range(meta["n_layers"]):
-        tc = SingleLayerTranscoder(meta["d_model"], meta["d_transcoder"], TopK(meta["k"]), layer,
-                                   device=torch.device("cpu"), dtype=torch.float32)
+        tc = SingleLayerTranscoder(
+            meta["d_model"],
+            meta["d_transcoder"],
+            TopK(meta["k"]),
+            layer,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+        )
         tc.load_state_dict(load_file(folder / f"layer_{layer}.safetensors"))
         tcs[layer] = tc
-    return TranscoderSet(tcs, feature_input_hook="mlp.hook_in", feature_output_hook="mlp.hook_out",
-                         scan=f"lab-{meta['model']}"), meta
+    return TranscoderSet(
+        tcs, feature_input_hook="mlp.hook_in", feature_output_hook="mlp.hook_out", scan=f"lab-{meta['model']}"
+    ), meta
 
 
 # ---------------------------------------------------------------------------------------------------- build
 
+
 def _save_checkpoint(path: Path, step: int, transcoders, optimizers, scales, elapsed: float) -> None:
-    state = {"step": step, "elapsed": elapsed, "scales": torch.tensor(scales),
-             "transcoders": [tc.state_dict() for tc in transcoders],
-             "optimizers": [opt.state_dict() for opt in optimizers]}
+    state = {
+        "step": step,
+        "elapsed": elapsed,
+        "scales": torch.tensor(scales),
+        "transcoders": [tc.state_dict() for tc in transcoders],
+        "optimizers": [opt.state_dict() for opt in optimizers],
+    }
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -237,8 +267,15 @@ def built(cfg: TranscoderConfig, folder: Path) -> dict | None:
     return meta if meta.get("config") == asdict(cfg) else None
 
 
-def build(cfg: TranscoderConfig, loaded: LoadedModel, folder: Path, *, corpus: Corpus, fresh: bool = False,
-          progress: bool = True) -> dict:
+def build(
+    cfg: TranscoderConfig,
+    loaded: LoadedModel,
+    folder: Path,
+    *,
+    corpus: Corpus,
+    fresh: bool = False,
+    progress: bool = True,
+) -> dict:
     """Train one transcoder per layer of ``loaded``'s model on ``corpus`` (+ the constraint and chat texts) and
     publish them with their quality in ``folder``.
 
@@ -292,10 +329,16 @@ def build(cfg: TranscoderConfig, loaded: LoadedModel, folder: Path, *, corpus: C
     every = max(1, cfg.steps // cfg.checkpoints)
     curve: list[dict] = []
     t0 = time.perf_counter() - elapsed
-    bar = tqdm(range(start, cfg.steps), desc=f"transcoders ({n_layers} layers)", initial=start, total=cfg.steps,
-               disable=not progress, unit="step")
+    bar = tqdm(
+        range(start, cfg.steps),
+        desc=f"transcoders ({n_layers} layers)",
+        initial=start,
+        total=cfg.steps,
+        disable=not progress,
+        unit="step",
+    )
     for step in bar:
-        batch = train_ids[step * cfg.batch_seqs:(step + 1) * cfg.batch_seqs]
+        batch = train_ids[step * cfg.batch_seqs : (step + 1) * cfg.batch_seqs]
         ins, outs = mlp_activations(model, batch)
         lr = cfg.lr * min(1.0, (cfg.steps - step) / (0.2 * cfg.steps))  # linear decay over the last 20 %
         losses = []
@@ -320,19 +363,34 @@ def build(cfg: TranscoderConfig, loaded: LoadedModel, folder: Path, *, corpus: C
     t_eval = time.perf_counter()
     layers: list[dict] = []
     for i in range(0, cfg.eval_seqs, cfg.batch_seqs):
-        ins, outs = mlp_activations(model, eval_ids[i:i + cfg.batch_seqs])
+        ins, outs = mlp_activations(model, eval_ids[i : i + cfg.batch_seqs])
         layers.append({"ins": ins, "outs": outs})
     ins = [torch.cat([b["ins"][layer] for b in layers]) for layer in range(n_layers)]
     outs = [torch.cat([b["outs"][layer] for b in layers]) for layer in range(n_layers)]
     quality = evaluate(transcoders, ins, outs)
     eval_s = time.perf_counter() - t_eval
 
-    meta = {"model": loaded.name, "corpus": corpus.name, "config": asdict(cfg), "n_layers": n_layers, "d_model": d_model,
-            "d_transcoder": cfg.d_transcoder, "k": cfg.k, "train_tokens_per_layer": cfg.steps * cfg.tokens_per_step,
-            "eval_tokens": cfg.eval_seqs * cfg.seq_len, "source_weights": SOURCE_WEIGHTS, "data_s": data_s, "train_s": train_s, "eval_s": eval_s,
-            "feature_input_hook": "mlp.hook_in", "feature_output_hook": "mlp.hook_out",
-            "layers": quality, "curve": curve,
-            "resumed_from_step": start, "threads": torch.get_num_threads()}
+    meta = {
+        "model": loaded.name,
+        "corpus": corpus.name,
+        "config": asdict(cfg),
+        "n_layers": n_layers,
+        "d_model": d_model,
+        "d_transcoder": cfg.d_transcoder,
+        "k": cfg.k,
+        "train_tokens_per_layer": cfg.steps * cfg.tokens_per_step,
+        "eval_tokens": cfg.eval_seqs * cfg.seq_len,
+        "source_weights": SOURCE_WEIGHTS,
+        "data_s": data_s,
+        "train_s": train_s,
+        "eval_s": eval_s,
+        "feature_input_hook": "mlp.hook_in",
+        "feature_output_hook": "mlp.hook_out",
+        "layers": quality,
+        "curve": curve,
+        "resumed_from_step": start,
+        "threads": torch.get_num_threads(),
+    }
     if any(not math.isfinite(r["fvu"]) for r in quality):
         raise LabError("transcoder training diverged (non-finite FVU): lower the learning rate (TranscoderConfig.lr)")
     with publish_dir(folder) as out:

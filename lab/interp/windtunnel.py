@@ -92,7 +92,6 @@ def attention_routing(model: nn.Module, batch: Batch) -> pl.DataFrame:
     Key positions with at least two revealed values (t >= 3) only.
     """
     model = _check(model)
-    V, L = batch.V, n_pairs(batch.V)
     _, _, cache = model(batch.tokens, capture=set(hook_names(model.cfg.n_layer, [PATTERN_KIND, "hook_resid_pre"])))
     T = batch.tokens.shape[1]
     qpos = torch.arange(4, T, 2)  # key positions with t >= 3
@@ -113,15 +112,18 @@ def attention_routing(model: nn.Module, batch: Batch) -> pl.DataFrame:
             pv = (p * is_val) / vm.clamp_min(1e-30)[..., None]
             ent = -(torch.where(pv > 0, pv * pv.clamp_min(1e-30).log(), torch.zeros_like(pv))).sum(-1)
             c = cos[:, h]
-            rows.append({
-                "layer": l, "head": h,
-                "value_mass": vm.mean().item(),
-                "key_mass": (p * is_key).sum(-1).mean().item(),
-                "self_mass": p[:, torch.arange(len(qpos)), qpos].mean().item(),
-                "value_evenness": (ent / n_val.log()).mean().item(),
-                "qk_cos_value": ((c * is_val).sum(-1) / is_val.sum(1)).mean().item(),
-                "qk_cos_key": ((c * is_key).sum(-1) / is_key.sum(1)).mean().item(),
-            })
+            rows.append(
+                {
+                    "layer": l,
+                    "head": h,
+                    "value_mass": vm.mean().item(),
+                    "key_mass": (p * is_key).sum(-1).mean().item(),
+                    "self_mass": p[:, torch.arange(len(qpos)), qpos].mean().item(),
+                    "value_evenness": (ent / n_val.log()).mean().item(),
+                    "qk_cos_value": ((c * is_val).sum(-1) / is_val.sum(1)).mean().item(),
+                    "qk_cos_key": ((c * is_key).sum(-1) / is_key.sum(1)).mean().item(),
+                }
+            )
     return pl.DataFrame(rows)
 
 
@@ -149,13 +151,30 @@ def final_state_pca(model: nn.Module, batch: Batch, n_components: int = 5) -> tu
         a, b = a - a.mean(), b - b.mean()
         return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30))
 
-    comps = pl.DataFrame([{
-        "component": i + 1, "variance_share": share[i].item(),
-        "corr_h_bayes": corr(scores[:, i], h_bayes), "corr_h_model": corr(scores[:, i], h_model),
-    } for i in range(n_components)])
+    comps = pl.DataFrame(
+        [
+            {
+                "component": i + 1,
+                "variance_share": share[i].item(),
+                "corr_h_bayes": corr(scores[:, i], h_bayes),
+                "corr_h_model": corr(scores[:, i], h_model),
+            }
+            for i in range(n_components)
+        ]
+    )
     t = torch.arange(1, L + 1).repeat(batch.tokens.shape[0])
-    points = pl.DataFrame({k: v.detach().cpu().numpy() for k, v in (
-        ("t", t), ("h_bayes", h_bayes), ("h_model", h_model), ("pc1", scores[:, 0]), ("pc2", scores[:, 1]))})
+    points = pl.DataFrame(
+        {
+            k: v.detach().cpu().numpy()
+            for k, v in (
+                ("t", t),
+                ("h_bayes", h_bayes),
+                ("h_model", h_model),
+                ("pc1", scores[:, 0]),
+                ("pc2", scores[:, 1]),
+            )
+        }
+    )
     return comps, points
 
 
@@ -163,7 +182,10 @@ def lens_stages(n_layer: int) -> list[tuple[str, str, int, str]]:
     """(stage label, hook name, layer, sublayer) for the logit lens, in forward order."""
     out = [("embed", act_name("resid_pre", 0), -1, "embed")]
     for l in range(n_layer):
-        out += [(f"L{l} +attn", act_name("resid_mid", l), l, "attn"), (f"L{l} +ffn", act_name("resid_post", l), l, "ffn")]
+        out += [
+            (f"L{l} +attn", act_name("resid_mid", l), l, "attn"),
+            (f"L{l} +ffn", act_name("resid_post", l), l, "ffn"),
+        ]
     return out
 
 
@@ -192,8 +214,9 @@ ABLATION_KINDS = {"attn": "attn_out", "ffn": "mlp_out", "head": "z"}  # target -
 
 
 @torch.no_grad()
-def ablate(model: nn.Module, batch: Batch, target: str, layer: int, head: int | None = None,
-           method: str = "zero") -> dict[str, float]:
+def ablate(
+    model: nn.Module, batch: Batch, target: str, layer: int, head: int | None = None, method: str = "zero"
+) -> dict[str, float]:
     """Metrics with one component replaced: ``target`` "attn" (a whole attention block's output), "ffn", or "head"
     (one head's output before the output projection, ``attn.hook_z``); ``method`` "zero" or "mean" (its mean over
     the batch at each position, measured on ``batch`` itself)."""
@@ -224,10 +247,24 @@ def ablations(model: nn.Module, batch: Batch, head_layer: int = 0) -> pl.DataFra
     for method in ("zero", "mean"):
         for l in range(model.cfg.n_layer):
             for target in ("attn", "ffn"):
-                rows.append({"target": target, "layer": l, "head": -1, "method": method,
-                             **ablate(model, batch, target, l, method=method)})
+                rows.append(
+                    {
+                        "target": target,
+                        "layer": l,
+                        "head": -1,
+                        "method": method,
+                        **ablate(model, batch, target, l, method=method),
+                    }
+                )
         for h in range(model.cfg.n_head):
-            rows.append({"target": "head", "layer": head_layer, "head": h, "method": method,
-                         **ablate(model, batch, "head", head_layer, h, method)})
+            rows.append(
+                {
+                    "target": "head",
+                    "layer": head_layer,
+                    "head": h,
+                    "method": method,
+                    **ablate(model, batch, "head", head_layer, h, method),
+                }
+            )
     df = pl.DataFrame(rows)
     return df.with_columns((pl.col("mae_bits") - base["mae_bits"]).alias("delta_mae_bits"))

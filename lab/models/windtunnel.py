@@ -8,10 +8,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from lab.data.windtunnel import check_V, seq_len
 from lab.errors import LabError
 from lab.models.gpt import GPT, GPTConfig
-from lab.data.windtunnel import check_V, seq_len
-
 
 # ----------------------------------------------------------------------------- models
 
@@ -33,8 +32,10 @@ class ModelSpec:
         if self.kind not in KINDS:
             raise LabError(f"unknown model kind {self.kind!r}: choose {', '.join(KINDS)}")
         if self.n_layer < 1 or self.d_model < 1 or self.d_hidden < 0:
-            raise LabError(f"n_layer and d_model must be positive and d_hidden >= 0 (got {self.n_layer}, "
-                           f"{self.d_model}, {self.d_hidden})")
+            raise LabError(
+                f"n_layer and d_model must be positive and d_hidden >= 0 (got {self.n_layer}, "
+                f"{self.d_model}, {self.d_hidden})"
+            )
         if self.kind == "transformer" and (self.n_head < 1 or self.d_model % self.n_head):
             raise LabError(f"d_model {self.d_model} must be divisible by n_head {self.n_head}")
 
@@ -51,8 +52,12 @@ class ContextBlindMLP(nn.Module):
         self.wte = nn.Embedding(vocab_size, d_model)
         self.wpe = nn.Embedding(block_size, d_model)
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(d_model, bias=False), nn.Linear(d_model, d_hidden, bias=False), nn.GELU(),
-                          nn.Linear(d_hidden, d_model, bias=False))
+            nn.Sequential(
+                nn.LayerNorm(d_model, bias=False),
+                nn.Linear(d_model, d_hidden, bias=False),
+                nn.GELU(),
+                nn.Linear(d_hidden, d_model, bias=False),
+            )
             for _ in range(n_layer)
         )
         self.ln_f = nn.LayerNorm(d_model, bias=False)
@@ -93,8 +98,14 @@ def n_params(model: nn.Module) -> int:
 
 
 def transformer_config(spec: ModelSpec, V: int) -> GPTConfig:
-    return GPTConfig(vocab_size=2 * V, block_size=seq_len(V), n_layer=spec.n_layer, n_head=spec.n_head,
-                     d_model=spec.d_model, pos_emb="learned")
+    return GPTConfig(
+        vocab_size=2 * V,
+        block_size=seq_len(V),
+        n_layer=spec.n_layer,
+        n_head=spec.n_head,
+        d_model=spec.d_model,
+        pos_emb="learned",
+    )
 
 
 def build_model(spec: ModelSpec, V: int, *, match: int | None = None) -> nn.Module:

@@ -107,7 +107,7 @@ def check_evidence(path: Path | None = None, root: Path | None = None) -> list[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lab.questions [PATH]``: one line per problem, exit status 1 if any."""
+    """``python -m lab.site.questions [PATH]``: one line per problem, exit status 1 if any."""
     argv = sys.argv[1:] if argv is None else argv
     path = Path(argv[0]) if argv else None
     problems = check_evidence(path)

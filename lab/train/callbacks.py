@@ -8,9 +8,9 @@ import json
 import math
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 import torch
@@ -39,20 +39,41 @@ class RunLog:
 
     def frames(self) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
         return (
-            pl.DataFrame(self.steps, schema={"step": pl.Int64, "epoch": pl.Float64, "loss": pl.Float64,
-                                             "grad_norm": pl.Float64, "lr": pl.Float64, "tokens": pl.Int64,
-                                             "tokens_per_s": pl.Float64, "peak_mem_mb": pl.Float64}),
+            pl.DataFrame(
+                self.steps,
+                schema={
+                    "step": pl.Int64,
+                    "epoch": pl.Float64,
+                    "loss": pl.Float64,
+                    "grad_norm": pl.Float64,
+                    "lr": pl.Float64,
+                    "tokens": pl.Int64,
+                    "tokens_per_s": pl.Float64,
+                    "peak_mem_mb": pl.Float64,
+                },
+            ),
             pl.DataFrame(self.evals, schema={"step": pl.Int64, "eval_loss": pl.Float64}),
             pl.DataFrame(self.moments, schema=MOMENT_SCHEMA),
         )
 
-    def until(self, step: int) -> "RunLog":
-        return RunLog([r for r in self.steps if r["step"] <= step], [r for r in self.evals if r["step"] <= step],
-                      [r for r in self.moments if r["step"] <= step])
+    def until(self, step: int) -> RunLog:
+        return RunLog(
+            [r for r in self.steps if r["step"] <= step],
+            [r for r in self.evals if r["step"] <= step],
+            [r for r in self.moments if r["step"] <= step],
+        )
 
 
-MOMENT_SCHEMA = {"step": pl.Int64, "layer": pl.Int64, "module": pl.Utf8, "matrix": pl.Utf8, "n": pl.Int64,
-                 "m_abs_mean": pl.Float64, "v_sqrt_mean": pl.Float64, "update_rms": pl.Float64}
+MOMENT_SCHEMA = {
+    "step": pl.Int64,
+    "layer": pl.Int64,
+    "module": pl.Utf8,
+    "matrix": pl.Utf8,
+    "n": pl.Int64,
+    "m_abs_mean": pl.Float64,
+    "v_sqrt_mean": pl.Float64,
+    "update_rms": pl.Float64,
+}
 
 
 def _lora_param_key(name: str) -> tuple[int, str, str] | None:
@@ -81,15 +102,26 @@ def moment_stats(model, optimizer, step: int) -> list[dict]:
         b1, b2 = g["betas"]
         t = float(state["step"])
         m, v = state["exp_avg"].float(), state["exp_avg_sq"].float()
-        m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+        m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
         upd = m_hat / (v_hat.sqrt() + g["eps"])
         a = acc.setdefault(key, [0, 0.0, 0.0, 0.0])
         a[0] += m.numel()
         a[1] += m.abs().sum().item()
         a[2] += v.sqrt().sum().item()
         a[3] += upd.pow(2).sum().item()
-    return [{"step": step, "layer": k[0], "module": k[1], "matrix": k[2], "n": n, "m_abs_mean": s_m / n,
-             "v_sqrt_mean": s_v / n, "update_rms": math.sqrt(s_u / n)} for k, (n, s_m, s_v, s_u) in sorted(acc.items())]
+    return [
+        {
+            "step": step,
+            "layer": k[0],
+            "module": k[1],
+            "matrix": k[2],
+            "n": n,
+            "m_abs_mean": s_m / n,
+            "v_sqrt_mean": s_v / n,
+            "update_rms": math.sqrt(s_u / n),
+        }
+        for k, (n, s_m, s_v, s_u) in sorted(acc.items())
+    ]
 
 
 def _trainer_classes():
@@ -120,9 +152,14 @@ def _trainer_classes():
         def on_step_end(self, args, state, control, **kw):
             dt = time.perf_counter() - self.t0
             tr = self.ref["trainer"]
-            self.pending = {"step": state.global_step, "epoch": float(state.epoch or 0.0), "loss": tr.lab_loss,
-                            "tokens": tr.lab_tokens, "tokens_per_s": tr.lab_tokens / dt,
-                            "peak_mem_mb": _peak_memory_mb()}
+            self.pending = {
+                "step": state.global_step,
+                "epoch": float(state.epoch or 0.0),
+                "loss": tr.lab_loss,
+                "tokens": tr.lab_tokens,
+                "tokens_per_s": tr.lab_tokens / dt,
+                "peak_mem_mb": _peak_memory_mb(),
+            }
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}

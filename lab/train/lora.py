@@ -22,17 +22,18 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from lab.errors import LabError
 from lab.data.records import Example, TaskData, encode_example, make_task, pad_token_id
+from lab.errors import LabError
+from lab.io import atomic_write_text, publish_dir
 from lab.models.loading import LoadedModel, load_model
 from lab.profiles import Profile
-from lab.io import atomic_write_text, publish_dir
 from lab.train.callbacks import LOG_FILE, RunLog, _trainer_classes
 
 CONFIG_FILE = "lab_config.json"
@@ -49,7 +50,9 @@ class FinetuneConfig:
 
     lr: float = 2e-4  # peak learning rate (after warmup)
     rank: int = 8  # LoRA rank r
-    alpha_per_rank: float = 2.0  # lora_alpha = alpha_per_rank * rank, so the LoRA scale alpha/r is the same at every rank
+    alpha_per_rank: float = (
+        2.0  # lora_alpha = alpha_per_rank * rank, so the LoRA scale alpha/r is the same at every rank
+    )
     dropout: float = 0.0  # LoRA dropout
     target_modules: tuple[str, ...] = ALL_LINEAR  # names of the linear layers that get adapters
     batch_size: int = 8  # examples per optimisation step (per device)
@@ -87,8 +90,11 @@ class FinetuneConfig:
 
 
 def _module_names(model) -> set[str]:
-    return {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
-            or type(mod).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D")}
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D")
+    }
 
 
 def encode_examples(tokenizer, examples: tuple[Example, ...] | list[Example]) -> list[dict[str, list[int]]]:
@@ -107,12 +113,16 @@ def validate(cfg: FinetuneConfig, model, train: list[dict], evals: list[dict]) -
         problems.append("the training dataset is empty: set n_train > 0")
     max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if max_pos is not None and cfg.max_seq_len > max_pos:
-        problems.append(f"max_seq_len {cfg.max_seq_len} is longer than the model allows ({max_pos} positions): "
-                        f"lower it to at most {max_pos}")
+        problems.append(
+            f"max_seq_len {cfg.max_seq_len} is longer than the model allows ({max_pos} positions): "
+            f"lower it to at most {max_pos}"
+        )
     longest = max((len(e["input_ids"]) for e in train + evals), default=0)
     if longest > cfg.max_seq_len:
-        problems.append(f"an example has {longest} tokens, more than max_seq_len {cfg.max_seq_len}: raise "
-                        f"max_seq_len (up to the model's {max_pos} positions) or shorten the examples")
+        problems.append(
+            f"an example has {longest} tokens, more than max_seq_len {cfg.max_seq_len}: raise "
+            f"max_seq_len (up to the model's {max_pos} positions) or shorten the examples"
+        )
     if problems:
         raise LabError("bad fine-tuning setup: " + "; ".join(problems))
 
@@ -130,8 +140,9 @@ def quantize_nf4(loaded: LoadedModel, folder: Path | None = None) -> LoadedModel
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         loaded.model.save_pretrained(tmp, safe_serialization=True)
         device_map = "auto" if torch.cuda.is_available() else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=q, device_map=device_map,
-                                                     dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp, quantization_config=q, device_map=device_map, dtype=torch.float32
+        )
     model.config._name_or_path = loaded.model.config._name_or_path  # not the deleted temporary folder
     # bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks a Linear4bit's weight for a faster kernel on its first
     # no-grad forward in eval mode (an evaluation); later training forwards then run through `gemv_4bit`, which
@@ -148,8 +159,14 @@ def attach_lora(model, cfg: FinetuneConfig):
     """Wrap ``model`` in a peft LoRA adapter (B = 0 at initialisation, so the output is unchanged)."""
     from peft import LoraConfig, get_peft_model
 
-    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha_per_rank * cfg.rank, lora_dropout=cfg.dropout,
-                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    lcfg = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha_per_rank * cfg.rank,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     if getattr(model, "is_loaded_in_4bit", False):
         model.config.use_cache = False
         if torch.cuda.is_available():
@@ -157,8 +174,14 @@ def attach_lora(model, cfg: FinetuneConfig):
                 from unsloth import FastLanguageModel  # CUDA only (the gpu profile)
 
                 return FastLanguageModel.get_peft_model(
-                    model, r=cfg.rank, lora_alpha=cfg.alpha_per_rank * cfg.rank, lora_dropout=cfg.dropout,
-                    target_modules=list(cfg.target_modules), bias="none", random_state=cfg.seed)
+                    model,
+                    r=cfg.rank,
+                    lora_alpha=cfg.alpha_per_rank * cfg.rank,
+                    lora_dropout=cfg.dropout,
+                    target_modules=list(cfg.target_modules),
+                    bias="none",
+                    random_state=cfg.seed,
+                )
             except ImportError:
                 pass
     torch.manual_seed(cfg.seed)
@@ -277,8 +300,10 @@ def train_lora(
     cfg_json = json.dumps(asdict(cfg), sort_keys=True)
     latest = _latest_checkpoint(output_dir) if resume and output_dir.exists() else None
     if latest is not None and (output_dir / CONFIG_FILE).read_text() != cfg_json:
-        raise LabError(f"the checkpoints in {output_dir} were made with a different config: "
-                       f"delete that folder or pass fresh=True (--fresh) to start over")
+        raise LabError(
+            f"the checkpoints in {output_dir} were made with a different config: "
+            f"delete that folder or pass fresh=True (--fresh) to start over"
+        )
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # under `accelerate launch`, one process prepares the folder
@@ -336,9 +361,14 @@ def train_lora(
         callbacks.append(Progress(desc))
     if interrupt_after is not None:
         callbacks.append(Interrupt(interrupt_after))
-    trainer = LabTrainer(model=model, args=args, train_dataset=_Rows(train_rows),
-                         eval_dataset=_Rows(eval_rows) if do_eval else None,
-                         data_collator=collate(pad_token_id(tok)), callbacks=callbacks)
+    trainer = LabTrainer(
+        model=model,
+        args=args,
+        train_dataset=_Rows(train_rows),
+        eval_dataset=_Rows(eval_rows) if do_eval else None,
+        data_collator=collate(pad_token_id(tok)),
+        callbacks=callbacks,
+    )
     ref["trainer"] = trainer
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -349,10 +379,18 @@ def train_lora(
     trainer_time = time.perf_counter() - t_train
     model.eval()
     return FinetuneResult(
-        model=model, tokenizer=tok, log=log, config=cfg, trainable_params=trainable_parameters(model),
-        total_params=sum(p.numel() for p in model.parameters()), total_steps=total,
-        wall_time_s=time.perf_counter() - t_start, trainer_time_s=trainer_time,
-        resumed_from=int(latest.name.split("-")[1]) if latest is not None else None, output_dir=output_dir)
+        model=model,
+        tokenizer=tok,
+        log=log,
+        config=cfg,
+        trainable_params=trainable_parameters(model),
+        total_params=sum(p.numel() for p in model.parameters()),
+        total_steps=total,
+        wall_time_s=time.perf_counter() - t_start,
+        trainer_time_s=trainer_time,
+        resumed_from=int(latest.name.split("-")[1]) if latest is not None else None,
+        output_dir=output_dir,
+    )
 
 
 def save_adapter(model, folder: Path) -> Path:
@@ -368,13 +406,15 @@ def load_adapter(loaded: LoadedModel, folder: Path):
     from peft import PeftModel
 
     if not (Path(folder) / "adapter_config.json").exists():
-        raise LabError(f"no LoRA adapter in {folder} (its adapter_config.json is missing): train and save one "
-                       f"there first (with save_adapter; `lab run <track>` does it for the track that owns the folder)")
+        raise LabError(
+            f"no LoRA adapter in {folder} (its adapter_config.json is missing): train and save one "
+            f"there first (with save_adapter; `lab run <track>` does it for the track that owns the folder)"
+        )
     model = PeftModel.from_pretrained(loaded.model, str(folder))
     model.eval()
     return model
 
 
-def fresh_base(profile: str | Profile | None, arch: str | None = None) -> LoadedModel:
+def fresh_base(profile: Profile, arch: str | None = None) -> LoadedModel:
     """A new copy of a profile's base model (LoRA injection modifies modules in place)."""
     return load_model(profile, arch=arch)

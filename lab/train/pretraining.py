@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 import torch
@@ -60,8 +60,18 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("n_layer", "n_head", "d_model", "block_size", "batch_size", "max_iters", "eval_interval",
-                     "eval_iters", "final_eval_iters", "checkpoint_interval"):
+        for name in (
+            "n_layer",
+            "n_head",
+            "d_model",
+            "block_size",
+            "batch_size",
+            "max_iters",
+            "eval_interval",
+            "eval_iters",
+            "final_eval_iters",
+            "checkpoint_interval",
+        ):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 problems.append(f"{name} must be an integer >= 1 (got {value!r})")
@@ -116,7 +126,7 @@ def sample_text(model: GPT, tok: CharTokenizer, n_chars: int, seed: int, prompt:
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    out = model.generate(tok.encode(prompt)[None, :], n_chars, generator=gen)[0, len(prompt):]
+    out = model.generate(tok.encode(prompt)[None, :], n_chars, generator=gen)[0, len(prompt) :]
     model.train(was_training)
     return tok.decode(out)
 
@@ -131,8 +141,16 @@ class TrainLog:
 
     def frames(self) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
         return (
-            pl.DataFrame(self.steps, schema={"step": pl.Int64, "loss": pl.Float64, "lr": pl.Float64,
-                                             "grad_norm": pl.Float64, "tokens_per_s": pl.Float64}),
+            pl.DataFrame(
+                self.steps,
+                schema={
+                    "step": pl.Int64,
+                    "loss": pl.Float64,
+                    "lr": pl.Float64,
+                    "grad_norm": pl.Float64,
+                    "tokens_per_s": pl.Float64,
+                },
+            ),
             pl.DataFrame(self.evals, schema={"step": pl.Int64, "split": pl.Utf8, "loss": pl.Float64}),
             pl.DataFrame(self.samples, schema={"step": pl.Int64, "text": pl.Utf8}),
         )
@@ -148,13 +166,23 @@ class TrainResult:
     resumed_from: int | None
 
 
-def _save_checkpoint(folder: Path, step: int, model: GPT, opt: torch.optim.Optimizer, batch_gen: torch.Generator,
-                     cfg: PretrainConfig, tok: CharTokenizer, log: TrainLog, times: dict[str, float]) -> None:
+def _save_checkpoint(
+    folder: Path,
+    step: int,
+    model: GPT,
+    opt: torch.optim.Optimizer,
+    batch_gen: torch.Generator,
+    cfg: PretrainConfig,
+    tok: CharTokenizer,
+    log: TrainLog,
+    times: dict[str, float],
+) -> None:
     steps, evals, samples = log.frames()
     for name, frame in (("steps", steps), ("evals", evals), ("samples", samples)):
         atomic_write_bytes(folder / f"{name}.parquet", parquet_bytes(frame))
-    tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()
-               if k != "lm_head.weight"}  # tied to wte.weight
+    tensors = {
+        f"model.{k}": v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"
+    }  # tied to wte.weight
     for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             tensors[f"optim.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
@@ -164,12 +192,16 @@ def _save_checkpoint(folder: Path, step: int, model: GPT, opt: torch.optim.Optim
     tmp = folder / f".{CKPT}.tmp"
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(folder / CKPT)
-    save_file({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
-              str(folder / f"model_step{step}.safetensors"), metadata={"step": str(step), "vocab": tok.to_json()})
+    save_file(
+        {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
+        str(folder / f"model_step{step}.safetensors"),
+        metadata={"step": str(step), "vocab": tok.to_json()},
+    )
 
 
-def _load_checkpoint(folder: Path, cfg: PretrainConfig, model: GPT, opt: torch.optim.Optimizer,
-                     batch_gen: torch.Generator) -> tuple[int, TrainLog, dict[str, float]]:
+def _load_checkpoint(
+    folder: Path, cfg: PretrainConfig, model: GPT, opt: torch.optim.Optimizer, batch_gen: torch.Generator
+) -> tuple[int, TrainLog, dict[str, float]]:
     from safetensors import safe_open
 
     with safe_open(str(folder / CKPT), "pt") as f:
@@ -177,8 +209,10 @@ def _load_checkpoint(folder: Path, cfg: PretrainConfig, model: GPT, opt: torch.o
     saved = json.loads(meta["config"])
     if saved != json.loads(json.dumps(asdict(cfg))):
         diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
-        raise LabError(f"the checkpoint in {folder} was made with a different config {diff}: "
-                       f"delete that folder or pass --fresh to start over")
+        raise LabError(
+            f"the checkpoint in {folder} was made with a different config {diff}: "
+            f"delete that folder or pass --fresh to start over"
+        )
     step = int(meta["step"])
     t = load_file(str(folder / CKPT))
     state = {k.removeprefix("model."): v for k, v in t.items() if k.startswith("model.")}
@@ -196,8 +230,11 @@ def _load_checkpoint(folder: Path, cfg: PretrainConfig, model: GPT, opt: torch.o
     log = TrainLog()
     for name, rows in (("steps", log.steps), ("evals", log.evals), ("samples", log.samples)):
         frame = pl.read_parquet(folder / f"{name}.parquet")
-        rows.extend(frame.filter(pl.col("step") < step).to_dicts() if name == "steps"
-                    else frame.filter(pl.col("step") <= step).to_dicts())
+        rows.extend(
+            frame.filter(pl.col("step") < step).to_dicts()
+            if name == "steps"
+            else frame.filter(pl.col("step") <= step).to_dicts()
+        )
     return step, log, json.loads(meta.get("times", '{"wall": 0.0, "train": 0.0}'))
 
 
@@ -247,7 +284,9 @@ def train_gpt(
 
     def evaluate(step: int, iters: int) -> None:
         for split, data in (("train", train_data), ("val", val_data)):
-            log.evals.append({"step": step, "split": split, "loss": estimate_loss(model, data, cfg, iters, cfg.seed + 1)})
+            log.evals.append(
+                {"step": step, "split": split, "loss": estimate_loss(model, data, cfg, iters, cfg.seed + 1)}
+            )
 
     bar = None
     if progress:
@@ -272,8 +311,15 @@ def train_gpt(
         loss_v = loss.item()
         dt = time.perf_counter() - t0
         train_time += dt
-        log.steps.append({"step": it, "loss": loss_v, "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_s": cfg.batch_size * cfg.block_size / dt})
+        log.steps.append(
+            {
+                "step": it,
+                "loss": loss_v,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": cfg.batch_size * cfg.block_size / dt,
+            }
+        )
         done = it + 1
         if bar is not None:
             bar.update(1)
@@ -288,5 +334,6 @@ def train_gpt(
             on_step(done, log)
     if bar is not None:
         bar.close()
-    return TrainResult(model, tok, log, prior["wall"] + time.perf_counter() - t_start, prior["train"] + train_time,
-                       resumed_from)
+    return TrainResult(
+        model, tok, log, prior["wall"] + time.perf_counter() - t_start, prior["train"] + train_time, resumed_from
+    )

@@ -28,15 +28,23 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, ramp:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
-def adamw(params: Iterable[torch.nn.Parameter], *, lr: float, betas: tuple[float, float], weight_decay: float,
-          fused: bool = False) -> torch.optim.AdamW:
+def adamw(
+    params: Iterable[torch.nn.Parameter],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    fused: bool = False,
+) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices and embeddings (``dim >= 2``) only, nanoGPT's grouping.
 
     Tied parameters are counted once; ``fused`` selects torch's fused kernel (same maths, other rounding).
     """
     unique = list({id(p): p for p in params if p.requires_grad}.values())
-    groups = [{"params": [p for p in unique if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in unique if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in unique if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in unique if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 

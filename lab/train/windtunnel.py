@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 import torch
@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from lab.data.windtunnel import Batch, posterior_metrics, sample_batch, summarize, value_log_probs
-from lab.models.windtunnel import ModelSpec, build_model, n_params
 from lab.errors import LabError
-from lab.train.schedule import adamw, lr_at
 from lab.io import parquet_bytes, publish_dir
+from lab.models.windtunnel import ModelSpec, build_model, n_params
+from lab.train.schedule import adamw, lr_at
 
 
 @dataclass(frozen=True)
@@ -46,17 +46,21 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise LabError(f"steps, batch_size and lr must be positive (got {self.steps}, {self.batch_size}, {self.lr})")
+            raise LabError(
+                f"steps, batch_size and lr must be positive (got {self.steps}, {self.batch_size}, {self.lr})"
+            )
         if self.warmup < 0 or not 0 <= self.min_lr_frac <= 1:
             raise LabError(f"warmup must be >= 0 and min_lr_frac in [0, 1] (got {self.warmup}, {self.min_lr_frac})")
         if self.eval_every < 1 or self.eval_sequences < 1:
-            raise LabError(f"eval_every and eval_sequences must be positive (got {self.eval_every}, "
-                           f"{self.eval_sequences})")
+            raise LabError(
+                f"eval_every and eval_sequences must be positive (got {self.eval_every}, {self.eval_sequences})"
+            )
 
     def lr_at(self, step: int) -> float:
         """Linear warmup reaching ``lr`` on the last warmup step, then cosine decay to ``lr * min_lr_frac``."""
-        return lr_at(step, lr=self.lr, min_lr=self.lr * self.min_lr_frac, warmup=self.warmup, total=self.steps,
-                     ramp=self.warmup)
+        return lr_at(
+            step, lr=self.lr, min_lr=self.lr * self.min_lr_frac, warmup=self.warmup, total=self.steps, ramp=self.warmup
+        )
 
 
 def logits_of(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -75,8 +79,12 @@ def evaluate(model: nn.Module, batch: Batch, chunk: int = 1024) -> dict[str, flo
     """Entropy MAE (headline), KL to the posterior, the authors' MAE variant and mass on eliminated values."""
     was = model.training
     model.eval()
-    logp = torch.cat([value_log_probs(logits_of(model, batch.tokens[i : i + chunk]), batch.V)
-                      for i in range(0, batch.tokens.shape[0], chunk)])
+    logp = torch.cat(
+        [
+            value_log_probs(logits_of(model, batch.tokens[i : i + chunk]), batch.V)
+            for i in range(0, batch.tokens.shape[0], chunk)
+        ]
+    )
     model.train(was)
     return summarize(posterior_metrics(logp, batch.values, batch.V))
 
@@ -159,9 +167,15 @@ def train_run(
         bar = tqdm(total=cfg.steps, desc=name, unit="step", leave=False)
 
     def log_eval(step: int, grad_norm: float) -> None:
-        row = {"step": step, "sequences": step * cfg.batch_size, "train_s": train_s,
-               "train_loss": sum(losses) / len(losses) if losses else float("nan"),
-               "lr": cfg.lr_at(max(step - 1, 0)), "grad_norm": grad_norm, **evaluate(model, ev)}
+        row = {
+            "step": step,
+            "sequences": step * cfg.batch_size,
+            "train_s": train_s,
+            "train_loss": sum(losses) / len(losses) if losses else float("nan"),
+            "lr": cfg.lr_at(max(step - 1, 0)),
+            "grad_norm": grad_norm,
+            **evaluate(model, ev),
+        }
         rows.append(row)
         losses.clear()
         if bar is not None:
@@ -193,11 +207,21 @@ def train_run(
         bar.close()
     model.eval().cpu()
     log = pl.DataFrame(rows)
-    meta = {"name": name, "V": V, "spec": asdict(spec), "cfg": asdict(cfg), "seed": seed, "match": match,
-            "train_time_s": train_s, "n_params": n_params(model)}
+    meta = {
+        "name": name,
+        "V": V,
+        "spec": asdict(spec),
+        "cfg": asdict(cfg),
+        "seed": seed,
+        "match": match,
+        "train_time_s": train_s,
+        "n_params": n_params(model),
+    }
     with publish_dir(folder) as work:  # the folder appears complete or not at all
-        save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
-                  str(work / "model.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+            str(work / "model.safetensors"),
+        )
         (work / "log.parquet").write_bytes(parquet_bytes(log))
         (work / "meta.json").write_text(json.dumps(meta, indent=1))
     return RunResult(name, model, log, n_params(model), train_s, False, folder)

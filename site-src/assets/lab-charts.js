@@ -1,5 +1,5 @@
 // Render the lab's Vega-Lite figures: every `.lab-chart__plot[data-spec]` (written by the chart() macro in
-// lab/site_hooks.py) gets the spec fetched from results/ and embedded with the bundled vega-embed.
+// lab/site/hooks.py) gets the spec fetched from results/ and embedded with the bundled vega-embed.
 // Runs on every page view (Material's instant navigation included) and re-renders when the palette toggles,
 // using vega-embed's "dark" theme on the slate scheme.
 (function () {

@@ -19,16 +19,24 @@ TRACK = "A_finetuning"
 RECIPES: dict[str, FinetuneConfig] = {
     # seconds: a tiny random Llama, 16 training prompts, 2 epochs of batch 4 (8 steps)
     "smoke": FinetuneConfig(
-        lr=2e-3, rank=4, batch_size=4, epochs=2,
-        n_train=16, n_test=6, n_evals=4,
-        max_seq_len=160, max_new_tokens=12,
+        lr=2e-3,
+        rank=4,
+        batch_size=4,
+        epochs=2,
+        n_train=16,
+        n_test=6,
+        n_evals=4,
+        max_seq_len=160,
+        max_new_tokens=12,
     ),
     # SmolLM2-135M-Instruct on 2 cores: LoRA r8 on every projection, LR 2e-4, batch 8, 3 epochs of 100 examples
     "cpu": FinetuneConfig(),
     # Qwen2.5-7B-Instruct, QLoRA (4-bit NormalFloat base)
     "gpu": FinetuneConfig(
-        rank=16, batch_size=16,
-        n_train=400, n_test=100,
+        rank=16,
+        batch_size=16,
+        n_train=400,
+        n_test=100,
         max_seq_len=160,
         quant="nf4",
     ),
@@ -45,8 +53,10 @@ def config_for(profile: Profile) -> FinetuneConfig:
     try:
         return RECIPES[profile.name]
     except KeyError:
-        raise LabError(f"Track A has no recipe for profile {profile.name!r}: add one to RECIPES in "
-                       f"lab/tracks/A_finetuning/config.py (known: {', '.join(RECIPES)})") from None
+        raise LabError(
+            f"Track A has no recipe for profile {profile.name!r}: add one to RECIPES in "
+            f"lab/tracks/A_finetuning/config.py (known: {', '.join(RECIPES)})"
+        ) from None
 
 
 def final_adapter_dir(profile: Profile) -> Path:
@@ -66,8 +76,9 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         if self.rule not in ("", "linear", "constant", "both"):
-            raise LabError(f"RunSpec {self.name!r}: rule must be '', 'linear', 'constant' or 'both' "
-                           f"(got {self.rule!r})")
+            raise LabError(
+                f"RunSpec {self.name!r}: rule must be '', 'linear', 'constant' or 'both' (got {self.rule!r})"
+            )
         if not self.groups:
             raise LabError(f"RunSpec {self.name!r} belongs to no experiment: name at least one group")
 

@@ -11,9 +11,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 
@@ -35,9 +35,16 @@ from lab.train.schedule import optimizer_state_bytes
 EVAL_FILE = "lab_eval.json"
 
 
-def run(profile: Profile, *, fresh: bool = False, write: bool = True, progress: bool = True, bench: bool = True,
-        on_step: Callable[[str, int, int, RunLog], None] | None = None,
-        only: tuple[str, ...] | None = None) -> FinetuneSummary:
+def run(
+    profile: Profile,
+    *,
+    fresh: bool = False,
+    write: bool = True,
+    progress: bool = True,
+    bench: bool = True,
+    on_step: Callable[[str, int, int, RunLog], None] | None = None,
+    only: tuple[str, ...] | None = None,
+) -> FinetuneSummary:
     """Run every experiment of Track A (resuming unless ``fresh``) and write results/A_finetuning/.
 
     Args:
@@ -58,13 +65,22 @@ def run(profile: Profile, *, fresh: bool = False, write: bool = True, progress: 
     anatomy = frames.anatomy_frame(results["main"])
     answers = frames.answers_frame(cfg, results["main"])
     text_name, _ = general_text(profile)
-    summary = summarize(profile, cfg, specs, base, results, runs, anatomy, answers, text_name,
-                        wall_time_s=time.perf_counter() - t0)
+    summary = summarize(
+        profile, cfg, specs, base, results, runs, anatomy, answers, text_name, wall_time_s=time.perf_counter() - t0
+    )
     if not write or not _main_process():
         return summary
-    prov = dict(config={"finetune": asdict(cfg), "runs": {s.name: asdict(s.cfg) for s in specs},
-                        "general_text": text_name, "probes": PROBES},
-                seed=cfg.seed, profile=profile.name, wall_time_s=summary.track_wall_time_s)
+    prov = dict(
+        config={
+            "finetune": asdict(cfg),
+            "runs": {s.name: asdict(s.cfg) for s in specs},
+            "general_text": text_name,
+            "probes": PROBES,
+        },
+        seed=cfg.seed,
+        profile=profile.name,
+        wall_time_s=summary.track_wall_time_s,
+    )
     write_results(profile, cfg, specs, base, results, runs, anatomy, answers, prov)
     if bench:
         benchmark(profile)
@@ -73,9 +89,19 @@ def run(profile: Profile, *, fresh: bool = False, write: bool = True, progress: 
     return summary
 
 
-def write_results(profile: Profile, cfg: FinetuneConfig, specs: list[RunSpec], base: dict, results: dict[str, dict],
-                  runs: pl.DataFrame, anatomy: pl.DataFrame, answers: pl.DataFrame, prov: dict) -> None:
+def write_results(
+    profile: Profile,
+    cfg: FinetuneConfig,
+    specs: list[RunSpec],
+    base: dict,
+    results: dict[str, dict],
+    runs: pl.DataFrame,
+    anatomy: pl.DataFrame,
+    answers: pl.DataFrame,
+    prov: dict,
+) -> None:
     """Every table of the track but the summary, each with its chart where it has one."""
+
     def w(name: str, frame: pl.DataFrame, chart: Callable | None = None) -> None:
         write_result(TRACK, name, frame, chart=chart, **prov)
 
@@ -107,8 +133,15 @@ def benchmark(profile: Profile, *, steps: int = 6, repeats: int = 2) -> pl.DataF
     t0 = time.perf_counter()
     frame = overhead.run(profile, cfg, steps=steps, repeats=repeats)
     short = overhead.bench_config(cfg, steps)
-    write_result(TRACK, "benchmark", frame, config={"finetune": short, "repeats": repeats}, seed=short.seed,
-                 profile=profile.name, wall_time_s=time.perf_counter() - t0)
+    write_result(
+        TRACK,
+        "benchmark",
+        frame,
+        config={"finetune": short, "repeats": repeats},
+        seed=short.seed,
+        profile=profile.name,
+        wall_time_s=time.perf_counter() - t0,
+    )
     return frame
 
 
@@ -128,8 +161,9 @@ def run_dir(profile: Profile, name: str) -> Path:
 def evaluate_model(model, tokenizer, cfg: FinetuneConfig, profile: Profile) -> dict:
     """Task success on the held-out prompts, general-text perplexity and probe retention of one model."""
     _, text = general_text(profile)
-    return score_model(model, tokenizer, make_task(cfg.n_train, cfg.n_test, cfg.seed).test, cfg.max_new_tokens,
-                       text, PROBES)
+    return score_model(
+        model, tokenizer, make_task(cfg.n_train, cfg.n_test, cfg.seed).test, cfg.max_new_tokens, text, PROBES
+    )
 
 
 def _cached(folder: Path, key: dict) -> dict | None:
@@ -144,8 +178,13 @@ def _cached(folder: Path, key: dict) -> dict | None:
 def base_eval(profile: Profile, cfg: FinetuneConfig, fresh: bool) -> dict:
     """The untrained model's scores (cached: they depend only on the task and the model)."""
     folder = run_dir(profile, "base")
-    key = {"n_train": cfg.n_train, "n_test": cfg.n_test, "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens,
-           "probes": PROBES}
+    key = {
+        "n_train": cfg.n_train,
+        "n_test": cfg.n_test,
+        "seed": cfg.seed,
+        "max_new_tokens": cfg.max_new_tokens,
+        "probes": PROBES,
+    }
     if not fresh and (hit := _cached(folder, key)):
         return hit["result"]
     t0 = time.perf_counter()
@@ -159,8 +198,7 @@ def base_eval(profile: Profile, cfg: FinetuneConfig, fresh: bool) -> dict:
     return result
 
 
-def run_one(profile: Profile, spec: RunSpec, *, fresh: bool, progress: bool,
-            on_step: Callable | None = None) -> dict:
+def run_one(profile: Profile, spec: RunSpec, *, fresh: bool, progress: bool, on_step: Callable | None = None) -> dict:
     """Train (or resume, or reuse a finished) run and score it. Returns its logs and scores."""
     folder = run_dir(profile, spec.name)
     key = {"config": asdict(spec.cfg), "probes": PROBES}
@@ -178,10 +216,12 @@ def run_one(profile: Profile, spec: RunSpec, *, fresh: bool, progress: bool,
     steps, evals, moments = res.log.frames()
     result = {
         **scores,
-        "steps": res.total_steps, "trainable_params": res.trainable_params,
+        "steps": res.total_steps,
+        "trainable_params": res.trainable_params,
         "weights_mb": res.model.get_base_model().get_memory_footprint() / 2**20,
         "train_time_s": float((steps["tokens"] / steps["tokens_per_s"]).sum()),
-        "wall_time_s": time.perf_counter() - t0, "resumed_from": res.resumed_from,
+        "wall_time_s": time.perf_counter() - t0,
+        "resumed_from": res.resumed_from,
         "log": {"steps": steps.to_dicts(), "evals": evals.to_dicts(), "moments": moments.to_dicts()},
     }
     if _main_process():
@@ -202,8 +242,15 @@ def optimizer_memory(profile: Profile, cfg: FinetuneConfig) -> pl.DataFrame:
     n_total = sum(p.numel() for p in lm.model.parameters())
     full = list(lm.model.parameters())
     lora = [p for p in attach_lora(load_model(profile).model, cfg).parameters() if p.requires_grad]
-    measured = [{"setting": setting, "kind": kind, "trainable_params": sum(p.numel() for p in params),
-                 "param_tensors": len(params), "state_bytes": optimizer_state_bytes(params, kind)}
-                for setting, params in (("full fine-tuning", full), (f"LoRA rank {cfg.rank}", lora))
-                for kind in ("adamw", "adamw8bit")]
+    measured = [
+        {
+            "setting": setting,
+            "kind": kind,
+            "trainable_params": sum(p.numel() for p in params),
+            "param_tensors": len(params),
+            "state_bytes": optimizer_state_bytes(params, kind),
+        }
+        for setting, params in (("full fine-tuning", full), (f"LoRA rank {cfg.rank}", lora))
+        for kind in ("adamw", "adamw8bit")
+    ]
     return frames.optimizer_memory_frame(measured, n_total)

@@ -29,17 +29,23 @@ class AttentionConfig:
 
     def __post_init__(self) -> None:
         if self.induction_len < 2 or self.induction_seqs < 1:
-            raise LabError(f"induction_len must be >= 2 and induction_seqs >= 1 (got {self.induction_len}, "
-                           f"{self.induction_seqs}): the induction score needs a repeated sequence of 2+ tokens")
+            raise LabError(
+                f"induction_len must be >= 2 and induction_seqs >= 1 (got {self.induction_len}, "
+                f"{self.induction_seqs}): the induction score needs a repeated sequence of 2+ tokens"
+            )
         if not self.memory_tokens or min(self.memory_tokens) < 3:
-            raise LabError(f"memory_tokens must name at least one length of 3 or more tokens (got "
-                           f"{self.memory_tokens}), e.g. (64, 128, 256)")
+            raise LabError(
+                f"memory_tokens must name at least one length of 3 or more tokens (got "
+                f"{self.memory_tokens}), e.g. (64, 128, 256)"
+            )
         if self.max_bytes <= 0:
             raise LabError(f"max_bytes must be > 0 (got {self.max_bytes}); the default is {DEFAULT_MAX_BYTES}")
         if not max(self.memory_tokens) < self.stream_tokens <= self.guard_tokens:
-            raise LabError(f"lengths must grow: memory_tokens (max {max(self.memory_tokens)}) < stream_tokens "
-                           f"({self.stream_tokens}) <= guard_tokens ({self.guard_tokens}); the streamed capture and "
-                           "the guard's refusal are the cases past the in-memory ones")
+            raise LabError(
+                f"lengths must grow: memory_tokens (max {max(self.memory_tokens)}) < stream_tokens "
+                f"({self.stream_tokens}) <= guard_tokens ({self.guard_tokens}); the streamed capture and "
+                "the guard's refusal are the cases past the in-memory ones"
+            )
 
 
 RECIPES: dict[str, AttentionConfig] = {

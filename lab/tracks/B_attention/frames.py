@@ -49,8 +49,9 @@ def one_head(patterns: torch.Tensor, labels: list[str], layer: int, head: int) -
 # ----------------------------------------------------------------------------- head scores
 
 
-def head_table(lm: LoadedModel, cfg: AttentionConfig, prompts: tuple[str, ...] = PROMPTS,
-               progress: bool = False) -> pl.DataFrame:
+def head_table(
+    lm: LoadedModel, cfg: AttentionConfig, prompts: tuple[str, ...] = PROMPTS, progress: bool = False
+) -> pl.DataFrame:
     """Per (layer, head): entropy, normalised entropy, sink share and previous-token score averaged over
     ``prompts``, and the induction score averaged over repeated random token sequences."""
     model = lm.model
@@ -69,7 +70,10 @@ def head_table(lm: LoadedModel, cfg: AttentionConfig, prompts: tuple[str, ...] =
     ind = 0
     for _ in range(cfg.induction_seqs):
         ids = att.repeated_random_tokens(cfg.induction_len, vocab, generator=gen, prefix=prefix)
-        ind = ind + att.induction_scores(att.patterns_for(model, ids), cfg.induction_len, len(prefix)) / cfg.induction_seqs
+        ind = (
+            ind
+            + att.induction_scores(att.patterns_for(model, ids), cfg.induction_len, len(prefix)) / cfg.induction_seqs
+        )
     sums["induction"] = ind
     return att.head_frame(sums)
 
@@ -84,10 +88,16 @@ def plain_vocab(lm: LoadedModel) -> list[int]:
 def notable_heads(heads: pl.DataFrame) -> list[tuple[int, int, str]]:
     """(layer, head, label) of the strongest sink, previous-token and induction heads and the broadest head."""
     picks = []
-    for metric, title in (("prev_token", "previous-token"), ("induction", "induction"), ("sink_share", "first-token sink"),
-                          ("entropy_norm", "broadest")):
+    for metric, title in (
+        ("prev_token", "previous-token"),
+        ("induction", "induction"),
+        ("sink_share", "first-token sink"),
+        ("entropy_norm", "broadest"),
+    ):
         row = heads.sort(metric, descending=True).row(0, named=True)
-        picks.append((row["layer"], row["head"], f"L{row['layer']} H{row['head']} · {title} ({metric} {row[metric]:.2f})"))
+        picks.append(
+            (row["layer"], row["head"], f"L{row['layer']} H{row['head']} · {title} ({metric} {row[metric]:.2f})")
+        )
     return picks
 
 
@@ -105,9 +115,15 @@ def pattern_examples(lm: LoadedModel, heads: pl.DataFrame, text: str = PATTERN_P
 def top_heads(heads: pl.DataFrame, k: int = 4) -> pl.DataFrame:
     """The ``k`` strongest heads by previous-token score, induction score and first-token share (one table)."""
     frames = []
-    for metric, title in (("prev_token", "previous-token"), ("induction", "induction"), ("sink_share", "first-token sink")):
+    for metric, title in (
+        ("prev_token", "previous-token"),
+        ("induction", "induction"),
+        ("sink_share", "first-token sink"),
+    ):
         frames.append(heads.sort(metric, descending=True).head(k).with_columns(pl.lit(title).alias("ranked_by")))
-    return pl.concat(frames).select("ranked_by", "layer", "head", "prev_token", "induction", "sink_share", "entropy_norm")
+    return pl.concat(frames).select(
+        "ranked_by", "layer", "head", "prev_token", "induction", "sink_share", "entropy_norm"
+    )
 
 
 def first_layer_over(heads: pl.DataFrame, metric: str, threshold: float) -> int:
@@ -173,10 +189,21 @@ def memory_table(lm: LoadedModel, cfg: AttentionConfig) -> tuple[pl.DataFrame, p
     for T in cfg.memory_tokens:
         ids = ids_of(T)
         est = estimate(model, ids, names, logits=False)
-        cap, peak, secs = peak_rss_delta(lambda ids=ids: capture(model, ids, names, logits=False, max_bytes=cfg.max_bytes))
+        cap, peak, secs = peak_rss_delta(
+            lambda ids=ids: capture(model, ids, names, logits=False, max_bytes=cfg.max_bytes)
+        )
         held = sum(t.numel() * t.element_size() for t in cap.tensors.values())
-        rows.append({"mode": "in memory", "tokens": T, "estimate_mib": est.held(False) / MiB, "captured_mib": held / MiB,
-                     "disk_mib": 0.0, "peak_rss_delta_mib": peak / MiB, "seconds": secs})
+        rows.append(
+            {
+                "mode": "in memory",
+                "tokens": T,
+                "estimate_mib": est.held(False) / MiB,
+                "captured_mib": held / MiB,
+                "disk_mib": 0.0,
+                "peak_rss_delta_mib": peak / MiB,
+                "seconds": secs,
+            }
+        )
         del cap
         gc.collect()
     T = cfg.stream_tokens
@@ -184,13 +211,23 @@ def memory_table(lm: LoadedModel, cfg: AttentionConfig) -> tuple[pl.DataFrame, p
     est = estimate(model, ids, names, logits=False)
     with tempfile.TemporaryDirectory(prefix="lab-stream-") as tmp:
         cap, peak, secs = peak_rss_delta(
-            lambda: capture(model, ids, names, logits=False, max_bytes=cfg.max_bytes, stream_to=tmp))
+            lambda: capture(model, ids, names, logits=False, max_bytes=cfg.max_bytes, stream_to=tmp)
+        )
         disk = sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
         # Read one layer back to check the file holds a pattern (rows sum to one).
         back = cap[names[-1]]
         ok = bool(torch.allclose(back.sum(-1), torch.ones(()), atol=1e-4))
-    rows.append({"mode": "streamed to disk", "tokens": T, "estimate_mib": est.held(True) / MiB,
-                 "captured_mib": 0.0, "disk_mib": disk / MiB, "peak_rss_delta_mib": peak / MiB, "seconds": secs})
+    rows.append(
+        {
+            "mode": "streamed to disk",
+            "tokens": T,
+            "estimate_mib": est.held(True) / MiB,
+            "captured_mib": 0.0,
+            "disk_mib": disk / MiB,
+            "peak_rss_delta_mib": peak / MiB,
+            "seconds": secs,
+        }
+    )
     # The guard on a long input: refuses in memory (before any forward pass), and says what would fit.
     long_ids = ids_of(cfg.guard_tokens)
     est = estimate(model, long_ids, names, logits=True)
@@ -200,14 +237,24 @@ def memory_table(lm: LoadedModel, cfg: AttentionConfig) -> tuple[pl.DataFrame, p
         refused, message = False, ""
     except LabError as e:
         refused, message = True, str(e)
-    guard = pl.DataFrame([{
-        "tokens": cfg.guard_tokens, "layers": n_layers, "heads": int(shape["n_heads"]),
-        "pattern_estimate_gib": est.patterns / GiB, "logits_estimate_gib": est.logits / GiB,
-        "budget_gib": cfg.max_bytes / GiB, "refused": refused, "seconds_to_refuse": time.perf_counter() - t0,
-        "stream_held_mib": est.held(True) / MiB, "message": message,
-        "max_tokens_in_budget": int((cfg.max_bytes / (n_layers * int(shape["n_heads"]) * 4)) ** 0.5),
-        "stream_readback_rows_sum_to_one": ok,
-    }])
+    guard = pl.DataFrame(
+        [
+            {
+                "tokens": cfg.guard_tokens,
+                "layers": n_layers,
+                "heads": int(shape["n_heads"]),
+                "pattern_estimate_gib": est.patterns / GiB,
+                "logits_estimate_gib": est.logits / GiB,
+                "budget_gib": cfg.max_bytes / GiB,
+                "refused": refused,
+                "seconds_to_refuse": time.perf_counter() - t0,
+                "stream_held_mib": est.held(True) / MiB,
+                "message": message,
+                "max_tokens_in_budget": int((cfg.max_bytes / (n_layers * int(shape["n_heads"]) * 4)) ** 0.5),
+                "stream_readback_rows_sum_to_one": ok,
+            }
+        ]
+    )
     return pl.DataFrame(rows), guard
 
 
@@ -216,29 +263,35 @@ def memory_table(lm: LoadedModel, cfg: AttentionConfig) -> tuple[pl.DataFrame, p
 
 def task_prompt_ids(lm: LoadedModel, prompts: tuple[str, ...] = TASK_PROMPTS) -> list[torch.Tensor]:
     """The fine-tuning task's prompts as Track A feeds them to the model (its chat format, no extra BOS)."""
-    return [lm.tokenizer(chat_text(lm.tokenizer, t), add_special_tokens=False, return_tensors="pt").input_ids
-            for t in prompts]
+    return [
+        lm.tokenizer(chat_text(lm.tokenizer, t), add_special_tokens=False, return_tensors="pt").input_ids
+        for t in prompts
+    ]
 
 
-def compare_finetuned(base: LoadedModel, tuned: LoadedModel, inputs: list[torch.Tensor]
-                      ) -> tuple[pl.DataFrame, pl.DataFrame]:
+def compare_finetuned(
+    base: LoadedModel, tuned: LoadedModel, inputs: list[torch.Tensor]
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Per head: JS divergence and entropy change averaged over ``inputs`` (``(1, T)`` ids each); and
     side-by-side patterns, on the first input, of the head that moved most. Returns (per-head frame, patterns)."""
     acc: dict[str, torch.Tensor] = {}
     for ids in inputs:
         for k, v in att.compare_patterns(att.patterns_for(base.model, ids), att.patterns_for(tuned.model, ids)).items():
             acc[k] = acc.get(k, 0) + v / len(inputs)
-    heads = att.head_frame(acc).sort("js_bits", descending=True).with_columns(
-        pl.int_range(1, pl.len() + 1).alias("rank"))
+    heads = (
+        att.head_frame(acc).sort("js_bits", descending=True).with_columns(pl.int_range(1, pl.len() + 1).alias("rank"))
+    )
     top = heads.row(0, named=True)
     ids = inputs[0]
     labels = att.token_labels(base.tokenizer, ids[0].tolist())
     lh = [(top["layer"], top["head"])]
     tag = f"L{top['layer']} H{top['head']}"
-    pats = pl.concat([
-        att.pattern_frame(att.patterns_for(base.model, ids), labels, lh, head_label=f"base · {tag}"),
-        att.pattern_frame(att.patterns_for(tuned.model, ids), labels, lh, head_label=f"fine-tuned · {tag}"),
-    ])
+    pats = pl.concat(
+        [
+            att.pattern_frame(att.patterns_for(base.model, ids), labels, lh, head_label=f"base · {tag}"),
+            att.pattern_frame(att.patterns_for(tuned.model, ids), labels, lh, head_label=f"fine-tuned · {tag}"),
+        ]
+    )
     return heads.sort("layer", "head"), pats
 
 
@@ -253,22 +306,37 @@ def shift_summary(heads: pl.DataFrame, prefix: str) -> dict[str, Any]:
     total = max(float(heads["js_bits"].sum()), 1e-30)
     by_layer = heads.group_by("layer").agg(pl.col("js_bits").sum()).sort("js_bits", descending=True)
     k = max(1, heads.height // 20)
-    return {f"{prefix}{key}": v for key, v in {
-        "max_js_bits": top["js_bits"][0], "max_js_layer": top["layer"][0], "max_js_head": top["head"][0],
-        "mean_js_bits": heads["js_bits"].mean(), "median_js_bits": heads["js_bits"].median(),
-        "top5pct_heads": k, "top5pct_js_share": float(top["js_bits"].head(k).sum()) / total,
-        "top_layer_by_js": by_layer["layer"][0], "top_layer_js_share": float(by_layer["js_bits"][0]) / total,
-        "mean_entropy_change": heads["entropy_change"].mean(),
-        "max_abs_entropy_change": float(heads["entropy_change"].abs().max()),
-    }.items()}
+    return {
+        f"{prefix}{key}": v
+        for key, v in {
+            "max_js_bits": top["js_bits"][0],
+            "max_js_layer": top["layer"][0],
+            "max_js_head": top["head"][0],
+            "mean_js_bits": heads["js_bits"].mean(),
+            "median_js_bits": heads["js_bits"].median(),
+            "top5pct_heads": k,
+            "top5pct_js_share": float(top["js_bits"].head(k).sum()) / total,
+            "top_layer_by_js": by_layer["layer"][0],
+            "top_layer_js_share": float(by_layer["js_bits"][0]) / total,
+            "mean_entropy_change": heads["entropy_change"].mean(),
+            "max_abs_entropy_change": float(heads["entropy_change"].abs().max()),
+        }.items()
+    }
 
 
-def finetune_summary(general: pl.DataFrame, task: pl.DataFrame, *, source: str, adapter: str,
-                     seconds: float) -> pl.DataFrame:
+def finetune_summary(
+    general: pl.DataFrame, task: pl.DataFrame, *, source: str, adapter: str, seconds: float
+) -> pl.DataFrame:
     """One row: where the adapter came from, the shift on the general and on the task prompts, and their ratio."""
-    return pl.DataFrame([{
-        "adapter_source": source, "adapter_dir": adapter,
-        **shift_summary(general, "general_"), **shift_summary(task, "task_"),
-        "task_over_general_mean_js": float(task["js_bits"].mean() / max(general["js_bits"].mean(), 1e-30)),
-        "seconds": seconds,
-    }])
+    return pl.DataFrame(
+        [
+            {
+                "adapter_source": source,
+                "adapter_dir": adapter,
+                **shift_summary(general, "general_"),
+                **shift_summary(task, "task_"),
+                "task_over_general_mean_js": float(task["js_bits"].mean() / max(general["js_bits"].mean(), 1e-30)),
+                "seconds": seconds,
+            }
+        ]
+    )

@@ -25,8 +25,9 @@ from lab.train.lora import load_adapter, save_adapter, train_lora
 TRACK = config.TRACK
 
 
-def run(profile: Profile, *, fresh: bool = False, write: bool = True, progress: bool = True,
-        finetune: bool = True) -> AttentionSummary:
+def run(
+    profile: Profile, *, fresh: bool = False, write: bool = True, progress: bool = True, finetune: bool = True
+) -> AttentionSummary:
     """Measure head scores, pattern examples, capture memory and base vs fine-tuned; write them to
     results/B_attention/.
 
@@ -53,12 +54,22 @@ def run(profile: Profile, *, fresh: bool = False, write: bool = True, progress: 
     summary = summarize(lm, cfg, heads, guard, heads_seconds=sw_heads.seconds, finetune_compared=adapter is not None)
     if not write:
         return summary
-    common = {"config": {"attention": asdict(cfg), "model": lm.name, "shape": model_shape(lm.model),
-                         "prompts": list(PROMPTS), "pattern_prompt": PATTERN_PROMPT, "task_prompts": list(TASK_PROMPTS)},
-              "seed": cfg.seed, "profile": profile.name}
+    common = {
+        "config": {
+            "attention": asdict(cfg),
+            "model": lm.name,
+            "shape": model_shape(lm.model),
+            "prompts": list(PROMPTS),
+            "pattern_prompt": PATTERN_PROMPT,
+            "task_prompts": list(TASK_PROMPTS),
+        },
+        "seed": cfg.seed,
+        "profile": profile.name,
+    }
     write_result(TRACK, "heads", heads, chart=charts.heads, wall_time_s=sw_heads.seconds, **common)
-    write_result(TRACK, "layers", layer_profile(heads), chart=charts.layer_profile, wall_time_s=sw_heads.seconds,
-                 **common)
+    write_result(
+        TRACK, "layers", layer_profile(heads), chart=charts.layer_profile, wall_time_s=sw_heads.seconds, **common
+    )
     write_result(TRACK, "top_heads", frames.top_heads(heads), wall_time_s=sw_heads.seconds, **common)
     write_result(TRACK, "patterns", examples, chart=charts.patterns, wall_time_s=sw_examples.seconds, **common)
     write_result(TRACK, "memory", memory, chart=charts.memory, wall_time_s=sw_memory.seconds, **common)
@@ -77,16 +88,25 @@ def compare(profile: Profile, lm: LoadedModel, adapter: Path, source: str) -> tu
         general, _ = frames.compare_finetuned(lm, tuned, [encode(lm, t) for t in PROMPTS])
         task, task_patterns = frames.compare_finetuned(lm, tuned, frames.task_prompt_ids(lm))
     summary = frames.finetune_summary(general, task, source=source, adapter=_shown(adapter), seconds=sw.seconds)
-    return {"finetune_heads": general, "finetune_heads_task": task, "finetune_top": frames.finetune_top(task),
-            "finetune_patterns": task_patterns, "finetune_summary": summary}, sw.seconds
+    return {
+        "finetune_heads": general,
+        "finetune_heads_task": task,
+        "finetune_top": frames.finetune_top(task),
+        "finetune_patterns": task_patterns,
+        "finetune_summary": summary,
+    }, sw.seconds
 
 
-CHARTS = {"finetune_heads": charts.head_shift, "finetune_heads_task": charts.head_shift,
-          "finetune_patterns": charts.patterns}
+CHARTS = {
+    "finetune_heads": charts.head_shift,
+    "finetune_heads_task": charts.head_shift,
+    "finetune_patterns": charts.patterns,
+}
 
 
-def write_finetuned(results: dict[str, pl.DataFrame], common: dict[str, Any], *, adapter: Path, source: str,
-                    seconds: float) -> None:
+def write_finetuned(
+    results: dict[str, pl.DataFrame], common: dict[str, Any], *, adapter: Path, source: str, seconds: float
+) -> None:
     """The base-vs-fine-tuned results, their provenance naming the adapter."""
     ft_common = dict(common, config={**common["config"], "adapter": str(adapter), "adapter_source": source})
     for name, frame in results.items():
@@ -104,8 +124,10 @@ def resolve_adapter(profile: Profile) -> tuple[Path, str]:
         return folder, "Track A (the fine-tuning track, main run)"
     if profile.name == "smoke":
         return stand_in_adapter(profile), "smoke LoRA trained by the attention track"
-    raise LabError(f"no fine-tuned adapter at {folder}: run `lab run {config.FINETUNED_BY} --profile {profile.name}` "
-                   "first (the base-vs-fine-tuned comparison needs Track A's adapter)")
+    raise LabError(
+        f"no fine-tuned adapter at {folder}: run `lab run {config.FINETUNED_BY} --profile {profile.name}` "
+        "first (the base-vs-fine-tuned comparison needs Track A's adapter)"
+    )
 
 
 def stand_in_adapter(profile: Profile) -> Path:
@@ -115,14 +137,27 @@ def stand_in_adapter(profile: Profile) -> Path:
     if (folder / "adapter_config.json").exists():
         return folder
     lm = load_model(profile)
-    ids = lm.tokenizer(smoke_text()[:config.STAND_IN_CHARS], return_tensors="pt").input_ids[0]
+    ids = lm.tokenizer(smoke_text()[: config.STAND_IN_CHARS], return_tensors="pt").input_ids[0]
     block = config.STAND_IN_BLOCK
-    windows = [ids[i:i + block].tolist() for i in  # strided starts through the text
-               ((step * 17) % max(1, len(ids) - block - 1) for step in range(config.STAND_IN_STEPS))]
+    windows = [
+        ids[i : i + block].tolist()
+        for i in (  # strided starts through the text
+            (step * 17) % max(1, len(ids) - block - 1) for step in range(config.STAND_IN_STEPS)
+        )
+    ]
     rows = [{"input_ids": w, "labels": w} for w in windows]
-    result = train_lora(lm, config.STAND_IN_LORA, paths.checkpoint_dir(profile.name, TRACK, "smoke-lora"),
-                        rows=(rows, []), resume=False, instrument=False, do_eval=False, save=False,
-                        progress=False, desc="stand-in LoRA")
+    result = train_lora(
+        lm,
+        config.STAND_IN_LORA,
+        paths.checkpoint_dir(profile.name, TRACK, "smoke-lora"),
+        rows=(rows, []),
+        resume=False,
+        instrument=False,
+        do_eval=False,
+        save=False,
+        progress=False,
+        desc="stand-in LoRA",
+    )
     return save_adapter(result.model, folder)  # published whole (lab.io.publish_dir) or not at all
 
 
@@ -139,4 +174,3 @@ def _shown(path: Path) -> str:
         return path.relative_to(paths.data_dir().resolve().parent).as_posix()
     except ValueError:
         return path.name
-

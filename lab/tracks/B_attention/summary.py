@@ -60,26 +60,41 @@ class AttentionSummary(Summary):
     finetune_compared: bool  # whether base vs fine-tuned ran (its numbers are in finetune_summary)
 
 
-def summarize(lm: LoadedModel, cfg: AttentionConfig, heads: pl.DataFrame, guard: pl.DataFrame, *,
-              heads_seconds: float, finetune_compared: bool) -> AttentionSummary:
+def summarize(
+    lm: LoadedModel,
+    cfg: AttentionConfig,
+    heads: pl.DataFrame,
+    guard: pl.DataFrame,
+    *,
+    heads_seconds: float,
+    finetune_compared: bool,
+) -> AttentionSummary:
     """The headline numbers from the per-head frame and the guard row."""
     shape = model_shape(lm.model)
     top = {m: heads.sort(m, descending=True).row(0, named=True) for m in ("prev_token", "induction", "sink_share")}
-    early, late = (heads.filter(pl.col("layer") < shape["n_layers"] // 2),
-                   heads.filter(pl.col("layer") >= shape["n_layers"] // 2))
+    early, late = (
+        heads.filter(pl.col("layer") < shape["n_layers"] // 2),
+        heads.filter(pl.col("layer") >= shape["n_layers"] // 2),
+    )
     g = guard.row(0, named=True)
     return AttentionSummary(
-        model=lm.name, n_layers=shape["n_layers"], n_heads=shape["n_heads"], n_kv_heads=shape["n_kv_heads"],
-        n_prompts=len(PROMPTS), mean_prompt_tokens=sum(encode(lm, t).shape[1] for t in PROMPTS) / len(PROMPTS),
+        model=lm.name,
+        n_layers=shape["n_layers"],
+        n_heads=shape["n_heads"],
+        n_kv_heads=shape["n_kv_heads"],
+        n_prompts=len(PROMPTS),
+        mean_prompt_tokens=sum(encode(lm, t).shape[1] for t in PROMPTS) / len(PROMPTS),
         mean_sink_share=heads["sink_share"].mean(),
         heads_sink_over_half=int((heads["sink_share"] > 0.5).sum()),
         share_heads_sink_over_half=float((heads["sink_share"] > 0.5).mean()),
         n_heads_total=heads.height,
         mean_entropy_norm=heads["entropy_norm"].mean(),
-        top_prev_layer=top["prev_token"]["layer"], top_prev_head=top["prev_token"]["head"],
+        top_prev_layer=top["prev_token"]["layer"],
+        top_prev_head=top["prev_token"]["head"],
         top_prev_score=top["prev_token"]["prev_token"],
         heads_prev_over_half=int((heads["prev_token"] > 0.5).sum()),
-        top_induction_layer=top["induction"]["layer"], top_induction_head=top["induction"]["head"],
+        top_induction_layer=top["induction"]["layer"],
+        top_induction_head=top["induction"]["head"],
         top_induction_score=top["induction"]["induction"],
         heads_induction_over_half=int((heads["induction"] > 0.5).sum()),
         chance_induction=uniform_induction_score(cfg.induction_len, len(bos_ids(lm))),
@@ -87,13 +102,18 @@ def summarize(lm: LoadedModel, cfg: AttentionConfig, heads: pl.DataFrame, guard:
         top_induction_sink_share=top["induction"]["sink_share"],
         induction_head_layers=layers_over(heads, "induction", 0.5),
         prev_head_layers=layers_over(heads, "prev_token", 0.5),
-        top_sink_layer=top["sink_share"]["layer"], top_sink_head=top["sink_share"]["head"],
+        top_sink_layer=top["sink_share"]["layer"],
+        top_sink_head=top["sink_share"]["head"],
         top_sink_score=top["sink_share"]["sink_share"],
         first_layer_sink_over_half=first_layer_over(heads, "sink_share", 0.5),
         heads_seconds=heads_seconds,
-        sink_share_early=early["sink_share"].mean(), entropy_norm_early=early["entropy_norm"].mean(),
-        sink_share_late=late["sink_share"].mean(), entropy_norm_late=late["entropy_norm"].mean(),
-        guard_tokens=g["tokens"], guard_estimate_gib=g["pattern_estimate_gib"], guard_refused=g["refused"],
+        sink_share_early=early["sink_share"].mean(),
+        entropy_norm_early=early["entropy_norm"].mean(),
+        sink_share_late=late["sink_share"].mean(),
+        entropy_norm_late=late["entropy_norm"].mean(),
+        guard_tokens=g["tokens"],
+        guard_estimate_gib=g["pattern_estimate_gib"],
+        guard_refused=g["refused"],
         budget_gib=g["budget_gib"],
         finetune_compared=finetune_compared,
     )

@@ -25,17 +25,34 @@ class ProbingConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.lens_prompt < len(PROMPTS):
-            raise LabError(f"lens_prompt must index one of the {len(PROMPTS)} prompts (0..{len(PROMPTS) - 1}), "
-                           f"got {self.lens_prompt}")
+            raise LabError(
+                f"lens_prompt must index one of the {len(PROMPTS)} prompts (0..{len(PROMPTS) - 1}), "
+                f"got {self.lens_prompt}"
+            )
         if self.similarity_maps < 1:
             raise LabError(f"similarity_maps must be >= 1 (got {self.similarity_maps}); the default is 4")
         if self.architecture_tokens <= 16:
-            raise LabError(f"architecture_tokens must exceed 16, the tiny Gemma2's sliding window (got "
-                           f"{self.architecture_tokens}), or its local-attention layers go untested; the default is 40")
+            raise LabError(
+                f"architecture_tokens must exceed 16, the tiny Gemma2's sliding window (got "
+                f"{self.architecture_tokens}), or its local-attention layers go untested; the default is 40"
+            )
         if self.bench_tokens < 1 or self.bench_reps < 1 or self.bench_warmup < 0:
-            raise LabError(f"the benchmark needs bench_tokens >= 1, bench_reps >= 1 and bench_warmup >= 0 (got "
-                           f"{self.bench_tokens}, {self.bench_reps}, {self.bench_warmup})")
+            raise LabError(
+                f"the benchmark needs bench_tokens >= 1, bench_reps >= 1 and bench_warmup >= 0 (got "
+                f"{self.bench_tokens}, {self.bench_reps}, {self.bench_warmup})"
+            )
 
+
+# SmolLM2-135M-Instruct on two cores: ~2 min, benchmark included.
+CPU = ProbingConfig(
+    lens_prompt=0,
+    similarity_maps=4,
+    architecture_tokens=40,
+    bench_tokens=256,
+    bench_reps=10,
+    bench_warmup=2,
+    seed=0,
+)
 
 RECIPES: dict[str, ProbingConfig] = {
     # Tiny random Llama: seconds; a short benchmark.
@@ -48,26 +65,8 @@ RECIPES: dict[str, ProbingConfig] = {
         bench_warmup=1,
         seed=0,
     ),
-    # SmolLM2-135M-Instruct on two cores: ~2 min, benchmark included.
-    "cpu": ProbingConfig(
-        lens_prompt=0,
-        similarity_maps=4,
-        architecture_tokens=40,
-        bench_tokens=256,
-        bench_reps=10,
-        bench_warmup=2,
-        seed=0,
-    ),
-    # Qwen2.5-7B-Instruct in 4-bit: the cpu recipe.
-    "gpu": ProbingConfig(
-        lens_prompt=0,
-        similarity_maps=4,
-        architecture_tokens=40,
-        bench_tokens=256,
-        bench_reps=10,
-        bench_warmup=2,
-        seed=0,
-    ),
+    "cpu": CPU,
+    "gpu": CPU,  # Qwen2.5-7B-Instruct in 4-bit: the same measurements
 }
 
 

@@ -29,9 +29,15 @@ def prompt_frames(lm: LoadedModel, text: str) -> dict[str, Any]:
     ids = encode(lm, text)
     labels = token_labels(lm.tokenizer, ids[0].tolist())
     cap, n = res.capture_residuals(lm.model, ids)
-    return {"ids": ids, "capture": cap, "n_layers": n, "labels": labels,
-            "norms": res.residual_norms(cap, n, labels), "contrib": res.contributions(cap, n, labels),
-            "lens": res.logit_lens(lm.model, cap, n, lm.tokenizer, labels)}
+    return {
+        "ids": ids,
+        "capture": cap,
+        "n_layers": n,
+        "labels": labels,
+        "norms": res.residual_norms(cap, n, labels),
+        "contrib": res.contributions(cap, n, labels),
+        "lens": res.logit_lens(lm.model, cap, n, lm.tokenizer, labels),
+    }
 
 
 def similarity_map(cap: Capture, n_layers: int, layer: int) -> pl.DataFrame:
@@ -78,14 +84,18 @@ def _median_by(df: pl.DataFrame, keys: list[str], cols: list[str]) -> pl.DataFra
 def norms_by_layer(norms: pl.DataFrame) -> pl.DataFrame:
     """Median residual norm per (layer, point), the first token apart from the rest (``positions``)."""
     labelled = norms.with_columns(
-        pl.when(pl.col("position") == 0).then(pl.lit(FIRST)).otherwise(pl.lit(REST)).alias("positions"))
+        pl.when(pl.col("position") == 0).then(pl.lit(FIRST)).otherwise(pl.lit(REST)).alias("positions")
+    )
     return _median_by(labelled, ["layer", "point", "positions"], ["norm"])
 
 
 def contributions_by_layer(contrib: pl.DataFrame) -> pl.DataFrame:
     """Median over positions >= 1 of what each sublayer writes, per (layer, sublayer)."""
-    return _median_by(contrib.filter(pl.col("position") > 0), ["layer", "sublayer"],
-                      ["norm", "proj_stream", "cos_stream", "proj_final", "share"])
+    return _median_by(
+        contrib.filter(pl.col("position") > 0),
+        ["layer", "sublayer"],
+        ["norm", "proj_stream", "cos_stream", "proj_final", "share"],
+    )
 
 
 def one_prompt(frame: pl.DataFrame, prompt: int) -> pl.DataFrame:
@@ -95,20 +105,33 @@ def one_prompt(frame: pl.DataFrame, prompt: int) -> pl.DataFrame:
 
 def lens_profile(lens: pl.DataFrame) -> pl.DataFrame:
     """Per depth: mean KL to the final distribution, share of positions whose top-1 is the final one, mean top prob."""
-    return lens.group_by("depth").agg(pl.col("kl_to_final").mean(), pl.col("matches_final").mean().alias("top1_agreement"),
-                                      pl.col("top_prob").mean()).sort("depth")
+    return (
+        lens.group_by("depth")
+        .agg(
+            pl.col("kl_to_final").mean(),
+            pl.col("matches_final").mean().alias("top1_agreement"),
+            pl.col("top_prob").mean(),
+        )
+        .sort("depth")
+    )
 
 
 def similarity_by_layer(sim: pl.DataFrame) -> pl.DataFrame:
     """Mean over prompts of each layer's position-similarity summary."""
-    return sim.group_by("layer").agg(pl.col("mean_cos_all", "mean_cos_without_first", "mean_cos_adjacent").mean()
-                                     ).sort("layer")
+    return (
+        sim.group_by("layer")
+        .agg(pl.col("mean_cos_all", "mean_cos_without_first", "mean_cos_adjacent").mean())
+        .sort("layer")
+    )
 
 
 def ablation_by_layer(ablation: pl.DataFrame) -> pl.DataFrame:
     """Mean over prompts of each (layer, sublayer) zero-ablation effect."""
-    return ablation.group_by("layer", "sublayer").agg(
-        pl.col("kl_mean", "kl_last", "top1_changed", "delta_logprob_last").mean()).sort("layer", "sublayer")
+    return (
+        ablation.group_by("layer", "sublayer")
+        .agg(pl.col("kl_mean", "kl_last", "top1_changed", "delta_logprob_last").mean())
+        .sort("layer", "sublayer")
+    )
 
 
 # ----------------------------------------------------------------------------- which tools work where
@@ -124,8 +147,11 @@ def architecture_table(seed: int = 0, tokens: int = 40) -> pl.DataFrame:
         lm = load_tiny_model(arch, seed=seed)
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(3, len(lm.tokenizer), (2, tokens), generator=g)
-        row: dict[str, Any] = {"family": arch, "model_type": lm.model.config.model_type,
-                               "attn_implementation": lm.model.config._attn_implementation}
+        row: dict[str, Any] = {
+            "family": arch,
+            "model_type": lm.model.config.model_type,
+            "attn_implementation": lm.model.config._attn_implementation,
+        }
         row.update(invariant_errors(lm.model, ids))
         ad = adapter_for(lm.model)
         names = hook_names(ad.n_layers(), KINDS)
@@ -162,5 +188,7 @@ def _nnsight_diff(lm: LoadedModel, ids: torch.Tensor, layer: torch.nn.Module, ou
 
 def invariants_max_error(archs: pl.DataFrame) -> float:
     """The largest invariant error of the architecture table (identities that hold exactly up to float error)."""
-    cols = [c for c in archs.columns if c.endswith(("_minus_mid", "_minus_post", "_next_pre", "_hf_eager", "_minus_logits"))]
+    cols = [
+        c for c in archs.columns if c.endswith(("_minus_mid", "_minus_post", "_next_pre", "_hf_eager", "_minus_logits"))
+    ]
     return float(archs.select(cols).max_horizontal().max())

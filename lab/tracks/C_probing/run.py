@@ -19,8 +19,9 @@ from lab.tracks.C_probing.config import TRACK, config_for
 from lab.tracks.C_probing.summary import ProbingSummary, summarize
 
 
-def run(profile: Profile, *, fresh: bool = False, write: bool = True, progress: bool = True,
-        bench: bool = True) -> ProbingSummary:
+def run(
+    profile: Profile, *, fresh: bool = False, write: bool = True, progress: bool = True, bench: bool = True
+) -> ProbingSummary:
     """Residual-stream analyses on the fixed prompts, the architecture table and the capture benchmark, written
     to results/C_probing/.
 
@@ -49,26 +50,45 @@ def run(profile: Profile, *, fresh: bool = False, write: bool = True, progress: 
         "similarity_maps": (per_prompt["sim_maps"], charts.similarity_maps),
         "ablation": (frames.ablation_by_layer(per_prompt["ablation"]), charts.ablation),
     }
-    summary = summarize(lm.name, shape, norms=results["norms"][0], contributions=results["contributions"][0],
-                        ablation=results["ablation"][0], lens_profile=results["lens_profile"][0],
-                        stable=results["lens_stable"][0], similarity=results["similarity"][0], architectures=archs,
-                        analysis_seconds=sw.seconds)
+    summary = summarize(
+        lm.name,
+        shape,
+        norms=results["norms"][0],
+        contributions=results["contributions"][0],
+        ablation=results["ablation"][0],
+        lens_profile=results["lens_profile"][0],
+        stable=results["lens_stable"][0],
+        similarity=results["similarity"][0],
+        architectures=archs,
+        analysis_seconds=sw.seconds,
+    )
     if not write:
         return summary
-    common = {"config": {"probing": asdict(cfg), "model": lm.name, "shape": shape, "prompts": list(PROMPTS)},
-              "seed": cfg.seed, "profile": profile.name}
+    common = {
+        "config": {"probing": asdict(cfg), "model": lm.name, "shape": shape, "prompts": list(PROMPTS)},
+        "seed": cfg.seed,
+        "profile": profile.name,
+    }
     for name, (frame, chart) in results.items():
         write_result(TRACK, name, frame, chart=chart, wall_time_s=sw.seconds, **common)
-    write_result(TRACK, "architectures", archs, config={"families": list(SMOKE_ARCHS), "tokens": cfg.architecture_tokens},
-                 seed=cfg.seed, profile=profile.name, wall_time_s=sw_arch.seconds)
+    write_result(
+        TRACK,
+        "architectures",
+        archs,
+        config={"families": list(SMOKE_ARCHS), "tokens": cfg.architecture_tokens},
+        seed=cfg.seed,
+        profile=profile.name,
+        wall_time_s=sw_arch.seconds,
+    )
     write_result(TRACK, "summary", summary.frame(), wall_time_s=sw.seconds + sw_arch.seconds, **common)
     if bench:
         benchmark(profile, lm=lm)
     return summary
 
 
-def benchmark(profile: Profile, *, lm: LoadedModel | None = None, tokens: int | None = None,
-              reps: int | None = None) -> pl.DataFrame:
+def benchmark(
+    profile: Profile, *, lm: LoadedModel | None = None, tokens: int | None = None, reps: int | None = None
+) -> pl.DataFrame:
     """The capture benchmark (:func:`lab.bench.capture.run`) on the profile's model, printed and written to
     results/C_probing/benchmark; ``lab bench capture`` runs it alone.
 
@@ -83,6 +103,13 @@ def benchmark(profile: Profile, *, lm: LoadedModel | None = None, tokens: int | 
     lm = lm or load_model(profile)
     t0 = time.perf_counter()
     frame, checks = capture_bench.run(lm, tokens=tokens, reps=reps, warmup=cfg.bench_warmup)
-    write_result(TRACK, "benchmark", frame, config={"tokens": tokens, "reps": reps, "model": lm.name, **checks},
-                 seed=None, profile=profile.name, wall_time_s=time.perf_counter() - t0)
+    write_result(
+        TRACK,
+        "benchmark",
+        frame,
+        config={"tokens": tokens, "reps": reps, "model": lm.name, **checks},
+        seed=None,
+        profile=profile.name,
+        wall_time_s=time.perf_counter() - t0,
+    )
     return frame

@@ -1,4 +1,5 @@
-"""Track C's headline numbers: the fields the residual-stream page quotes as ``value("C_probing/summary", "<field>")``."""
+"""Track C's headline numbers: the fields the residual-stream page quotes as
+``value("C_probing/summary", "<field>")``."""
 
 from __future__ import annotations
 
@@ -75,9 +76,19 @@ def _at(frame: pl.DataFrame, **eq: object) -> pl.DataFrame:
     return frame.sort("layer")
 
 
-def summarize(model: str, shape: dict, *, norms: pl.DataFrame, contributions: pl.DataFrame,
-              ablation: pl.DataFrame, lens_profile: pl.DataFrame, stable: pl.DataFrame, similarity: pl.DataFrame,
-              architectures: pl.DataFrame, analysis_seconds: float) -> ProbingSummary:
+def summarize(
+    model: str,
+    shape: dict,
+    *,
+    norms: pl.DataFrame,
+    contributions: pl.DataFrame,
+    ablation: pl.DataFrame,
+    lens_profile: pl.DataFrame,
+    stable: pl.DataFrame,
+    similarity: pl.DataFrame,
+    architectures: pl.DataFrame,
+    analysis_seconds: float,
+) -> ProbingSummary:
     """The headline numbers from the aggregated frames of :mod:`lab.tracks.C_probing.frames`."""
     n = int(shape["n_layers"])
     post, post0 = _at(norms, point="post", positions=REST), _at(norms, point="post", positions=FIRST)
@@ -88,10 +99,17 @@ def summarize(model: str, shape: dict, *, norms: pl.DataFrame, contributions: pl
     pos0_peak = int(post0.sort("norm")["layer"][-1])
     sim = similarity
     return ProbingSummary(
-        model=model, n_layers=n, d_model=shape["d_model"], n_prompts=len(PROMPTS), n_positions=int(stable.height),
-        norm_post_first_layer=post["norm"][0], norm_post_last_layer=post["norm"][-1],
-        norm_post_max=post["norm"].max(), norm_post_argmax_layer=int(post.sort("norm")["layer"][-1]),
-        norm_pos0_max=post0["norm"].max(), norm_pos0_argmax_layer=pos0_peak,
+        model=model,
+        n_layers=n,
+        d_model=shape["d_model"],
+        n_prompts=len(PROMPTS),
+        n_positions=int(stable.height),
+        norm_post_first_layer=post["norm"][0],
+        norm_post_last_layer=post["norm"][-1],
+        norm_post_max=post["norm"].max(),
+        norm_post_argmax_layer=int(post.sort("norm")["layer"][-1]),
+        norm_pos0_max=post0["norm"].max(),
+        norm_pos0_argmax_layer=pos0_peak,
         pos0_over_rest_max_ratio=float((post0["norm"] / post["norm"]).max()),
         mlp_over_attn_norm_median=float((mlp_c["norm"] / att_c["norm"]).median()),
         layers_mlp_norm_larger=int((mlp_c["norm"] > att_c["norm"]).sum()),
@@ -100,16 +118,21 @@ def summarize(model: str, shape: dict, *, norms: pl.DataFrame, contributions: pl
         mlp_last_layer_cos_stream=float(mlp_c["cos_stream"][-1]),
         mlp_last_layer_norm=float(mlp_c["norm"][-1]),
         attn_last_layer_norm=float(att_c["norm"][-1]),
-        ablation_attn_kl_mean=float(abl_att["kl_mean"].mean()), ablation_mlp_kl_mean=float(abl_mlp["kl_mean"].mean()),
-        ablation_worst_layer=worst["layer"], ablation_worst_sublayer=worst["sublayer"],
-        ablation_worst_kl=worst["kl_mean"], ablation_worst_top1_changed=worst["top1_changed"],
-        ablation_attn_l0_kl=float(abl_att["kl_mean"][0]), ablation_mlp_l0_kl=float(abl_mlp["kl_mean"][0]),
+        ablation_attn_kl_mean=float(abl_att["kl_mean"].mean()),
+        ablation_mlp_kl_mean=float(abl_mlp["kl_mean"].mean()),
+        ablation_worst_layer=worst["layer"],
+        ablation_worst_sublayer=worst["sublayer"],
+        ablation_worst_kl=worst["kl_mean"],
+        ablation_worst_top1_changed=worst["top1_changed"],
+        ablation_attn_l0_kl=float(abl_att["kl_mean"][0]),
+        ablation_mlp_l0_kl=float(abl_mlp["kl_mean"][0]),
         ablation_layers_mlp_worse=int((abl_mlp["kl_mean"] > abl_att["kl_mean"]).sum()),
         ablation_attn_worst_layer=int(abl_att.sort("kl_mean")["layer"][-1]),
         ablation_attn_worst_kl=float(abl_att["kl_mean"].max()),
         ablation_mlp_at_pos0_peak_kl=float(abl_mlp["kl_mean"][pos0_peak]),
         norm_growth_last_over_first=float(post["norm"][-1] / post["norm"][0]),
-        lens_top1_agreement_embed=float(agree[0]), lens_top_prob_embed=float(lens_profile["top_prob"][0]),
+        lens_top1_agreement_embed=float(agree[0]),
+        lens_top_prob_embed=float(lens_profile["top_prob"][0]),
         lens_kl_embed=float(lens_profile["kl_to_final"][0]),
         lens_kl_mid=float(lens_profile["kl_to_final"][n // 2]),
         lens_kl_second_last=float(lens_profile["kl_to_final"][n - 1]),
@@ -118,7 +141,8 @@ def summarize(model: str, shape: dict, *, norms: pl.DataFrame, contributions: pl
         lens_depth_half_agree=next((d for d, a in enumerate(agree) if a >= 0.5), n),
         first_stable_depth_median=float(stable["first_stable_depth"].median()),
         first_stable_depth_share_last=float((stable["first_stable_depth"] == n).mean()),
-        cos_all_first_layer=float(sim["mean_cos_all"][0]), cos_all_max=float(sim["mean_cos_all"].max()),
+        cos_all_first_layer=float(sim["mean_cos_all"][0]),
+        cos_all_max=float(sim["mean_cos_all"].max()),
         cos_all_block1=float(sim["mean_cos_all"][min(1, n - 1)]),
         cos_all_last_layer=float(sim["mean_cos_all"][-1]),
         cos_without_first_max=float(sim["mean_cos_without_first"].max()),

@@ -4,8 +4,9 @@ do context-blind and recurrent controls, and do the paper's mechanistic claims (
 low-dimensional belief manifold, the logit lens, ablations) hold in our models?
 
 - ``config.py``: the recipes per profile (headline transformer, controls, search) and the paper's numbers.
-- ``run.py``: the outline: train or load every run, analyse, build frames, summarise, write results/D_bayes/.
-- ``frames.py``: every table (seeds, curves, calibration, search, mechanisms, verdicts) and chart aggregation.
+- ``run.py``: the outline (train or load every run, analyse, build frames, summarise, write results/D_bayes/),
+  and the analyses that run the trained models (calibration, the mechanistic measurements).
+- ``frames.py``: every table (seeds, curves, search, mechanism summary, verdicts) and chart aggregation.
 - ``charts.py``: the Altair charts of those frames.
 - ``summary.py``: :class:`BayesSummary`, the headline numbers the track page quotes.
 """

@@ -27,8 +27,17 @@ TRACK = "D_bayes"  # the results folder, results/D_bayes/
 PAPER_MAE = {"transformer": 0.007, "lstm": 0.009, "mlp": 1.85}
 PAPER_MODEL = "6 layers, 6 heads, d=192, 2.69M parameters"
 # The authors' learning curve of that model (step, entropy MAE), as collected in our reference notes.
-PAPER_CURVE = ((100, 2.82), (200, 0.78), (500, 0.65), (1000, 0.086), (2000, 0.043), (5000, 0.023),
-               (10_000, 0.0093), (20_000, 0.005), (50_000, 0.0008))
+PAPER_CURVE = (
+    (100, 2.82),
+    (200, 0.78),
+    (500, 0.65),
+    (1000, 0.086),
+    (2000, 0.043),
+    (5000, 0.023),
+    (10_000, 0.0093),
+    (20_000, 0.005),
+    (50_000, 0.0008),
+)
 PAPER_HEAD_ABLATION = (0.11, 0.15)  # authors' later note: cost of ablating any one layer-0 head, bits
 PAPER_KEY_COS = (0.052, 0.082)  # mean |cos| of layer-0 keys, trained vs random init (second-hand summary)
 PAPER_PC1_MIN = 0.80  # the authors' reproduction checklist: PC1 explains > 80 % of the variance
@@ -49,8 +58,10 @@ class Candidate:
         if not self.label:
             raise LabError("a search candidate needs a label (the search table's row name)")
         if self.model.kind != "transformer":
-            raise LabError(f"search candidate {self.label!r} is a {self.model.kind}: the search compares "
-                           "transformers only; the MLP and LSTM controls have their own fields")
+            raise LabError(
+                f"search candidate {self.label!r} is a {self.model.kind}: the search compares "
+                "transformers only; the MLP and LSTM controls have their own fields"
+            )
 
 
 @dataclass(frozen=True)
@@ -80,18 +91,25 @@ class BayesTrackConfig:
         if self.headline not in self.search:
             raise LabError("the headline configuration must be one of the search candidates: add it to `search`")
         if self.mlp.kind != "mlp" or (self.lstm is not None and self.lstm.kind != "lstm"):
-            raise LabError(f"the controls must be ModelSpec('mlp', ...) and ModelSpec('lstm', ...) or None, got "
-                           f"{self.mlp.kind!r} and {self.lstm.kind if self.lstm else None!r}")
+            raise LabError(
+                f"the controls must be ModelSpec('mlp', ...) and ModelSpec('lstm', ...) or None, got "
+                f"{self.mlp.kind!r} and {self.lstm.kind if self.lstm else None!r}"
+            )
         if self.target_mae <= 0 or self.target_train_s <= 0:
-            raise LabError(f"target_mae and target_train_s must be positive, got {self.target_mae}, "
-                           f"{self.target_train_s}")
+            raise LabError(
+                f"target_mae and target_train_s must be positive, got {self.target_mae}, {self.target_train_s}"
+            )
         if self.analysis_sequences < 1 or self.points_sequences < 1:
-            raise LabError(f"analysis_sequences and points_sequences must be at least 1, got "
-                           f"{self.analysis_sequences}, {self.points_sequences}")
+            raise LabError(
+                f"analysis_sequences and points_sequences must be at least 1, got "
+                f"{self.analysis_sequences}, {self.points_sequences}"
+            )
         if self.points_sequences * n_pairs(self.V) > POINTS_MAX:
-            raise LabError(f"points_sequences={self.points_sequences} gives {self.points_sequences * n_pairs(self.V)} "
-                           f"PCA points, over Altair's {POINTS_MAX}: lower it to "
-                           f"{POINTS_MAX // n_pairs(self.V)} or less")
+            raise LabError(
+                f"points_sequences={self.points_sequences} gives {self.points_sequences * n_pairs(self.V)} "
+                f"PCA points, over Altair's {POINTS_MAX}: lower it to "
+                f"{POINTS_MAX // n_pairs(self.V)} or less"
+            )
 
     @property
     def floor_bits(self) -> float:
@@ -100,10 +118,18 @@ class BayesTrackConfig:
 
     def record(self, device: str) -> dict[str, Any]:
         """The config as the results' provenance stores it."""
-        return {"V": self.V, "headline": asdict(self.headline), "seeds": list(self.seeds), "mlp": asdict(self.mlp),
-                "lstm": asdict(self.lstm) if self.lstm else None, "controls_train": asdict(self.controls_train),
-                "search": [asdict(c) for c in self.search], "analysis_sequences": self.analysis_sequences,
-                "analysis_seed": self.analysis_seed, "device": device}
+        return {
+            "V": self.V,
+            "headline": asdict(self.headline),
+            "seeds": list(self.seeds),
+            "mlp": asdict(self.mlp),
+            "lstm": asdict(self.lstm) if self.lstm else None,
+            "controls_train": asdict(self.controls_train),
+            "search": [asdict(c) for c in self.search],
+            "analysis_sequences": self.analysis_sequences,
+            "analysis_seed": self.analysis_seed,
+            "device": device,
+        }
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -156,8 +182,9 @@ def _gpu() -> BayesTrackConfig:
     # The paper's model and recipe: 6 layers, 6 heads, d 192 (FFN 768), batch 256, AdamW 3e-4, weight decay 0.1,
     # 2000 warmup steps then cosine, clip 1.0 (we keep LayerNorm where the paper uses RMSNorm).
     tf = ModelSpec("transformer", n_layer=6, n_head=6, d_model=192)
-    tc = TrainConfig(steps=50_000, batch_size=256, lr=3e-4, warmup=2000, min_lr_frac=0.1, eval_every=1000,
-                     eval_sequences=4096)
+    tc = TrainConfig(
+        steps=50_000, batch_size=256, lr=3e-4, warmup=2000, min_lr_frac=0.1, eval_every=1000, eval_sequences=4096
+    )
     head = Candidate("paper size: 6L d192, 50k steps", tf, tc)
     return BayesTrackConfig(
         V=20,
@@ -186,6 +213,11 @@ def custom_candidate(cfg: BayesTrackConfig, *, n_layer: int, d_model: int, lr: f
     """The notebook's "train your own" transformer: 4 heads from width 32 (2 below), the profile's evaluation set,
     20 evaluations along the way."""
     model = ModelSpec("transformer", n_layer=n_layer, n_head=4 if d_model >= 32 else 2, d_model=d_model)
-    train = TrainConfig(steps=steps, lr=lr, min_lr_frac=0.01, eval_every=max(10, steps // 20),
-                        eval_sequences=cfg.headline.train.eval_sequences)
+    train = TrainConfig(
+        steps=steps,
+        lr=lr,
+        min_lr_frac=0.01,
+        eval_every=max(10, steps // 20),
+        eval_sequences=cfg.headline.train.eval_sequences,
+    )
     return Candidate(f"notebook {n_layer}L d{d_model}", model, train)

@@ -12,13 +12,17 @@ from typing import Any
 import polars as pl
 import torch
 
-from lab.data.windtunnel import Batch, bayes_entropy_bits, n_pairs, posterior_metrics, value_log_probs
-from lab.interp.windtunnel import (ablations, attention_routing, final_state_pca, key_orthogonality, logit_lens,
-                                   random_vectors_abs_cos)
-from lab.models.windtunnel import build_model
-from lab.train.windtunnel import RunResult, logits_of
-from lab.tracks.D_bayes.config import (PAPER_HEAD_ABLATION, PAPER_KEY_COS, PAPER_KEY_COS_MAX, PAPER_CURVE, PAPER_MAE,
-                                       PAPER_MODEL, PAPER_PC1_MIN, BayesTrackConfig)
+from lab.tracks.D_bayes.config import (
+    PAPER_CURVE,
+    PAPER_HEAD_ABLATION,
+    PAPER_KEY_COS,
+    PAPER_KEY_COS_MAX,
+    PAPER_MAE,
+    PAPER_MODEL,
+    PAPER_PC1_MIN,
+    BayesTrackConfig,
+)
+from lab.train.windtunnel import RunResult
 
 # ----------------------------------------------------------------------------- training
 
@@ -26,22 +30,27 @@ from lab.tracks.D_bayes.config import (PAPER_HEAD_ABLATION, PAPER_KEY_COS, PAPER
 def paper_curve() -> pl.DataFrame:
     """The authors' reported learning curve as rows (model, seed = -1, step, mae_bits)."""
     return pl.DataFrame({"step": [s for s, _ in PAPER_CURVE], "mae_bits": [m for _, m in PAPER_CURVE]}).with_columns(
-        pl.lit(f"paper ({PAPER_MODEL})").alias("model"), pl.lit(-1).alias("seed"))
+        pl.lit(f"paper ({PAPER_MODEL})").alias("model"), pl.lit(-1).alias("seed")
+    )
 
 
 def curves_frame(logs: list[tuple[str, int, pl.DataFrame]]) -> pl.DataFrame:
     """Learning curves of our runs, (model, seed, log) each, plus the authors' reported curve."""
     cols = ["step", "sequences", "train_s", "mae_bits", "kl_bits", "train_loss", "lr"]
-    frames = [log.select(cols).with_columns(pl.lit(model).alias("model"), pl.lit(seed).alias("seed"))
-              for model, seed, log in logs]
+    frames = [
+        log.select(cols).with_columns(pl.lit(model).alias("model"), pl.lit(seed).alias("seed"))
+        for model, seed, log in logs
+    ]
     out = pl.concat([*frames, paper_curve()], how="diagonal_relaxed").with_columns(pl.col("step").cast(pl.Int64))
     return out.with_columns(pl.col(pl.Float64).fill_nan(None))  # NaN is not JSON: charts need nulls
 
 
 def live_curve(rows: list[dict[str, Any]]) -> pl.DataFrame:
     """The notebook's run so far (its log rows) next to the authors' curve, shaped like :func:`curves_frame`."""
-    return pl.concat([pl.DataFrame(rows).with_columns(pl.lit("this run").alias("model"), pl.lit(0).alias("seed")),
-                      paper_curve()], how="diagonal_relaxed")
+    return pl.concat(
+        [pl.DataFrame(rows).with_columns(pl.lit("this run").alias("model"), pl.lit(0).alias("seed")), paper_curve()],
+        how="diagonal_relaxed",
+    )
 
 
 def first_at(log: pl.DataFrame, target: float, col: str) -> float | None:
@@ -52,11 +61,20 @@ def first_at(log: pl.DataFrame, target: float, col: str) -> float | None:
 
 def seeds_frame(runs: list[tuple[str, int, RunResult]]) -> pl.DataFrame:
     """One row per (model, seed) run: size, training time, whether it was cached, and its final metrics."""
-    return pl.DataFrame([{"model": name, "seed": seed, "n_params": r.n_params, "steps": int(r.log["step"][-1]),
-                          "train_s": r.train_time_s, "cached": r.cached,
-                          **{k: r.log[k][-1] for k in ("mae_bits", "kl_bits", "mae_mean_entropy_bits",
-                                                       "mass_eliminated")}}
-                         for name, seed, r in runs])
+    return pl.DataFrame(
+        [
+            {
+                "model": name,
+                "seed": seed,
+                "n_params": r.n_params,
+                "steps": int(r.log["step"][-1]),
+                "train_s": r.train_time_s,
+                "cached": r.cached,
+                **{k: r.log[k][-1] for k in ("mae_bits", "kl_bits", "mae_mean_entropy_bits", "mass_eliminated")},
+            }
+            for name, seed, r in runs
+        ]
+    )
 
 
 def headline(seeds: pl.DataFrame) -> dict[str, Any]:
@@ -69,13 +87,19 @@ def headline(seeds: pl.DataFrame) -> dict[str, Any]:
 
     return {
         "n_params": tf["n_params"][0],
-        "mae_mean": tf["mae_bits"].mean(), "mae_std": tf["mae_bits"].std() if tf.height > 1 else 0.0,
-        "mae_min": tf["mae_bits"].min(), "mae_max": tf["mae_bits"].max(),
-        "kl_mean": tf["kl_bits"].mean(), "mae_mean_entropy_mean": tf["mae_mean_entropy_bits"].mean(),
+        "mae_mean": tf["mae_bits"].mean(),
+        "mae_std": tf["mae_bits"].std() if tf.height > 1 else 0.0,
+        "mae_min": tf["mae_bits"].min(),
+        "mae_max": tf["mae_bits"].max(),
+        "kl_mean": tf["kl_bits"].mean(),
+        "mae_mean_entropy_mean": tf["mae_mean_entropy_bits"].mean(),
         "mass_eliminated_mean": tf["mass_eliminated"].mean(),
-        "train_s_mean": tf["train_s"].mean(), "train_s_max": tf["train_s"].max(),
-        "mlp_mae": control("mlp", "mae_bits", float("nan")), "mlp_params": control("mlp", "n_params", 0),
-        "lstm_mae": control("lstm", "mae_bits", float("nan")), "lstm_params": control("lstm", "n_params", 0),
+        "train_s_mean": tf["train_s"].mean(),
+        "train_s_max": tf["train_s"].max(),
+        "mlp_mae": control("mlp", "mae_bits", float("nan")),
+        "mlp_params": control("mlp", "n_params", 0),
+        "lstm_mae": control("lstm", "mae_bits", float("nan")),
+        "lstm_params": control("lstm", "n_params", 0),
     }
 
 
@@ -83,52 +107,80 @@ def comparison_frame(cfg: BayesTrackConfig, seeds: pl.DataFrame, floor: float) -
     """Ours next to the paper's entropy MAE: transformer, MLP, LSTM (when trained) and the analytic floor."""
     h = headline(seeds)
     lstm = seeds.filter(pl.col("model") == "lstm").height > 0
-    return pl.DataFrame([
-        {"model": "Transformer", "paper_mae_bits": PAPER_MAE["transformer"], "ours_mae_bits": h["mae_mean"],
-         "ours_spread": f"{h['mae_min']:.4f}–{h['mae_max']:.4f} over {len(cfg.seeds)} seeds",
-         "paper_model": PAPER_MODEL,
-         "our_model": f"{cfg.headline.model.n_layer}L d{cfg.headline.model.d_model}, {h['n_params']:,} params"},
-        {"model": "MLP, no attention", "paper_mae_bits": PAPER_MAE["mlp"], "ours_mae_bits": h["mlp_mae"],
-         "ours_spread": "1 seed", "paper_model": "capacity-matched MLP",
-         "our_model": f"context-blind, {h['mlp_params']:,} params"},
-    ] + ([{"model": "LSTM", "paper_mae_bits": PAPER_MAE["lstm"], "ours_mae_bits": h["lstm_mae"],
-           "ours_spread": "1 seed", "paper_model": "LSTM",
-           "our_model": f"{cfg.lstm.n_layer}-layer, {h['lstm_params']:,} params"}] if lstm else []) + [
-        {"model": "Uniform guess, analytic", "paper_mae_bits": None, "ours_mae_bits": floor, "ours_spread": "exact",
-         "paper_model": "", "our_model": "ignores the context"},
-    ])
+    return pl.DataFrame(
+        [
+            {
+                "model": "Transformer",
+                "paper_mae_bits": PAPER_MAE["transformer"],
+                "ours_mae_bits": h["mae_mean"],
+                "ours_spread": f"{h['mae_min']:.4f}–{h['mae_max']:.4f} over {len(cfg.seeds)} seeds",
+                "paper_model": PAPER_MODEL,
+                "our_model": f"{cfg.headline.model.n_layer}L d{cfg.headline.model.d_model}, {h['n_params']:,} params",
+            },
+            {
+                "model": "MLP, no attention",
+                "paper_mae_bits": PAPER_MAE["mlp"],
+                "ours_mae_bits": h["mlp_mae"],
+                "ours_spread": "1 seed",
+                "paper_model": "capacity-matched MLP",
+                "our_model": f"context-blind, {h['mlp_params']:,} params",
+            },
+        ]
+        + (
+            [
+                {
+                    "model": "LSTM",
+                    "paper_mae_bits": PAPER_MAE["lstm"],
+                    "ours_mae_bits": h["lstm_mae"],
+                    "ours_spread": "1 seed",
+                    "paper_model": "LSTM",
+                    "our_model": f"{cfg.lstm.n_layer}-layer, {h['lstm_params']:,} params",
+                }
+            ]
+            if lstm
+            else []
+        )
+        + [
+            {
+                "model": "Uniform guess, analytic",
+                "paper_mae_bits": None,
+                "ours_mae_bits": floor,
+                "ours_spread": "exact",
+                "paper_model": "",
+                "our_model": "ignores the context",
+            },
+        ]
+    )
 
 
 def search_frame(cfg: BayesTrackConfig, results: list[RunResult]) -> pl.DataFrame:
     """One row per search candidate (first seed): its shape, optimisation, final metrics and time to target."""
     rows = []
-    for c, r in zip(cfg.search, results):
+    for c, r in zip(cfg.search, results, strict=True):
         last = r.log.row(-1, named=True)
-        rows.append({"config": c.label, "n_layer": c.model.n_layer, "n_head": c.model.n_head,
-                     "d_model": c.model.d_model, "batch_size": c.train.batch_size, "lr": c.train.lr,
-                     "steps": c.train.steps, "weight_decay": c.train.weight_decay, "n_params": r.n_params,
-                     "mae_bits": last["mae_bits"], "kl_bits": last["kl_bits"], "train_s": r.train_time_s,
-                     "step_at_target": first_at(r.log, cfg.target_mae, "step"),
-                     "train_s_at_target": first_at(r.log, cfg.target_mae, "train_s"),
-                     "headline": c == cfg.headline})
+        rows.append(
+            {
+                "config": c.label,
+                "n_layer": c.model.n_layer,
+                "n_head": c.model.n_head,
+                "d_model": c.model.d_model,
+                "batch_size": c.train.batch_size,
+                "lr": c.train.lr,
+                "steps": c.train.steps,
+                "weight_decay": c.train.weight_decay,
+                "n_params": r.n_params,
+                "mae_bits": last["mae_bits"],
+                "kl_bits": last["kl_bits"],
+                "train_s": r.train_time_s,
+                "step_at_target": first_at(r.log, cfg.target_mae, "step"),
+                "train_s_at_target": first_at(r.log, cfg.target_mae, "train_s"),
+                "headline": c == cfg.headline,
+            }
+        )
     return pl.DataFrame(rows)
 
 
 @torch.no_grad()
-def calibration_frame(models: list[tuple[str, int, torch.nn.Module]], batch: Batch) -> pl.DataFrame:
-    """Mean predicted entropy at each position t next to the exact posterior entropy (bits)."""
-    V = batch.V
-    rows = []
-    h_bayes = bayes_entropy_bits(V)
-    for name, seed, model in models:
-        m = posterior_metrics(value_log_probs(logits_of(model.eval(), batch.tokens), V), batch.values, V)
-        for t in range(n_pairs(V)):
-            rows.append({"model": name, "seed": seed, "t": t + 1, "h_model": m["h_model"][:, t].mean().item(),
-                         "h_bayes": h_bayes[t].item(), "abs_err": m["abs_err"][:, t].mean().item(),
-                         "kl_bits": m["kl"][:, t].mean().item()})
-    return pl.DataFrame(rows)
-
-
 # ----------------------------------------------------------------------------- mechanisms
 
 
@@ -142,30 +194,6 @@ class Mechanisms:
     points: pl.DataFrame  # the first seed's trained final states on PC1/PC2, capped for the scatter
     lens: pl.DataFrame  # logit-lens KL after each sublayer (trained only)
     ablations: pl.DataFrame  # entropy MAE with each component ablated (trained only)
-
-
-def mechanisms(cfg: BayesTrackConfig, head: list[RunResult], batch: Batch) -> Mechanisms:
-    """Run the analyses of :mod:`lab.interp.windtunnel` on each headline seed and on its initial weights."""
-    V = cfg.V
-    keys, routing, pca, lens, abl = [], [], [], [], []
-    points = None
-    for s, r in zip(cfg.seeds, head):
-        torch.manual_seed(s)
-        init = build_model(cfg.headline.model, V).eval()  # the same weights the run started from
-        for state, m in (("trained", r.model), ("init", init)):
-            keys.append(key_orthogonality(m, batch).with_columns(pl.lit(state).alias("state"), pl.lit(s).alias("seed")))
-            routing.append(attention_routing(m, batch).with_columns(pl.lit(state).alias("state"),
-                                                                    pl.lit(s).alias("seed")))
-            comps, pts = final_state_pca(m, batch)
-            pca.append(comps.with_columns(pl.lit(state).alias("state"), pl.lit(s).alias("seed")))
-            if s == cfg.seeds[0] and state == "trained":
-                points = pts.head(cfg.points_sequences * n_pairs(V))
-        lens.append(logit_lens(r.model, batch).with_columns(pl.lit(s).alias("seed")))
-        abl.append(ablations(r.model, batch).with_columns(pl.lit(s).alias("seed")))
-    d_head = cfg.headline.model.d_model // cfg.headline.model.n_head
-    keys_df = pl.concat(keys).with_columns(pl.lit(d_head).alias("d_head"),
-                                           pl.lit(random_vectors_abs_cos(d_head)).alias("random_vectors"))
-    return Mechanisms(keys_df, pl.concat(routing), pl.concat(pca), points, pl.concat(lens), pl.concat(abl))
 
 
 def mech_summary(m: Mechanisms) -> pl.DataFrame:
@@ -186,37 +214,41 @@ def mech_summary(m: Mechanisms) -> pl.DataFrame:
     def head_delta(method: str) -> pl.Series:
         return heads.filter(pl.col("method") == method)["delta_mae_bits"]
 
-    return pl.DataFrame([{
-        "key_cos_trained": mean(keys, "mean_abs_cos", tokens="key tokens", state="trained"),
-        "key_cos_init": mean(keys, "mean_abs_cos", tokens="key tokens", state="init"),
-        "value_cos_trained": mean(keys, "mean_abs_cos", tokens="value tokens", state="trained"),
-        "value_cos_init": mean(keys, "mean_abs_cos", tokens="value tokens", state="init"),
-        "random_vectors_cos": float(keys["random_vectors"][0]),
-        "value_mass_first": mean(routing, "value_mass", state="trained", layer=0),
-        "value_mass_last": mean(routing, "value_mass", state="trained", layer=last_layer),
-        "value_mass_init": mean(routing, "value_mass", state="init", layer=0),
-        "evenness_first": mean(routing, "value_evenness", state="trained", layer=0),
-        "evenness_last": mean(routing, "value_evenness", state="trained", layer=last_layer),
-        "pc1_share": mean(pca, "variance_share", state="trained", component=1),
-        "pc1_share_init": mean(pca, "variance_share", state="init", component=1),
-        "pc1_abs_corr": pc1_abs_corr("trained"),
-        "pc1_abs_corr_init": pc1_abs_corr("init"),
-        "lens_kl_embed": mean(lens, "kl_bits", stage=0),
-        "lens_kl_attn0": mean(lens, "kl_bits", stage=1),
-        "lens_kl_ffn0": mean(lens, "kl_bits", stage=2),
-        "lens_kl_final": mean(lens, "kl_bits", stage=last_stage),
-        "lens_mae_ffn0": mean(lens, "mae_bits", stage=2),
-        "lens_mae_final": mean(lens, "mae_bits", stage=last_stage),
-        "abl_attn0_zero": mean(abl, "mae_bits", target="attn", layer=0, method="zero"),
-        "abl_attn0_mean": mean(abl, "mae_bits", target="attn", layer=0, method="mean"),
-        "abl_ffn0_zero": mean(abl, "mae_bits", target="ffn", layer=0, method="zero"),
-        "abl_ffn0_mean": mean(abl, "mae_bits", target="ffn", layer=0, method="mean"),
-        "abl_deeper_max_delta": float(deeper["delta_mae_bits"].max()) if deeper.height else float("nan"),
-        "head_zero_min": float(head_delta("zero").min()),
-        "head_zero_max": float(head_delta("zero").max()),
-        "head_mean_min": float(head_delta("mean").min()),
-        "head_mean_max": float(head_delta("mean").max()),
-    }])
+    return pl.DataFrame(
+        [
+            {
+                "key_cos_trained": mean(keys, "mean_abs_cos", tokens="key tokens", state="trained"),
+                "key_cos_init": mean(keys, "mean_abs_cos", tokens="key tokens", state="init"),
+                "value_cos_trained": mean(keys, "mean_abs_cos", tokens="value tokens", state="trained"),
+                "value_cos_init": mean(keys, "mean_abs_cos", tokens="value tokens", state="init"),
+                "random_vectors_cos": float(keys["random_vectors"][0]),
+                "value_mass_first": mean(routing, "value_mass", state="trained", layer=0),
+                "value_mass_last": mean(routing, "value_mass", state="trained", layer=last_layer),
+                "value_mass_init": mean(routing, "value_mass", state="init", layer=0),
+                "evenness_first": mean(routing, "value_evenness", state="trained", layer=0),
+                "evenness_last": mean(routing, "value_evenness", state="trained", layer=last_layer),
+                "pc1_share": mean(pca, "variance_share", state="trained", component=1),
+                "pc1_share_init": mean(pca, "variance_share", state="init", component=1),
+                "pc1_abs_corr": pc1_abs_corr("trained"),
+                "pc1_abs_corr_init": pc1_abs_corr("init"),
+                "lens_kl_embed": mean(lens, "kl_bits", stage=0),
+                "lens_kl_attn0": mean(lens, "kl_bits", stage=1),
+                "lens_kl_ffn0": mean(lens, "kl_bits", stage=2),
+                "lens_kl_final": mean(lens, "kl_bits", stage=last_stage),
+                "lens_mae_ffn0": mean(lens, "mae_bits", stage=2),
+                "lens_mae_final": mean(lens, "mae_bits", stage=last_stage),
+                "abl_attn0_zero": mean(abl, "mae_bits", target="attn", layer=0, method="zero"),
+                "abl_attn0_mean": mean(abl, "mae_bits", target="attn", layer=0, method="mean"),
+                "abl_ffn0_zero": mean(abl, "mae_bits", target="ffn", layer=0, method="zero"),
+                "abl_ffn0_mean": mean(abl, "mae_bits", target="ffn", layer=0, method="mean"),
+                "abl_deeper_max_delta": float(deeper["delta_mae_bits"].max()) if deeper.height else float("nan"),
+                "head_zero_min": float(head_delta("zero").min()),
+                "head_zero_max": float(head_delta("zero").max()),
+                "head_mean_min": float(head_delta("mean").min()),
+                "head_mean_max": float(head_delta("mean").max()),
+            }
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- verdicts
@@ -239,9 +271,12 @@ def verdicts_frame(seeds: pl.DataFrame, m: Mechanisms, floor: float) -> pl.DataF
     k = keys.filter(pl.col("tokens") == "key tokens").group_by("state").agg(pl.col("mean_abs_cos").mean())
     kt = k.filter(pl.col("state") == "trained")["mean_abs_cos"].item()
     ki = k.filter(pl.col("state") == "init")["mean_abs_cos"].item()
-    r = routing.filter(pl.col("state") == "trained").group_by("layer").agg(
-        pl.col("value_mass").mean(), (pl.col("qk_cos_value") - pl.col("qk_cos_key")).mean().alias("qk_gap")
-    ).sort("layer")
+    r = (
+        routing.filter(pl.col("state") == "trained")
+        .group_by("layer")
+        .agg(pl.col("value_mass").mean(), (pl.col("qk_cos_value") - pl.col("qk_cos_key")).mean().alias("qk_gap"))
+        .sort("layer")
+    )
     vm_first, vm_last = r["value_mass"][0], r["value_mass"][-1]
     gap_first, gap_last = r["qk_gap"][0], r["qk_gap"][-1]
     pc1 = pca.filter((pl.col("state") == "trained") & (pl.col("component") == 1))
@@ -260,35 +295,56 @@ def verdicts_frame(seeds: pl.DataFrame, m: Mechanisms, floor: float) -> pl.DataF
     heads = abl.filter((pl.col("target") == "head") & (pl.col("method") == "zero"))
     h_lo, h_hi = heads["delta_mae_bits"].min(), heads["delta_mae_bits"].max()
     rows = [
-        ("Transformer matches the Bayes posterior, entropy MAE", f"{PAPER_MAE['transformer']} bits; {PAPER_MODEL}",
-         f"{h['mae_mean']:.4f} ± {h['mae_std']:.4f} bits; {h['n_params']:,} params",
-         _verdict(h["mae_max"] <= 0.02, h["mae_mean"] <= 0.05)),
-        ("MLP without attention fails", f"{PAPER_MAE['mlp']} bits",
-         f"{h['mlp_mae']:.3f} bits; a context-blind guess scores {floor:.3f}",
-         _verdict(h["mlp_mae"] > 0.5)),
-        ("Layer-0 keys are near-orthogonal: mean |cos| between key tokens",
-         f"{PAPER_KEY_COS[0]} trained vs {PAPER_KEY_COS[1]} at init; checklist < {PAPER_KEY_COS_MAX}",
-         f"{kt:.3f} trained vs {ki:.3f} at init",
-         _verdict(kt < PAPER_KEY_COS_MAX and kt < ki, kt < PAPER_KEY_COS_MAX or kt < ki)),
-        ("Query–key alignment sharpens with depth", "deeper layers focus on the relevant hypotheses",
-         f"first → last layer: mass on revealed values {vm_first:.2f} → {vm_last:.2f}; q·k cosine, values minus "
-         f"keys, {gap_first:.2f} → {gap_last:.2f}",
-         _verdict(vm_last > vm_first and gap_last > gap_first, vm_last > vm_first or gap_last > gap_first)),
-        ("Final states: low-dimensional manifold parameterised by entropy",
-         f"PC1 > {PAPER_PC1_MIN:.0%} of variance, strongly correlated with entropy",
-         f"PC1 {share:.1%} of variance, |corr| with H_Bayes {corr:.2f}",
-         _verdict(share > PAPER_PC1_MIN and corr > 0.9, corr > 0.9)),
-        ("Residual stream carries the belief: logit-lens KL falls layer by layer", "KL to the posterior falls with depth",
-         f"KL {kl_first:.3f} → {kl_last:.4f} bits; {'monotone' if monotone else 'not monotone'} over sublayers",
-         _verdict(monotone, True)),
-        ("FFN performs the posterior update, attention routes", "FFN = update, attention = routing",
-         f"lens KL falls {drop_attn:.3f} bits across attention sublayers, {drop_ffn:.3f} across FFNs; mean-ablating "
-         f"attention costs {d_attn:+.3f} bits, an FFN {d_ffn:+.3f}, mean over layers",
-         _verdict(drop_ffn > drop_attn and d_ffn > 0.05 and d_attn > 0.05, drop_ffn > drop_attn)),
-        ("No single indispensable layer-0 head",
-         f"each head costs {PAPER_HEAD_ABLATION[0]}–{PAPER_HEAD_ABLATION[1]} bits",
-         f"zero-ablating one head costs {h_lo:+.3f} to {h_hi:+.3f} bits",
-         _verdict(h_hi < 0.5 * floor)),
+        (
+            "Transformer matches the Bayes posterior, entropy MAE",
+            f"{PAPER_MAE['transformer']} bits; {PAPER_MODEL}",
+            f"{h['mae_mean']:.4f} ± {h['mae_std']:.4f} bits; {h['n_params']:,} params",
+            _verdict(h["mae_max"] <= 0.02, h["mae_mean"] <= 0.05),
+        ),
+        (
+            "MLP without attention fails",
+            f"{PAPER_MAE['mlp']} bits",
+            f"{h['mlp_mae']:.3f} bits; a context-blind guess scores {floor:.3f}",
+            _verdict(h["mlp_mae"] > 0.5),
+        ),
+        (
+            "Layer-0 keys are near-orthogonal: mean |cos| between key tokens",
+            f"{PAPER_KEY_COS[0]} trained vs {PAPER_KEY_COS[1]} at init; checklist < {PAPER_KEY_COS_MAX}",
+            f"{kt:.3f} trained vs {ki:.3f} at init",
+            _verdict(kt < PAPER_KEY_COS_MAX and kt < ki, kt < PAPER_KEY_COS_MAX or kt < ki),
+        ),
+        (
+            "Query–key alignment sharpens with depth",
+            "deeper layers focus on the relevant hypotheses",
+            f"first → last layer: mass on revealed values {vm_first:.2f} → {vm_last:.2f}; q·k cosine, values minus "
+            f"keys, {gap_first:.2f} → {gap_last:.2f}",
+            _verdict(vm_last > vm_first and gap_last > gap_first, vm_last > vm_first or gap_last > gap_first),
+        ),
+        (
+            "Final states: low-dimensional manifold parameterised by entropy",
+            f"PC1 > {PAPER_PC1_MIN:.0%} of variance, strongly correlated with entropy",
+            f"PC1 {share:.1%} of variance, |corr| with H_Bayes {corr:.2f}",
+            _verdict(share > PAPER_PC1_MIN and corr > 0.9, corr > 0.9),
+        ),
+        (
+            "Residual stream carries the belief: logit-lens KL falls layer by layer",
+            "KL to the posterior falls with depth",
+            f"KL {kl_first:.3f} → {kl_last:.4f} bits; {'monotone' if monotone else 'not monotone'} over sublayers",
+            _verdict(monotone, True),
+        ),
+        (
+            "FFN performs the posterior update, attention routes",
+            "FFN = update, attention = routing",
+            f"lens KL falls {drop_attn:.3f} bits across attention sublayers, {drop_ffn:.3f} across FFNs; mean-ablating "
+            f"attention costs {d_attn:+.3f} bits, an FFN {d_ffn:+.3f}, mean over layers",
+            _verdict(drop_ffn > drop_attn and d_ffn > 0.05 and d_attn > 0.05, drop_ffn > drop_attn),
+        ),
+        (
+            "No single indispensable layer-0 head",
+            f"each head costs {PAPER_HEAD_ABLATION[0]}–{PAPER_HEAD_ABLATION[1]} bits",
+            f"zero-ablating one head costs {h_lo:+.3f} to {h_hi:+.3f} bits",
+            _verdict(h_hi < 0.5 * floor),
+        ),
     ]
     return pl.DataFrame(rows, schema=["claim", "paper", "ours", "verdict"], orient="row")
 
@@ -299,8 +355,11 @@ def verdicts_frame(seeds: pl.DataFrame, m: Mechanisms, floor: float) -> pl.DataF
 def curve_lines(curves: pl.DataFrame) -> pl.DataFrame:
     """The curves with a positive step and MAE (both axes are log scales), each labelled with its run."""
     return curves.filter((pl.col("mae_bits") > 0) & (pl.col("step") > 0)).with_columns(
-        (pl.col("model") + pl.when(pl.col("seed") >= 0).then(pl.lit(" s") + pl.col("seed").cast(pl.Utf8))
-         .otherwise(pl.lit(""))).alias("run"))
+        (
+            pl.col("model")
+            + pl.when(pl.col("seed") >= 0).then(pl.lit(" s") + pl.col("seed").cast(pl.Utf8)).otherwise(pl.lit(""))
+        ).alias("run")
+    )
 
 
 def reference_lines(target: float, floor: float | None) -> pl.DataFrame:
@@ -317,15 +376,25 @@ def calibration_by_position(calibration: pl.DataFrame) -> tuple[pl.DataFrame, pl
 
 def routing_mass(routing: pl.DataFrame) -> pl.DataFrame:
     """Attention mass of the trained models on values, keys and self, per layer and head, mean over seeds."""
-    return (routing.filter(pl.col("state") == "trained")
-            .unpivot(index=["layer", "head", "seed"], on=["value_mass", "key_mass", "self_mass"],
-                     variable_name="target", value_name="mass")
-            .group_by("layer", "head", "target").agg(pl.col("mass").mean()))
+    return (
+        routing.filter(pl.col("state") == "trained")
+        .unpivot(
+            index=["layer", "head", "seed"],
+            on=["value_mass", "key_mass", "self_mass"],
+            variable_name="target",
+            value_name="mass",
+        )
+        .group_by("layer", "head", "target")
+        .agg(pl.col("mass").mean())
+    )
 
 
 def ablated_components(abl: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The ablation rows labelled by component ("L0 attn", "L0 head 1"), and the intact model's rows."""
     components = abl.filter(pl.col("target") != "none").with_columns(
-        pl.when(pl.col("target") == "head").then(pl.format("L{} head {}", "layer", "head"))
-        .otherwise(pl.format("L{} {}", "layer", "target")).alias("component"))
+        pl.when(pl.col("target") == "head")
+        .then(pl.format("L{} head {}", "layer", "head"))
+        .otherwise(pl.format("L{} {}", "layer", "target"))
+        .alias("component")
+    )
     return components, abl.filter(pl.col("target") == "none")

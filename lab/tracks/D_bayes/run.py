@@ -8,22 +8,33 @@ Writes to results/D_bayes/: ``summary``, ``comparison``, ``seeds``, ``curves``, 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import polars as pl
 import torch
 
 from lab import paths
-from lab.data.windtunnel import sample_batch
+from lab.data.windtunnel import Batch, bayes_entropy_bits, n_pairs, posterior_metrics, sample_batch, value_log_probs
 from lab.errors import LabError
+from lab.interp.windtunnel import (
+    ablations,
+    attention_routing,
+    final_state_pca,
+    key_orthogonality,
+    logit_lens,
+    random_vectors_abs_cos,
+)
+from lab.models.windtunnel import build_model
 from lab.profiles import Profile
 from lab.results import write_result
-from lab.train.windtunnel import RunResult, train_run
 from lab.tracks.D_bayes import charts, frames
 from lab.tracks.D_bayes.config import TRACK, BayesTrackConfig, Candidate, config_for
+from lab.tracks.D_bayes.frames import Mechanisms
 from lab.tracks.D_bayes.summary import BayesSummary, summarize
+from lab.train.windtunnel import RunResult, logits_of, train_run
 
 NOTEBOOK_RUNS = "D_bayes-notebook"  # the checkpoint folder of the notebook's own runs (never written to results/)
 
@@ -52,13 +63,16 @@ def device_for(profile: Profile) -> str:
     if profile.device != "cuda":
         return "cpu"
     if not torch.cuda.is_available():
-        raise LabError(f"profile {profile.name!r} trains the paper-size model on CUDA, and no CUDA device is "
-                       "available: use --profile cpu")
+        raise LabError(
+            f"profile {profile.name!r} trains the paper-size model on CUDA, and no CUDA device is "
+            "available: use --profile cpu"
+        )
     return "cuda"
 
 
 def train_all(cfg: BayesTrackConfig, root: Path, **common: Any) -> Trained:
     """The headline on every seed, the controls sized to it, and the search candidates on the first seed."""
+
     def train(name, spec, tc, seed, match=None):
         return train_run(name, cfg.V, spec, tc, seed, root, match=match, **common)
 
@@ -66,9 +80,11 @@ def train_all(cfg: BayesTrackConfig, root: Path, **common: Any) -> Trained:
     match = head[0].n_params
     mlp = train("mlp", cfg.mlp, cfg.controls_train, cfg.seeds[0], match)
     lstm = train("lstm", cfg.lstm, cfg.controls_train, cfg.seeds[0], match) if cfg.lstm else None
-    search = [head[0] if c == cfg.headline else train(f"search-{i}", c.model, c.train, cfg.seeds[0])
-              for i, c in enumerate(cfg.search)]
-    finals = [("transformer", s, r) for s, r in zip(cfg.seeds, head)] + [("mlp", cfg.seeds[0], mlp)]
+    search = [
+        head[0] if c == cfg.headline else train(f"search-{i}", c.model, c.train, cfg.seeds[0])
+        for i, c in enumerate(cfg.search)
+    ]
+    finals = [("transformer", s, r) for s, r in zip(cfg.seeds, head, strict=True)] + [("mlp", cfg.seeds[0], mlp)]
     return Trained(head, finals + ([("lstm", cfg.seeds[0], lstm)] if lstm else []), search)
 
 
@@ -89,15 +105,23 @@ def run(profile: Profile, *, fresh: bool = False, write: bool = True, progress: 
 
     t_analysis = time.perf_counter()  # on a fresh batch, not the evaluation set used during training
     batch = sample_batch(cfg.V, cfg.analysis_sequences, torch.Generator().manual_seed(cfg.analysis_seed))
-    mech = frames.mechanisms(cfg, runs.head, batch)
-    calibration = frames.calibration_frame([(name, seed, r.model) for name, seed, r in runs.finals], batch)
+    mech = mechanisms(cfg, runs.head, batch)
+    calibration = calibration_frame([(name, seed, r.model) for name, seed, r in runs.finals], batch)
     analysis_s = time.perf_counter() - t_analysis
 
     floor = cfg.floor_bits
     seeds = frames.seeds_frame(runs.finals)
     verdicts = frames.verdicts_frame(seeds, mech, floor)
-    summary = summarize(cfg, seeds, runs.head, runs.extra, verdicts, floor=floor, analysis_s=analysis_s,
-                        wall_time_s=time.perf_counter() - t_start)
+    summary = summarize(
+        cfg,
+        seeds,
+        runs.head,
+        runs.extra,
+        verdicts,
+        floor=floor,
+        analysis_s=analysis_s,
+        wall_time_s=time.perf_counter() - t_start,
+    )
     if not write:
         return summary
     tables = {
@@ -141,5 +165,64 @@ def chart_makers(target: float, floor: float) -> dict[str, Callable[[pl.DataFram
 def train_custom(profile: Profile, candidate: Candidate, *, on_eval: Callable[[dict], None]) -> RunResult:
     """The notebook's "train your own" run (seed 0, cached apart from the track's runs, not written to results/)."""
     cfg = config_for(profile)
-    return train_run("notebook", cfg.V, candidate.model, candidate.train, 0,
-                     paths.checkpoint_dir(profile.name, NOTEBOOK_RUNS), progress=False, on_eval=on_eval)
+    return train_run(
+        "notebook",
+        cfg.V,
+        candidate.model,
+        candidate.train,
+        0,
+        paths.checkpoint_dir(profile.name, NOTEBOOK_RUNS),
+        progress=False,
+        on_eval=on_eval,
+    )
+
+
+# ----------------------------------------------------------------------------- analyses of the trained models
+
+
+def calibration_frame(models: list[tuple[str, int, torch.nn.Module]], batch: Batch) -> pl.DataFrame:
+    """Mean predicted entropy at each position t next to the exact posterior entropy (bits)."""
+    V = batch.V
+    rows = []
+    h_bayes = bayes_entropy_bits(V)
+    for name, seed, model in models:
+        m = posterior_metrics(value_log_probs(logits_of(model.eval(), batch.tokens), V), batch.values, V)
+        for t in range(n_pairs(V)):
+            rows.append(
+                {
+                    "model": name,
+                    "seed": seed,
+                    "t": t + 1,
+                    "h_model": m["h_model"][:, t].mean().item(),
+                    "h_bayes": h_bayes[t].item(),
+                    "abs_err": m["abs_err"][:, t].mean().item(),
+                    "kl_bits": m["kl"][:, t].mean().item(),
+                }
+            )
+    return pl.DataFrame(rows)
+
+
+def mechanisms(cfg: BayesTrackConfig, head: list[RunResult], batch: Batch) -> Mechanisms:
+    """Run the analyses of :mod:`lab.interp.windtunnel` on each headline seed and on its initial weights."""
+    V = cfg.V
+    keys, routing, pca, lens, abl = [], [], [], [], []
+    points = None
+    for s, r in zip(cfg.seeds, head, strict=True):
+        torch.manual_seed(s)
+        init = build_model(cfg.headline.model, V).eval()  # the same weights the run started from
+        for state, m in (("trained", r.model), ("init", init)):
+            keys.append(key_orthogonality(m, batch).with_columns(pl.lit(state).alias("state"), pl.lit(s).alias("seed")))
+            routing.append(
+                attention_routing(m, batch).with_columns(pl.lit(state).alias("state"), pl.lit(s).alias("seed"))
+            )
+            comps, pts = final_state_pca(m, batch)
+            pca.append(comps.with_columns(pl.lit(state).alias("state"), pl.lit(s).alias("seed")))
+            if s == cfg.seeds[0] and state == "trained":
+                points = pts.head(cfg.points_sequences * n_pairs(V))
+        lens.append(logit_lens(r.model, batch).with_columns(pl.lit(s).alias("seed")))
+        abl.append(ablations(r.model, batch).with_columns(pl.lit(s).alias("seed")))
+    d_head = cfg.headline.model.d_model // cfg.headline.model.n_head
+    keys_df = pl.concat(keys).with_columns(
+        pl.lit(d_head).alias("d_head"), pl.lit(random_vectors_abs_cos(d_head)).alias("random_vectors")
+    )
+    return Mechanisms(keys_df, pl.concat(routing), pl.concat(pca), points, pl.concat(lens), pl.concat(abl))

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import polars as pl
 
 from lab.results import Summary
-from lab.train.windtunnel import RunResult
 from lab.tracks.D_bayes.config import PAPER_MAE, BayesTrackConfig
 from lab.tracks.D_bayes.frames import first_at, headline
+from lab.train.windtunnel import RunResult
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,17 @@ class BayesSummary(Summary):
     verdicts_reproduced: int  # claims of the verdicts table judged "reproduced"
 
 
-def summarize(cfg: BayesTrackConfig, seeds: pl.DataFrame, head: list[RunResult], extra: list[RunResult],
-              verdicts: pl.DataFrame, *, floor: float, analysis_s: float, wall_time_s: float) -> BayesSummary:
+def summarize(
+    cfg: BayesTrackConfig,
+    seeds: pl.DataFrame,
+    head: list[RunResult],
+    extra: list[RunResult],
+    verdicts: pl.DataFrame,
+    *,
+    floor: float,
+    analysis_s: float,
+    wall_time_s: float,
+) -> BayesSummary:
     """The summary row.
 
     Args:
@@ -71,20 +80,37 @@ def summarize(cfg: BayesTrackConfig, seeds: pl.DataFrame, head: list[RunResult],
     model, train = cfg.headline.model, cfg.headline.train
     at_target = [first_at(r.log, cfg.target_mae, "train_s") for r in head]
     return BayesSummary(
-        V=cfg.V, n_seeds=len(cfg.seeds), n_params=h["n_params"],
-        n_layer=model.n_layer, n_head=model.n_head, d_model=model.d_model,
-        steps=train.steps, batch_size=train.batch_size, lr=train.lr,
-        mae_mean=h["mae_mean"], mae_std=h["mae_std"], mae_min=h["mae_min"], mae_max=h["mae_max"],
-        kl_mean=h["kl_mean"], mae_mean_entropy_mean=h["mae_mean_entropy_mean"],
+        V=cfg.V,
+        n_seeds=len(cfg.seeds),
+        n_params=h["n_params"],
+        n_layer=model.n_layer,
+        n_head=model.n_head,
+        d_model=model.d_model,
+        steps=train.steps,
+        batch_size=train.batch_size,
+        lr=train.lr,
+        mae_mean=h["mae_mean"],
+        mae_std=h["mae_std"],
+        mae_min=h["mae_min"],
+        mae_max=h["mae_max"],
+        kl_mean=h["kl_mean"],
+        mae_mean_entropy_mean=h["mae_mean_entropy_mean"],
         mass_eliminated_mean=h["mass_eliminated_mean"],
-        train_s_mean=h["train_s_mean"], train_s_max=h["train_s_max"],
+        train_s_mean=h["train_s_mean"],
+        train_s_max=h["train_s_max"],
         seeds_at_target=sum(t is not None and t <= cfg.target_train_s for t in at_target),
         train_s_to_target_max=max((t for t in at_target if t is not None), default=float("nan")),
         target_mae=cfg.target_mae,
-        mlp_mae=h["mlp_mae"], mlp_params=h["mlp_params"], lstm_mae=h["lstm_mae"], lstm_params=h["lstm_params"],
-        floor_bits=floor, paper_transformer_mae=PAPER_MAE["transformer"], paper_mlp_mae=PAPER_MAE["mlp"],
+        mlp_mae=h["mlp_mae"],
+        mlp_params=h["mlp_params"],
+        lstm_mae=h["lstm_mae"],
+        lstm_params=h["lstm_params"],
+        floor_bits=floor,
+        paper_transformer_mae=PAPER_MAE["transformer"],
+        paper_mlp_mae=PAPER_MAE["mlp"],
         paper_lstm_mae=PAPER_MAE["lstm"],
-        wall_time_s=wall_time_s, analysis_s=analysis_s,
+        wall_time_s=wall_time_s,
+        analysis_s=analysis_s,
         cached_runs=int(seeds["cached"].sum()) + sum(r.cached for r in extra),
         total_train_s=float(seeds["train_s"].sum()) + sum(r.train_time_s for r in extra),
         verdicts_reproduced=int((verdicts["verdict"] == "reproduced").sum()),

@@ -57,21 +57,28 @@ class CircuitsConfig:
         if self.loss not in LOSS_ON:
             raise LabError(f"CircuitsConfig.loss must be one of {', '.join(LOSS_ON)} (got {self.loss!r})")
         if self.per_type < words:
-            raise LabError(f"CircuitsConfig.per_type={self.per_type} is too small: each of the {words} invented "
-                           f"words of a type needs a training text (use at least {words})")
+            raise LabError(
+                f"CircuitsConfig.per_type={self.per_type} is too small: each of the {words} invented "
+                f"words of a type needs a training text (use at least {words})"
+            )
         if (self.transcoders is None) == (self.hub_transcoders is None):
-            raise LabError("CircuitsConfig needs exactly one of transcoders (train our own) and hub_transcoders "
-                           "(load circuit-tracer's set from the hub)")
+            raise LabError(
+                "CircuitsConfig needs exactly one of transcoders (train our own) and hub_transcoders "
+                "(load circuit-tracer's set from the hub)"
+            )
         if self.model is not None and self.hub_transcoders is None:
-            raise LabError(f"CircuitsConfig.model={self.model!r} needs hub_transcoders made for it: our own "
-                           f"transcoders are trained on the profile's model")
+            raise LabError(
+                f"CircuitsConfig.model={self.model!r} needs hub_transcoders made for it: our own "
+                f"transcoders are trained on the profile's model"
+            )
         if not 1 <= self.graph_words <= words:
             raise LabError(f"CircuitsConfig.graph_words must be between 1 and {words} (got {self.graph_words})")
         if not 1 <= self.graph_per_word <= (most := _prompts_per_word()):
             raise LabError(f"CircuitsConfig.graph_per_word must be between 1 and {most} (got {self.graph_per_word})")
         if not 0 <= self.seed_prompts <= len(SEED_PROMPTS):
-            raise LabError(f"CircuitsConfig.seed_prompts must be between 0 and {len(SEED_PROMPTS)} "
-                           f"(got {self.seed_prompts})")
+            raise LabError(
+                f"CircuitsConfig.seed_prompts must be between 0 and {len(SEED_PROMPTS)} (got {self.seed_prompts})"
+            )
         if self.max_feature_nodes < 1:
             raise LabError(f"CircuitsConfig.max_feature_nodes must be at least 1 (got {self.max_feature_nodes})")
         if not 0 < self.settle <= 1:
@@ -83,8 +90,7 @@ RECIPES: dict[str, CircuitsConfig] = {
     "smoke": CircuitsConfig(
         per_type=8,
         finetune=FinetuneConfig(lr=2e-3, rank=4, batch_size=4, epochs=2, max_seq_len=128, n_evals=2),
-        transcoders=TranscoderConfig(d_transcoder=128, k=8, steps=60, batch_seqs=8, seq_len=32, lr=3e-3,
-                                     eval_seqs=8),
+        transcoders=TranscoderConfig(d_transcoder=128, k=8, steps=60, batch_seqs=8, seq_len=32, lr=3e-3, eval_seqs=8),
         graph_words=1,  # 1 word x 1 prompt per type + 1 seed prompt: 3 graphs per checkpoint
         graph_per_word=1,
         seed_prompts=1,
@@ -97,8 +103,9 @@ RECIPES: dict[str, CircuitsConfig] = {
         per_type=32,
         finetune=FinetuneConfig(lr=1e-3, rank=8, batch_size=8, epochs=10, max_seq_len=64, n_evals=4),
         # 30 layers, d_model 576 -> 4x expansion. Budget on 2 CPU cores: about 25 minutes.
-        transcoders=TranscoderConfig(d_transcoder=2304, k=32, steps=400, batch_seqs=8, seq_len=64, lr=5e-3,
-                                     eval_seqs=64),
+        transcoders=TranscoderConfig(
+            d_transcoder=2304, k=32, steps=400, batch_seqs=8, seq_len=64, lr=5e-3, eval_seqs=64
+        ),
     ),
     # Gemma-2-2B in bf16 (merging LoRA into 4-bit weights is lossy) with GemmaScope transcoders from the hub,
     # per the seed plan. Written for a CUDA machine with hub access; not run in this project yet.

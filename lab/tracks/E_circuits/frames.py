@@ -4,6 +4,7 @@
 - graphs: ``graphs_frame`` (one row per graph), ``compare_frame`` (graph against previous / final / base),
   ``circuit_stats`` (bootstrap means and sign-flip tests), ``graph_frames`` (nodes and edges to draw);
 - stopping: ``stopping_rules`` (loss rule, circuit rule, oracle), ``settle_sweep``;
+- ``circuit_frames``: all of the above for one run's graph records, by result name;
 - views for the notebook and charts: ``graph_drawing``, ``graph_rows``, ``top_features``, ``concept_logprobs``.
 """
 
@@ -15,8 +16,14 @@ from lab.data.constraints import CONSTRAINTS, concepts, continuation_logprob
 from lab.interp.circuits import bootstrap_mean, compare, sign_flip_test
 from lab.tracks.E_circuits.config import LEARNED, SETTLE_SWEEP
 
-GRAPH_METRICS = ("feature_jaccard", "feature_jaccard_previous", "edge_correlation", "error_share",
-                 "target_from_features", "target_prob")
+GRAPH_METRICS = (
+    "feature_jaccard",
+    "feature_jaccard_previous",
+    "edge_correlation",
+    "error_share",
+    "target_from_features",
+    "target_prob",
+)
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 
@@ -24,8 +31,11 @@ GRAPH_METRICS = ("feature_jaccard", "feature_jaccard_previous", "edge_correlatio
 def checkpoints_frame(prompts: pl.DataFrame, losses: pl.DataFrame) -> pl.DataFrame:
     """Per checkpoint and constraint type: accuracy, its count, mean margin and validation loss."""
     agg = prompts.group_by("checkpoint", "step", "fraction", "constraint_type").agg(
-        pl.col("correct").mean().alias("accuracy"), pl.col("correct").sum().alias("correct"),
-        pl.len().alias("n"), pl.col("margin").mean().alias("mean_margin"))
+        pl.col("correct").mean().alias("accuracy"),
+        pl.col("correct").sum().alias("correct"),
+        pl.len().alias("n"),
+        pl.col("margin").mean().alias("mean_margin"),
+    )
     return agg.join(losses, on=["checkpoint", "constraint_type"]).sort("checkpoint", "constraint_type")
 
 
@@ -42,7 +52,8 @@ def graphs_frame(records: list[dict]) -> pl.DataFrame:
     """One row per graph: every scalar of its record (prompt, checkpoint, target, sizes, scores, timing)."""
     scalar = [k for k, v in records[0].items() if isinstance(v, (int, float, str))]
     return pl.DataFrame([{k: r[k] for k in scalar} for r in records]).with_columns(
-        pl.col("target_from_features", "target_from_errors", "target_from_tokens").cast(pl.Float64))
+        pl.col("target_from_features", "target_from_errors", "target_from_tokens").cast(pl.Float64)
+    )
 
 
 def compare_frame(records: list[dict]) -> pl.DataFrame:
@@ -56,8 +67,16 @@ def compare_frame(records: list[dict]) -> pl.DataFrame:
         for versus, j in (("previous", i - 1), ("final", last), ("base", 0)):
             if j < 0 or j == i:
                 continue
-            rows.append({"prompt_id": r["prompt_id"], "constraint_type": r["constraint_type"], "checkpoint": i,
-                         "fraction": r["fraction"], "versus": versus, **compare(by[(r["prompt_id"], j)], r)})
+            rows.append(
+                {
+                    "prompt_id": r["prompt_id"],
+                    "constraint_type": r["constraint_type"],
+                    "checkpoint": i,
+                    "fraction": r["fraction"],
+                    "versus": versus,
+                    **compare(by[(r["prompt_id"], j)], r),
+                }
+            )
     return pl.DataFrame(rows)
 
 
@@ -67,15 +86,30 @@ def circuit_stats(graphs: pl.DataFrame, compare: pl.DataFrame) -> tuple[pl.DataF
     the graphs change less between the last two checkpoints than between the 25 % and 50 % ones (settling)."""
     rows = []
     prev = compare.filter(pl.col("versus") == "previous").select(
-        "prompt_id", "checkpoint", pl.col("feature_jaccard").alias("feature_jaccard_previous"))
-    wide = graphs.join(compare.filter(pl.col("versus") == "final").select(
-        "prompt_id", "checkpoint", "feature_jaccard", "edge_correlation"), on=["prompt_id", "checkpoint"], how="left"
+        "prompt_id", "checkpoint", pl.col("feature_jaccard").alias("feature_jaccard_previous")
+    )
+    wide = graphs.join(
+        compare.filter(pl.col("versus") == "final").select(
+            "prompt_id", "checkpoint", "feature_jaccard", "edge_correlation"
+        ),
+        on=["prompt_id", "checkpoint"],
+        how="left",
     ).join(prev, on=["prompt_id", "checkpoint"], how="left")
     for (ctype, ck), g in wide.group_by("constraint_type", "checkpoint"):
         for m in GRAPH_METRICS:
             mean, lo, hi = bootstrap_mean(g[m].to_list())
-            rows.append({"constraint_type": ctype, "checkpoint": ck, "fraction": g["fraction"][0], "metric": m,
-                         "mean": mean, "lo": lo, "hi": hi, "n": g.height})
+            rows.append(
+                {
+                    "constraint_type": ctype,
+                    "checkpoint": ck,
+                    "fraction": g["fraction"][0],
+                    "metric": m,
+                    "mean": mean,
+                    "lo": lo,
+                    "hi": hi,
+                    "n": g.height,
+                }
+            )
     stats = pl.DataFrame(rows).sort("metric", "constraint_type", "checkpoint")
     tests = []
     last = graphs["checkpoint"].max()
@@ -83,9 +117,18 @@ def circuit_stats(graphs: pl.DataFrame, compare: pl.DataFrame) -> tuple[pl.DataF
     def paired(ctype: str, metric: str, comparison: str, a: pl.Series, b: pl.Series) -> dict:
         d = (b.cast(pl.Float64) - a.cast(pl.Float64)).to_list()
         mean, lo, hi = bootstrap_mean(d)
-        return {"constraint_type": ctype, "metric": metric, "comparison": comparison, "a_mean": float(a.mean()),
-                "b_mean": float(b.mean()), "diff_mean": mean, "diff_lo": lo, "diff_hi": hi,
-                "p_sign_flip": sign_flip_test(d), "n": len(d)}
+        return {
+            "constraint_type": ctype,
+            "metric": metric,
+            "comparison": comparison,
+            "a_mean": float(a.mean()),
+            "b_mean": float(b.mean()),
+            "diff_mean": mean,
+            "diff_lo": lo,
+            "diff_hi": hi,
+            "p_sign_flip": sign_flip_test(d),
+            "n": len(d),
+        }
 
     for ctype in graphs["constraint_type"].unique().sort().to_list():
         g = graphs.filter(pl.col("constraint_type") == ctype)
@@ -99,8 +142,9 @@ def circuit_stats(graphs: pl.DataFrame, compare: pl.DataFrame) -> tuple[pl.DataF
             early = prev.filter(pl.col("checkpoint") == 2).sort("prompt_id")
             late = prev.filter(pl.col("checkpoint") == last).sort("prompt_id")
             for m in ("feature_jaccard", "edge_correlation"):
-                tests.append(paired(ctype, f"{m} with previous checkpoint", "last step minus 25->50 %",
-                                    early[m], late[m]))
+                tests.append(
+                    paired(ctype, f"{m} with previous checkpoint", "last step minus 25->50 %", early[m], late[m])
+                )
     return stats, pl.DataFrame(tests)
 
 
@@ -114,16 +158,46 @@ def graph_frames(records: list[dict], keep_nodes: int = 60, keep_edges: int = 80
         pos_of = {}
         for f in sorted(r["features"], key=lambda f: -f["influence"])[:keep_nodes]:
             layer, pos, feat = (int(x) for x in f["key"][1:].split("."))
-            nodes.append({**tag, "key": f["key"], "kind": "feature", "layer": layer + 1, "pos": pos, "feature": feat,
-                          "influence": f["influence"], "label": f"L{layer} #{feat}"})
+            nodes.append(
+                {
+                    **tag,
+                    "key": f["key"],
+                    "kind": "feature",
+                    "layer": layer + 1,
+                    "pos": pos,
+                    "feature": feat,
+                    "influence": f["influence"],
+                    "label": f"L{layer} #{feat}",
+                }
+            )
             pos_of[f["key"]] = (pos, layer + 1)
         for pos, label in enumerate(r["tokens"]):
-            nodes.append({**tag, "key": f"T{pos}", "kind": "token", "layer": 0, "pos": pos, "feature": -1,
-                          "influence": 0.0, "label": label})
+            nodes.append(
+                {
+                    **tag,
+                    "key": f"T{pos}",
+                    "kind": "token",
+                    "layer": 0,
+                    "pos": pos,
+                    "feature": -1,
+                    "influence": 0.0,
+                    "label": label,
+                }
+            )
             pos_of[f"T{pos}"] = (pos, 0)
         logit = f"L{r['target_id']}"
-        nodes.append({**tag, "key": logit, "kind": "logit", "layer": r["n_layers"] + 1, "pos": last, "feature": -1,
-                      "influence": 1.0, "label": r["target_token"]})
+        nodes.append(
+            {
+                **tag,
+                "key": logit,
+                "kind": "logit",
+                "layer": r["n_layers"] + 1,
+                "pos": last,
+                "feature": -1,
+                "influence": 1.0,
+                "label": r["target_token"],
+            }
+        )
         pos_of[logit] = (last, r["n_layers"] + 1)
         kept = sorted((e for e in r["edges"] if e[0] in pos_of and e[1] in pos_of), key=lambda e: -abs(e[2]))
         for s, t, w in kept[:keep_edges]:
@@ -156,10 +230,20 @@ def stopping_rules(frame: pl.DataFrame, compare: pl.DataFrame, settle: float) ->
             if loss[i] > loss[i - 1]:
                 keep, trained = i - 1, i
                 break
-        rows.append({"constraint_type": ctype, "rule": "loss", "kept_checkpoint": stage[keep],
-                     "trained_checkpoint": stage[trained]})
-        c = compare.filter((pl.col("constraint_type") == ctype) & (pl.col("versus") == "previous")) \
-            .group_by("checkpoint").agg(pl.col("feature_jaccard").mean()).sort("checkpoint")
+        rows.append(
+            {
+                "constraint_type": ctype,
+                "rule": "loss",
+                "kept_checkpoint": stage[keep],
+                "trained_checkpoint": stage[trained],
+            }
+        )
+        c = (
+            compare.filter((pl.col("constraint_type") == ctype) & (pl.col("versus") == "previous"))
+            .group_by("checkpoint")
+            .agg(pl.col("feature_jaccard").mean())
+            .sort("checkpoint")
+        )
         keep = last
         for i, j in zip(c["checkpoint"].to_list(), c["feature_jaccard"].to_list(), strict=True):
             if i >= 2 and j >= settle:
@@ -170,12 +254,22 @@ def stopping_rules(frame: pl.DataFrame, compare: pl.DataFrame, settle: float) ->
         o = hit[0] if hit else last
         rows.append({"constraint_type": ctype, "rule": "oracle", "kept_checkpoint": o, "trained_checkpoint": o})
     out = pl.DataFrame(rows)
-    info = frame.select("constraint_type", pl.col("checkpoint").alias("kept_checkpoint"), "fraction", "accuracy",
-                        "val_loss", "mean_margin")
-    steps = frame.select("constraint_type", pl.col("checkpoint").alias("trained_checkpoint"),
-                         pl.col("step").alias("steps_trained"))
-    return out.join(info, on=["constraint_type", "kept_checkpoint"]).join(
-        steps, on=["constraint_type", "trained_checkpoint"]).sort("constraint_type", "rule")
+    info = frame.select(
+        "constraint_type",
+        pl.col("checkpoint").alias("kept_checkpoint"),
+        "fraction",
+        "accuracy",
+        "val_loss",
+        "mean_margin",
+    )
+    steps = frame.select(
+        "constraint_type", pl.col("checkpoint").alias("trained_checkpoint"), pl.col("step").alias("steps_trained")
+    )
+    return (
+        out.join(info, on=["constraint_type", "kept_checkpoint"])
+        .join(steps, on=["constraint_type", "trained_checkpoint"])
+        .sort("constraint_type", "rule")
+    )
 
 
 def settle_sweep(frame: pl.DataFrame, compare: pl.DataFrame, thresholds=SETTLE_SWEEP) -> pl.DataFrame:
@@ -185,6 +279,28 @@ def settle_sweep(frame: pl.DataFrame, compare: pl.DataFrame, thresholds=SETTLE_S
         got = stopping_rules(frame, compare, t).filter(pl.col("rule") == "circuit")
         rows.append(got.with_columns(settle=pl.lit(t)))
     return pl.concat(rows).select("settle", *[c for c in rows[0].columns if c != "settle"])
+
+
+def circuit_frames(
+    records: list[dict], transcoder_meta: dict, checkpoints: pl.DataFrame, settle: float
+) -> dict[str, pl.DataFrame]:
+    """A run's circuit results by name, in writing order (``graph_edges`` before ``graph_nodes``, whose chart
+    reads them back): the transcoders' quality, the graphs, their comparisons and statistics, both stopping rules
+    and the circuit rule's threshold sweep, the nodes and edges to draw."""
+    graphs, compare = graphs_frame(records), compare_frame(records)
+    stats, tests = circuit_stats(graphs, compare)
+    nodes, edges = graph_frames(records)
+    return {
+        "transcoders": pl.DataFrame(transcoder_meta["layers"]),
+        "graphs": graphs,
+        "circuit_compare": compare,
+        "circuit_stats": stats,
+        "circuit_tests": tests,
+        "stopping": stopping_rules(checkpoints, compare, settle),
+        "stopping_sweep": settle_sweep(checkpoints, compare),
+        "graph_edges": edges,
+        "graph_nodes": nodes,
+    }
 
 
 # ------------------------------------------------------------------------------------------ views to draw/show
@@ -206,9 +322,14 @@ def graph_rows(graphs: pl.DataFrame, prompt_id: str) -> pl.DataFrame:
 
 def top_features(nodes: pl.DataFrame, prompt_id: str, n: int = 5) -> pl.DataFrame:
     """The ``n`` most influential feature nodes of one prompt's graph at each checkpoint."""
-    return (nodes.filter((pl.col("prompt_id") == prompt_id) & (pl.col("kind") == "feature"))
-            .sort("influence", descending=True).group_by("checkpoint", maintain_order=True).head(n)
-            .select("checkpoint", "label", "pos", "influence").sort("checkpoint"))
+    return (
+        nodes.filter((pl.col("prompt_id") == prompt_id) & (pl.col("kind") == "feature"))
+        .sort("influence", descending=True)
+        .group_by("checkpoint", maintain_order=True)
+        .head(n)
+        .select("checkpoint", "label", "pos", "influence")
+        .sort("checkpoint")
+    )
 
 
 def concept_logprobs(base, tuned, tokenizer, prompt: str) -> pl.DataFrame:

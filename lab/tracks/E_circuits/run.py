@@ -15,86 +15,73 @@ import json
 import shutil
 import time
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import polars as pl
 import torch
 
 from lab import paths
-from lab.data.constraints import (
-    CONSTRAINTS,
-    concepts,
-    constraint_dataset,
-    encode_texts,
-    held_out_prompts,
-    mean_token_loss,
-    score_prompts,
-)
+from lab.data import constraints
 from lab.data.corpus import load_corpus
-from lab.data.records import chat_text
 from lab.errors import LabError
-from lab.interp import transcoders
-from lab.io import atomic_write_text, publish_dir
-from lab.models.loading import LoadedModel, load_model
+from lab.interp import circuits, transcoders
+from lab.io import publish_dir
+from lab.models.loading import LoadedModel, load_hub_model, load_model
 from lab.profiles import Profile
 from lab.results import write_result
-from lab.tracks.E_circuits import charts, frames
-from lab.tracks.E_circuits.config import (
-    JSON_EDGE_THRESHOLD,
-    JSON_NODE_THRESHOLD,
-    LEARNED,
-    RECIPES,
-    SEED_PROMPTS,
-    TRACK,
-    CircuitsConfig,
-    config_for,
-)
+from lab.tracks.E_circuits import charts, config, frames
+from lab.tracks.E_circuits.config import CircuitsConfig
 from lab.tracks.E_circuits.summary import CircuitsSummary, summarize
 from lab.train.lora import FinetuneConfig, fresh_base, load_adapter, train_lora
+
+TRACK = config.TRACK
 
 
 def run(profile: Profile, *, fresh: bool = False, write: bool = True, progress: bool = True) -> CircuitsSummary:
     """Fine-tune (resuming unless ``fresh``), score every checkpoint, trace and compare their circuits, write."""
     t0 = time.perf_counter()
-    cfg = config_for(profile)
+    cfg = config.config_for(profile)
     lm = base_model(profile, cfg)
     train_rows, val_rows, val_by_type = corpus_rows(lm.tokenizer, cfg)
     ft = replace(cfg.finetune, n_train=len(train_rows), n_test=len(val_rows))
-    trained = train_lora(lm, ft, run_dir(profile), rows=(train_rows, val_rows), resume=not fresh,
-                         progress=progress, desc="constraints")
+    trained = train_lora(
+        lm, ft, run_dir(profile), rows=(train_rows, val_rows), resume=not fresh, progress=progress, desc="constraints"
+    )
     stages = training_stages(run_dir(profile), trained.total_steps)
     prompts, losses = score_stages(profile, cfg, stages, val_by_type, trained.total_steps)
     checkpoints = frames.checkpoints_frame(prompts, losses)
 
     t_circuits = time.perf_counter()
     tc_set, tc_meta = circuit_transcoders(profile, cfg, progress=progress)
-    records, graph_json = attribution_graphs(profile, cfg, lm.tokenizer, stages, trained.total_steps, tc_set,
-                                             tc_meta, progress=progress)
-    graphs, compare = frames.graphs_frame(records), frames.compare_frame(records)
-    stats, tests = frames.circuit_stats(graphs, compare)
-    layers = pl.DataFrame(tc_meta["layers"])
-    nodes, edges = frames.graph_frames(records)
+    records, graph_json = attribution_graphs(
+        profile, cfg, lm.tokenizer, stages, trained.total_steps, tc_set, tc_meta, progress=progress
+    )
+    circuit = frames.circuit_frames(records, tc_meta, checkpoints, cfg.settle)
     circuits_s = time.perf_counter() - t_circuits
-    stopping = frames.stopping_rules(checkpoints, compare, cfg.settle)
 
     train_log, _, _ = trained.log.frames()
+    results = {"checkpoints": checkpoints, "prompts": prompts, "loss": train_log.select(*LOSS_COLUMNS)} | circuit
     summary = summarize(
-        model=lm.name, cfg=cfg, finetune=ft, n_train=len(train_rows), n_validation=len(val_rows),
-        n_prompts=prompts.height // len(stages), steps=trained.total_steps, trainable_params=trained.trainable_params,
-        checkpoints=checkpoints, train_log=train_log, transcoders=layers, transcoder_meta=tc_meta, graphs=graphs,
-        n_graph_prompts=len(records) // len(stages), circuits_wall_s=circuits_s, stopping=stopping,
-        wall_time_s=time.perf_counter() - t0)
+        model=lm.name,
+        cfg=cfg,
+        finetune=ft,
+        trained=trained,
+        train_log=train_log,
+        results=results,
+        transcoder_meta=tc_meta,
+        circuits_wall_s=circuits_s,
+        wall_time_s=time.perf_counter() - t0,
+    )
     if write:
-        results = {"checkpoints": checkpoints, "prompts": prompts, "loss": train_log.select("step", "loss", "lr", "grad_norm"),
-                   "transcoders": layers, "graphs": graphs, "circuit_compare": compare, "circuit_stats": stats,
-                   "circuit_tests": tests, "stopping": stopping,
-                   "stopping_sweep": frames.settle_sweep(checkpoints, compare), "graph_edges": edges,
-                   "graph_nodes": nodes, "summary": summary.frame()}
+        results["summary"] = summary.frame()
         write_results(profile, provenance_config(cfg, ft, tc_meta), ft.seed, summary.wall_time_s, results, graph_json)
     return summary
 
 
 # ------------------------------------------------------------------------------------------------- fine-tuning
+
+LOSS_COLUMNS = ("step", "loss", "lr", "grad_norm")  # the training log's columns in the ``loss`` result
 
 
 def run_dir(profile: Profile) -> Path:
@@ -103,36 +90,26 @@ def run_dir(profile: Profile) -> Path:
 
 
 def base_model(profile: Profile, cfg: CircuitsConfig) -> LoadedModel:
-    """A fresh copy of the model the track fine-tunes: the profile's, or ``cfg.model`` from the hub."""
-    if cfg.model is None:
-        return fresh_base(profile)
-    import os
+    """A fresh copy of the model the track fine-tunes: the profile's, or ``cfg.model`` from the hub in bf16."""
+    return fresh_base(profile) if cfg.model is None else load_hub_model(cfg.model, dtype=torch.bfloat16)
 
-    if not torch.cuda.is_available():
-        raise LabError(f"Track E's {profile.name} profile fine-tunes {cfg.model} on a CUDA GPU "
-                       f"(torch.cuda.is_available() is False): use --profile cpu")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(cfg.model)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.bfloat16, device_map="cuda",
-                                                     attn_implementation="eager")
-    except OSError as e:
-        hint = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise LabError(f"could not load {cfg.model} from the Hugging Face hub{hint}: {str(e).splitlines()[0]}; "
-                       f"accept its licence on huggingface.co, log in (`huggingface-cli login`) and unset "
-                       f"HF_HUB_OFFLINE") from None
-    return LoadedModel(model=model, tokenizer=tok, name=cfg.model, arch=model.config.model_type)
+def stage_model(profile: Profile, cfg: CircuitsConfig, adapter: Path | None) -> tuple:
+    """``(model, tokenizer)`` of one stage: a fresh base model, with the stage's adapter unless it is the base."""
+    lm = base_model(profile, cfg)
+    return (lm.model if adapter is None else load_adapter(lm, adapter)), lm.tokenizer
 
 
 def corpus_rows(tokenizer, cfg: CircuitsConfig) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
     """The constraint corpus as LoRA rows: train, validation, and validation by constraint type."""
-    ds = constraint_dataset(cfg.per_type, cfg.finetune.seed)
-    loss_on = concepts() if cfg.loss == "concept" else None
-    train = encode_texts(tokenizer, ds["train"]["text"], loss_on)
-    val = encode_texts(tokenizer, ds["validation"]["text"], loss_on)
-    by_type = {c: [r for r, t in zip(val, ds["validation"]["constraint_type"], strict=True) if t == c]
-               for c in CONSTRAINTS}
+    ds = constraints.constraint_dataset(cfg.per_type, cfg.finetune.seed)
+    loss_on = constraints.concepts() if cfg.loss == "concept" else None
+    train = constraints.encode_texts(tokenizer, ds["train"]["text"], loss_on)
+    val = constraints.encode_texts(tokenizer, ds["validation"]["text"], loss_on)
+    by_type = {
+        c: [r for r, t in zip(val, ds["validation"]["constraint_type"], strict=True) if t == c]
+        for c in constraints.CONSTRAINTS
+    }
     if any(not rows for rows in by_type.values()):
         raise LabError(f"the validation split lacks a constraint type: raise per_type (now {cfg.per_type})")
     return train, val, by_type
@@ -140,8 +117,11 @@ def corpus_rows(tokenizer, cfg: CircuitsConfig) -> tuple[list[dict], list[dict],
 
 def checkpoints(folder: Path) -> list[tuple[int, Path]]:
     """``(step, folder)`` of every saved checkpoint, in training order."""
-    found = [(int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*")
-             if (p / "adapter_model.safetensors").exists()]
+    found = [
+        (int(p.name.split("-")[1]), p)
+        for p in folder.glob("checkpoint-*")
+        if (p / "adapter_model.safetensors").exists()
+    ]
     return sorted(found, key=lambda x: x[0])
 
 
@@ -153,26 +133,30 @@ def training_stages(folder: Path, total: int) -> list[tuple[int, Path | None]]:
     return stages
 
 
-def score_stages(profile: Profile, cfg: CircuitsConfig, stages: list, val_by_type: dict[str, list[dict]],
-                 total: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+def score_stages(
+    profile: Profile, cfg: CircuitsConfig, stages: list, val_by_type: dict[str, list[dict]], total: int
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Per stage: every held-out prompt's score (``lab.data.constraints.score_prompts``) and each constraint
     type's validation loss."""
     prompt_frames, loss_rows = [], []
     for i, (step, adapter) in enumerate(stages):
-        base = base_model(profile, cfg)
-        model = base.model if adapter is None else load_adapter(base, adapter)
+        model, tokenizer = stage_model(profile, cfg, adapter)
         model.eval()
-        scored = score_prompts(model, base.tokenizer, held_out_prompts())
-        prompt_frames.append(scored.with_columns(checkpoint=pl.lit(i), step=pl.lit(step), fraction=pl.lit(step / total)))
-        loss_rows += [{"checkpoint": i, "constraint_type": c, "val_loss": mean_token_loss(model, rows)}
-                      for c, rows in val_by_type.items()]
+        scored = constraints.score_prompts(model, tokenizer, constraints.held_out_prompts())
+        prompt_frames.append(
+            scored.with_columns(checkpoint=pl.lit(i), step=pl.lit(step), fraction=pl.lit(step / total))
+        )
+        loss_rows += [
+            {"checkpoint": i, "constraint_type": c, "val_loss": constraints.mean_token_loss(model, rows)}
+            for c, rows in val_by_type.items()
+        ]
     return pl.concat(prompt_frames), pl.DataFrame(loss_rows)
 
 
 def final_models(profile: Profile):
     """``(base LoadedModel, fine-tuned model or None)``: the final checkpoint of the last run (the notebook's
     prompt box); None before the track has run on this profile."""
-    cfg = config_for(profile)
+    cfg = config.config_for(profile)
     saved = checkpoints(run_dir(profile))
     base = base_model(profile, cfg)
     return base, (load_adapter(base_model(profile, cfg), saved[-1][1]) if saved else None)
@@ -180,118 +164,89 @@ def final_models(profile: Profile):
 
 # ---------------------------------------------------------------------------------------------------- circuits
 
+ADAPTER_FILE = "adapter_model.safetensors"  # a checkpoint's weights: their content keys the stage's graphs
+
 
 def build_transcoders(profile: Profile, fresh: bool = False, progress: bool = True) -> str:
     """``lab transcoders build``: train the profile's transcoders (unless built with this recipe, or ``fresh``);
     the one-line report."""
-    meta = ensure_transcoders(profile, config_for(profile), fresh=fresh, progress=progress)
+    meta = ensure_transcoders(profile, config.config_for(profile), fresh=fresh, progress=progress)
     worst = max(meta["layers"], key=lambda r: r["fvu"])
     mean = sum(r["fvu"] for r in meta["layers"]) / meta["n_layers"]
-    return (f"transcoders for {meta['model']} in {paths.transcoder_dir(profile.name)}: {meta['n_layers']} layers x "
-            f"{meta['d_transcoder']} features (TopK {meta['k']}), trained {meta['train_s']:.0f} s; held-out FVU "
-            f"mean {mean:.3f}, worst {worst['fvu']:.3f} (layer {worst['layer']})")
+    return (
+        f"transcoders for {meta['model']} in {paths.transcoder_dir(profile.name)}: {meta['n_layers']} layers x "
+        f"{meta['d_transcoder']} features (TopK {meta['k']}), trained {meta['train_s']:.0f} s; held-out FVU "
+        f"mean {mean:.3f}, worst {worst['fvu']:.3f} (layer {worst['layer']})"
+    )
 
 
 def ensure_transcoders(profile: Profile, cfg: CircuitsConfig, *, fresh: bool = False, progress: bool = True) -> dict:
     """The meta of the profile's trained transcoders, building them first when missing, stale or ``fresh``."""
     if cfg.transcoders is None:
-        trains = ", ".join(name for name, recipe in RECIPES.items() if recipe.transcoders is not None)
-        raise LabError(f"profile {profile.name!r} does not train transcoders: it loads GemmaScope's from the hub "
-                       f"(`lab transcoders build` runs for {trains})")
+        trains = ", ".join(name for name, recipe in config.RECIPES.items() if recipe.transcoders is not None)
+        raise LabError(
+            f"profile {profile.name!r} does not train transcoders: it loads GemmaScope's from the hub "
+            f"(`lab transcoders build` runs for {trains})"
+        )
     folder = paths.transcoder_dir(profile.name)
     meta = None if fresh else transcoders.built(cfg.transcoders, folder)
     if meta is None:  # load the model only when there is something to train
-        meta = transcoders.build(cfg.transcoders, load_model(profile), folder, corpus=load_corpus(profile),
-                                 fresh=fresh, progress=progress)
+        meta = transcoders.build(
+            cfg.transcoders, load_model(profile), folder, corpus=load_corpus(profile), fresh=fresh, progress=progress
+        )
     return meta
 
 
 def circuit_transcoders(profile: Profile, cfg: CircuitsConfig, progress: bool = True):
     """``(TranscoderSet, meta)``: ours, built when missing (cpu / smoke), or circuit-tracer's hub set (gpu)."""
-    if cfg.hub_transcoders is None:
-        ensure_transcoders(profile, cfg, progress=progress)
-        return transcoders.load_transcoders(paths.transcoder_dir(profile.name))
-    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
-
-    try:
-        tcs, _ = load_transcoder_from_hub(cfg.hub_transcoders, device=torch.device("cuda"), dtype=torch.bfloat16)
-    except Exception as e:  # the hub client raises several types (offline, gated, missing)
-        raise LabError(f"could not load the {cfg.hub_transcoders!r} transcoders (GemmaScope) from the Hugging Face "
-                       f"hub: {str(e).splitlines()[0] if str(e) else type(e).__name__}; the gpu profile needs the "
-                       f"network on first use (unset HF_HUB_OFFLINE)") from None
-    meta = {"model": cfg.model, "source": f"hub:{cfg.hub_transcoders}", "n_layers": len(tcs),
-            "d_transcoder": tcs.d_transcoder, "k": None, "config": {"hub": cfg.hub_transcoders, "seed": 0},
-            "layers": [], "train_s": 0.0, "train_tokens_per_layer": 0}
-    return tcs, meta
+    if cfg.hub_transcoders is not None:
+        return circuits.load_hub_transcoders(cfg.hub_transcoders, cfg.model, device="cuda", dtype=torch.bfloat16)
+    ensure_transcoders(profile, cfg, progress=progress)
+    return transcoders.load_transcoders(paths.transcoder_dir(profile.name))
 
 
-def graph_prompts(tokenizer, cfg: CircuitsConfig) -> list[dict]:
-    """The prompts that get attribution graphs: seed prompts (chat format; followed at the top prediction) and,
-    per constraint type, ``graph_per_word`` held-out prompts of each of the first ``graph_words`` words
-    (followed at the right concept's first token)."""
-    rows = [{"prompt_id": f"seed-{i}", "constraint_type": "seed", "word": "", "text": chat_text(tokenizer, s),
-             "target": "", "target_id": None} for i, s in enumerate(SEED_PROMPTS[:cfg.seed_prompts])]
-    by_word: dict[tuple[str, str], list] = {}
-    for hp in held_out_prompts():
-        by_word.setdefault((hp.constraint_type, hp.word), []).append(hp)
-    for ctype, words in CONSTRAINTS.items():
-        for w in list(words)[:cfg.graph_words]:
-            for j, hp in enumerate(by_word[(ctype, w)][:cfg.graph_per_word]):
-                tid = tokenizer(" " + hp.target, add_special_tokens=False)["input_ids"][0]
-                rows.append({"prompt_id": f"{ctype}-{w}-{j}", "constraint_type": ctype, "word": w, "text": hp.prompt,
-                             "target": hp.target, "target_id": tid})
-    return rows
-
-
-def attribution_graphs(profile: Profile, cfg: CircuitsConfig, tokenizer, stages: list, total: int, tc_set,
-                       tc_meta: dict, progress: bool = True) -> tuple[list[dict], list[Path]]:
+def attribution_graphs(
+    profile: Profile, cfg: CircuitsConfig, tokenizer, stages: list, total: int, tc_set, tc_meta: dict, progress: bool
+) -> tuple[list[dict], list[Path]]:
     """One record (``lab.interp.circuits.trace``) per stage and graph prompt, in stage order, each tagged with
     its stage and prompt; cached per transcoder build, adapter content and prompt. Also circuit-tracer's JSON
     files of the seed prompts' graphs at the base and final stage (committed to results/)."""
-    from circuit_tracer.utils.create_graph_files import create_graph_files
     from tqdm.auto import tqdm
-
-    from lab.interp.circuits import export_model, replacement_model, trace
 
     tc_key = hashlib.sha256(json.dumps(tc_meta, sort_keys=True).encode()).hexdigest()[:10]
     work = paths.checkpoint_dir(profile.name, TRACK, "circuits", f"tc-{tc_key}-nodes{cfg.max_feature_nodes}")
-    prompts = graph_prompts(tokenizer, cfg)
+    prompts = constraints.graph_prompts(
+        tokenizer, config.SEED_PROMPTS[: cfg.seed_prompts], cfg.graph_words, cfg.graph_per_word
+    )
+    seeds = {pr["prompt_id"] for pr in prompts if pr["constraint_type"] == "seed"}
     on_gpu = cfg.model is not None
     records: list[dict] = []
     json_files: list[Path] = []
     bar = tqdm(total=len(stages) * len(prompts), desc="attribution graphs", disable=not progress, unit="graph")
     for i, (step, adapter) in enumerate(stages):
-        key = "base" if adapter is None else \
-            hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:10]
+        key = "base" if adapter is None else hashlib.sha256((adapter / ADAPTER_FILE).read_bytes()).hexdigest()[:10]
         stage_dir = work / f"stage-{key}"
-        todo = [pr for pr in prompts if not (stage_dir / f"{pr['prompt_id']}.json").exists()]
-        if todo:
-            lm = base_model(profile, cfg)
-            model = lm.model if adapter is None else load_adapter(lm, adapter)
-            folder = export_model(model, lm.tokenizer, work / "models" / f"stage-{key}")
-            replacement = replacement_model(folder, tc_set, device="cuda" if on_gpu else "cpu",
-                                            dtype=torch.bfloat16 if on_gpu else torch.float32)
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            for pr in todo:
-                t1 = time.perf_counter()
-                rec, graph = trace(replacement, pr["text"], target_id=pr["target_id"],
-                                   max_feature_nodes=cfg.max_feature_nodes)
-                rec["attribution_s"] = time.perf_counter() - t1
-                rec["tokens"] = [lm.tokenizer.decode([t]) for t in rec["input_tokens"]]
-                if pr["constraint_type"] == "seed" and i in (0, len(stages) - 1):
-                    create_graph_files(graph, f"{pr['prompt_id']}-stage-{i}", str(stage_dir / "json"),
-                                       scan=tc_set.scan, node_threshold=JSON_NODE_THRESHOLD,
-                                       edge_threshold=JSON_EDGE_THRESHOLD)
-                atomic_write_text(stage_dir / f"{pr['prompt_id']}.json", json.dumps(rec))
-                bar.update(1)
-            del replacement, model, lm
-        bar.update(len(prompts) - len(todo))
+        traced = circuits.trace_prompts(
+            partial(stage_model, profile, cfg, adapter),
+            tc_set,
+            prompts,
+            stage_dir,
+            work / "models" / f"stage-{key}",
+            max_feature_nodes=cfg.max_feature_nodes,
+            json_for=seeds if i in (0, len(stages) - 1) else (),
+            json_suffix=f"-stage-{i}",
+            json_thresholds=(config.JSON_NODE_THRESHOLD, config.JSON_EDGE_THRESHOLD),
+            device="cuda" if on_gpu else "cpu",
+            dtype=torch.bfloat16 if on_gpu else torch.float32,
+            on_traced=bar.update,
+        )
+        bar.update(len(prompts) - traced)
         json_files += sorted((stage_dir / "json").glob(f"*-stage-{i}.json"))
+        stage_tags = {"checkpoint": i, "step": step, "fraction": step / total}
         for pr in prompts:
-            rec = json.loads((stage_dir / f"{pr['prompt_id']}.json").read_text())
-            rec |= {"checkpoint": i, "step": step, "fraction": step / total, "prompt_id": pr["prompt_id"],
-                    "constraint_type": pr["constraint_type"], "word": pr["word"], "n_layers": tc_meta["n_layers"]}
-            records.append(rec)
+            prompt_tags = {"prompt_id": pr["prompt_id"], "constraint_type": pr["constraint_type"], "word": pr["word"]}
+            tags = stage_tags | prompt_tags | {"n_layers": tc_meta["n_layers"]}
+            records.append(circuits.read_record(stage_dir, pr["prompt_id"]) | tags)
     bar.close()
     return records, json_files
 
@@ -301,19 +256,37 @@ def attribution_graphs(profile: Profile, cfg: CircuitsConfig, tokenizer, stages:
 
 def provenance_config(cfg: CircuitsConfig, ft: FinetuneConfig, tc_meta: dict) -> dict:
     """The config recorded beside every result: the recipe as run, with the transcoders' build config."""
-    return {"per_type": cfg.per_type, "finetune": asdict(ft), "loss": cfg.loss, "learned_threshold": LEARNED,
-            "graph_words": cfg.graph_words, "graph_per_word": cfg.graph_per_word,
-            "max_feature_nodes": cfg.max_feature_nodes, "settle": cfg.settle, "transcoders": tc_meta["config"]}
+    return {
+        "per_type": cfg.per_type,
+        "finetune": asdict(ft),
+        "loss": cfg.loss,
+        "learned_threshold": config.LEARNED,
+        "graph_words": cfg.graph_words,
+        "graph_per_word": cfg.graph_per_word,
+        "max_feature_nodes": cfg.max_feature_nodes,
+        "settle": cfg.settle,
+        "transcoders": tc_meta["config"],
+    }
 
 
-CHARTS = {"checkpoints": charts.plot_checkpoints, "loss": charts.plot_loss, "transcoders": charts.plot_transcoders,
-          "circuit_stats": charts.plot_circuit_stats}
+CHARTS = {
+    "checkpoints": charts.plot_checkpoints,
+    "loss": charts.plot_loss,
+    "transcoders": charts.plot_transcoders,
+    "circuit_stats": charts.plot_circuit_stats,
+}
 
 
-def write_results(profile: Profile, config: dict, seed: int, wall_time_s: float, results: dict[str, pl.DataFrame],
-                  json_files: list[Path]) -> None:
+def write_results(
+    profile: Profile,
+    provenance: dict,
+    seed: int,
+    wall_time_s: float,
+    results: dict[str, pl.DataFrame],
+    json_files: list,
+) -> None:
     """Every result (the graph drawing reads the edges back), then circuit-tracer's JSON under ``graphs/``."""
-    kw = dict(config=config, seed=seed, profile=profile.name, wall_time_s=wall_time_s)
+    kw = dict(config=provenance, seed=seed, profile=profile.name, wall_time_s=wall_time_s)
     folder = paths.track_results(TRACK, profile.name)
 
     def graph_chart(nodes: pl.DataFrame):  # one prompt's graph per checkpoint; the edges are written first

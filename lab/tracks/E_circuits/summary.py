@@ -10,7 +10,7 @@ from lab.data.constraints import CONSTRAINTS
 from lab.results import Summary
 from lab.tracks.E_circuits.config import LEARNED, CircuitsConfig
 from lab.tracks.E_circuits.frames import learned_at
-from lab.train.lora import FinetuneConfig
+from lab.train.lora import FinetuneConfig, FinetuneResult
 
 
 @dataclass(frozen=True)
@@ -79,37 +79,73 @@ class CircuitsSummary(Summary):
     wall_time_s: float  # the whole run, before writing
 
 
-def summarize(*, model: str, cfg: CircuitsConfig, finetune: FinetuneConfig, n_train: int, n_validation: int,
-              n_prompts: int, steps: int, trainable_params: int, checkpoints: pl.DataFrame, train_log: pl.DataFrame,
-              transcoders: pl.DataFrame, transcoder_meta: dict, graphs: pl.DataFrame, n_graph_prompts: int,
-              circuits_wall_s: float, stopping: pl.DataFrame, wall_time_s: float) -> CircuitsSummary:
-    """The summary of one run, from the frames it wrote (``checkpoints``, ``transcoders``, ``graphs``,
-    ``stopping``) and the training log's step frame."""
+def summarize(
+    *,
+    model: str,
+    cfg: CircuitsConfig,
+    finetune: FinetuneConfig,
+    trained: FinetuneResult,
+    train_log: pl.DataFrame,
+    results: dict[str, pl.DataFrame],
+    transcoder_meta: dict,
+    circuits_wall_s: float,
+    wall_time_s: float,
+) -> CircuitsSummary:
+    """The summary of one run, from the frames it writes (``results``: ``checkpoints``, ``prompts``,
+    ``transcoders``, ``graphs``, ``stopping``), the fine-tune as run (``finetune``, with the corpus sizes, and
+    ``trained``) and the training log's step frame."""
+    checkpoints, transcoders, graphs = results["checkpoints"], results["transcoders"], results["graphs"]
     per_type = {}
     for c in CONSTRAINTS:
         rows = checkpoints.filter(pl.col("constraint_type") == c).sort("checkpoint")
         at = learned_at(checkpoints, c)
-        per_type |= {f"{c}_base_accuracy": rows["accuracy"][0], f"{c}_final_accuracy": rows["accuracy"][-1],
-                     f"{c}_base_val_loss": rows["val_loss"][0], f"{c}_final_val_loss": rows["val_loss"][-1],
-                     f"{c}_learned_at": at if at is not None else -1.0}
+        per_type |= {
+            f"{c}_base_accuracy": rows["accuracy"][0],
+            f"{c}_final_accuracy": rows["accuracy"][-1],
+            f"{c}_base_val_loss": rows["val_loss"][0],
+            f"{c}_final_val_loss": rows["val_loss"][-1],
+            f"{c}_learned_at": at if at is not None else -1.0,
+        }
     stops = {}
-    for row in stopping.iter_rows(named=True):
+    for row in results["stopping"].iter_rows(named=True):
         k = f"{row['constraint_type']}_{row['rule']}"
-        stops |= {f"{k}_stop_fraction": row["fraction"], f"{k}_steps": row["steps_trained"],
-                  f"{k}_accuracy": row["accuracy"]}
+        stops |= {
+            f"{k}_stop_fraction": row["fraction"],
+            f"{k}_steps": row["steps_trained"],
+            f"{k}_accuracy": row["accuracy"],
+        }
     attribution_s = graphs["attribution_s"].to_list()
     train_s = float((train_log["tokens"] / train_log["tokens_per_s"]).sum()) if train_log.height else 0.0
     return CircuitsSummary(
-        model=model, n_train=n_train, n_validation=n_validation, n_prompts=n_prompts, steps=steps,
-        lr=finetune.lr, rank=finetune.rank, epochs=finetune.epochs, loss_on=cfg.loss,
-        trainable_params=trainable_params, learned_threshold=LEARNED, **per_type, train_time_s=train_s,
-        transcoder_layers=transcoders.height, transcoder_features=transcoder_meta["d_transcoder"],
-        transcoder_k=transcoder_meta["k"], transcoder_fvu_mean=float(transcoders["fvu"].mean()),
-        transcoder_fvu_max=float(transcoders["fvu"].max()), transcoder_fvu_min=float(transcoders["fvu"].min()),
+        model=model,
+        n_train=finetune.n_train,
+        n_validation=finetune.n_test,
+        n_prompts=results["prompts"].filter(pl.col("checkpoint") == 0).height,  # every checkpoint scores them all
+        steps=trained.total_steps,
+        lr=finetune.lr,
+        rank=finetune.rank,
+        epochs=finetune.epochs,
+        loss_on=cfg.loss,
+        trainable_params=trained.trainable_params,
+        learned_threshold=LEARNED,
+        **per_type,
+        train_time_s=train_s,
+        transcoder_layers=transcoders.height,
+        transcoder_features=transcoder_meta["d_transcoder"],
+        transcoder_k=transcoder_meta["k"],
+        transcoder_fvu_mean=float(transcoders["fvu"].mean()),
+        transcoder_fvu_max=float(transcoders["fvu"].max()),
+        transcoder_fvu_min=float(transcoders["fvu"].min()),
         transcoder_worst_layer=int(transcoders.sort("fvu")["layer"][-1]),
         transcoder_dead_share_mean=float(transcoders["dead_share"].mean()),
         transcoder_train_s=transcoder_meta["train_s"],
         transcoder_tokens_per_layer=transcoder_meta["train_tokens_per_layer"],
-        graph_prompts=n_graph_prompts, graphs=graphs.height,
-        attribution_s_median=float(pl.Series(attribution_s).median()), attribution_s_total=float(sum(attribution_s)),
-        circuits_wall_s=circuits_wall_s, settle_threshold=cfg.settle, **stops, wall_time_s=wall_time_s)
+        graph_prompts=graphs.filter(pl.col("checkpoint") == 0).height,  # every checkpoint traces them all
+        graphs=graphs.height,
+        attribution_s_median=float(pl.Series(attribution_s).median()),
+        attribution_s_total=float(sum(attribution_s)),
+        circuits_wall_s=circuits_wall_s,
+        settle_threshold=cfg.settle,
+        **stops,
+        wall_time_s=wall_time_s,
+    )

@@ -21,8 +21,10 @@ def plot_loss(df: pl.DataFrame, reference: float | None = NANOGPT_CPU_VAL_LOSS) 
     if reference is not None:
         ref = pl.DataFrame({"loss": [reference], "label": [f"nanoGPT CPU result ({reference})"]})
         rule = alt.Chart(ref).encode(y="loss:Q")
-        layers += [rule.mark_rule(strokeDash=[4, 4], color="gray"),
-                   rule.mark_text(align="left", dx=4, dy=-6, color="gray").encode(x=alt.value(0), text="label:N")]
+        layers += [
+            rule.mark_rule(strokeDash=[4, 4], color="gray"),
+            rule.mark_text(align="left", dx=4, dy=-6, color="gray").encode(x=alt.value(0), text="label:N"),
+        ]
     tooltip = [alt.Tooltip("step:Q"), alt.Tooltip("series:N"), alt.Tooltip("loss:Q", format=".3f")]
     layers[1] = layers[1].encode(tooltip=tooltip)
     return alt.layer(*layers).properties(width="container", height=300)
@@ -41,9 +43,15 @@ def plot_log(df: pl.DataFrame) -> alt.VConcatChart:
 
 def plot_ablation(df: pl.DataFrame) -> alt.Chart:
     """``ablation``: validation loss over training for each position-embedding variant."""
-    return alt.Chart(df).transform_filter(alt.datum.split == "val").mark_line(point=True).encode(
-        x=alt.X("step:Q", title="step"),
-        y=alt.Y("loss:Q", title="validation loss (nats/char)", scale=alt.Scale(zero=False)),
-        color=alt.Color("pos_emb:N", title="position embedding"),
-        tooltip=["pos_emb:N", "step:Q", alt.Tooltip("loss:Q", format=".3f")],
-    ).properties(width="container", height=260)
+    return (
+        alt.Chart(df)
+        .transform_filter(alt.datum.split == "val")
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("step:Q", title="step"),
+            y=alt.Y("loss:Q", title="validation loss (nats/char)", scale=alt.Scale(zero=False)),
+            color=alt.Color("pos_emb:N", title="position embedding"),
+            tooltip=["pos_emb:N", "step:Q", alt.Tooltip("loss:Q", format=".3f")],
+        )
+        .properties(width="container", height=260)
+    )

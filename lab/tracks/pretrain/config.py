@@ -20,11 +20,20 @@ NANOGPT_CPU_VAL_LOSS = 1.88
 RECIPES: dict[str, PretrainConfig] = {
     # seconds on one thread: a 2-layer model on the generated smoke text, evaluated and checkpointed often
     "smoke": PretrainConfig(
-        n_layer=2, n_head=2, d_model=32, block_size=32,
-        batch_size=8, max_iters=200,
-        lr=3e-3, min_lr=3e-4, warmup_iters=10,
-        eval_interval=50, eval_iters=4, final_eval_iters=8,
-        checkpoint_interval=50, sample_chars=60,
+        n_layer=2,
+        n_head=2,
+        d_model=32,
+        block_size=32,
+        batch_size=8,
+        max_iters=200,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_iters=10,
+        eval_interval=50,
+        eval_iters=4,
+        final_eval_iters=8,
+        checkpoint_interval=50,
+        sample_chars=60,
     ),
     # nanoGPT's CPU recipe on 2 cores (4 layers, d 128, 4 heads, block 64, batch 12, 2000 steps, lr 1e-3 -> 1e-4)
     "cpu": PretrainConfig(
@@ -32,10 +41,17 @@ RECIPES: dict[str, PretrainConfig] = {
     ),
     # nanoGPT's train_shakespeare_char.py (GPU) recipe
     "gpu": PretrainConfig(
-        n_layer=6, n_head=6, d_model=384, block_size=256,
-        batch_size=64, max_iters=5000,
-        dropout=0.2, min_lr=1e-4,
-        eval_interval=250, eval_iters=200, checkpoint_interval=1000,
+        n_layer=6,
+        n_head=6,
+        d_model=384,
+        block_size=256,
+        batch_size=64,
+        max_iters=5000,
+        dropout=0.2,
+        min_lr=1e-4,
+        eval_interval=250,
+        eval_iters=200,
+        checkpoint_interval=1000,
         compile=True,
     ),
 }
@@ -46,5 +62,7 @@ def config_for(profile: Profile) -> PretrainConfig:
     try:
         return RECIPES[profile.name]
     except KeyError:
-        raise LabError(f"the pretrain track has no recipe for profile {profile.name!r}: add one to RECIPES in "
-                       f"lab/tracks/pretrain/config.py (known: {', '.join(RECIPES)})") from None
+        raise LabError(
+            f"the pretrain track has no recipe for profile {profile.name!r}: add one to RECIPES in "
+            f"lab/tracks/pretrain/config.py (known: {', '.join(RECIPES)})"
+        ) from None

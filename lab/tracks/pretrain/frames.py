@@ -46,10 +46,18 @@ def ablation_summary_frame(logs: dict[str, TrainLog], max_iters: int, clip: floa
     grads = []
     for name, log in logs.items():
         stats = grad_norm_stats(log.frames()[0], max_iters, clip)
-        grads.append({"pos_emb": name, "grad_norm_last_tenth": stats["grad_norm_last_tenth"],
-                      "clipped_fraction": stats["clipped_fraction"]})
-    return (ablation_frame(logs).filter(pl.col("step") == max_iters)
-            .pivot(on="split", index="pos_emb", values="loss")
-            .select("pos_emb", pl.col("val").alias("final_val_loss"), pl.col("train").alias("final_train_loss"))
-            .with_columns((pl.col("final_val_loss") - pl.col("final_train_loss")).alias("val_minus_train"))
-            .join(pl.DataFrame(grads), on="pos_emb", maintain_order="left"))
+        grads.append(
+            {
+                "pos_emb": name,
+                "grad_norm_last_tenth": stats["grad_norm_last_tenth"],
+                "clipped_fraction": stats["clipped_fraction"],
+            }
+        )
+    return (
+        ablation_frame(logs)
+        .filter(pl.col("step") == max_iters)
+        .pivot(on="split", index="pos_emb", values="loss")
+        .select("pos_emb", pl.col("val").alias("final_val_loss"), pl.col("train").alias("final_train_loss"))
+        .with_columns((pl.col("final_val_loss") - pl.col("final_train_loss")).alias("val_minus_train"))
+        .join(pl.DataFrame(grads), on="pos_emb", maintain_order="left")
+    )

@@ -4,9 +4,9 @@ then the position-embedding ablation and the throughput benchmark."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 import torch
@@ -22,8 +22,16 @@ from lab.tracks.pretrain.summary import PretrainSummary, summarize
 from lab.train.pretraining import PretrainConfig, TrainLog, TrainResult, train_gpt
 
 
-def run(profile: Profile, *, fresh: bool = False, write: bool = True, progress: bool = True, bench: bool = True,
-        on_step: Callable[[int, TrainLog], None] | None = None, max_iters: int | None = None) -> PretrainSummary:
+def run(
+    profile: Profile,
+    *,
+    fresh: bool = False,
+    write: bool = True,
+    progress: bool = True,
+    bench: bool = True,
+    on_step: Callable[[int, TrainLog], None] | None = None,
+    max_iters: int | None = None,
+) -> PretrainSummary:
     """Train (resuming an interrupted run unless ``fresh``), then write loss, log, samples, summary, the
     position-embedding ablation and the throughput benchmark to results/pretrain/.
 
@@ -44,8 +52,12 @@ def run(profile: Profile, *, fresh: bool = False, write: bool = True, progress: 
     if not write:
         return summary
     steps, _, samples = res.log.frames()
-    config = {"pretrain": asdict(cfg), "corpus": corpus.name, "val_works": list(corpus.val_works),
-              "resumed_from": res.resumed_from}
+    config = {
+        "pretrain": asdict(cfg),
+        "corpus": corpus.name,
+        "val_works": list(corpus.val_works),
+        "resumed_from": res.resumed_from,
+    }
     common = dict(config=config, seed=cfg.seed, profile=profile.name, wall_time_s=res.wall_time_s)
     write_result(TRACK, "loss", frames.loss_frame(res.log), chart=charts.plot_loss, **common)
     write_result(TRACK, "log", steps, chart=charts.plot_log, **common)
@@ -58,19 +70,29 @@ def run(profile: Profile, *, fresh: bool = False, write: bool = True, progress: 
     return summary
 
 
-def ablation(profile: Profile, cfg: PretrainConfig, corpus: Corpus, rope: TrainResult, ckpt: Path, *,
-             fresh: bool, progress: bool) -> None:
+def ablation(
+    profile: Profile, cfg: PretrainConfig, corpus: Corpus, rope: TrainResult, ckpt: Path, *, fresh: bool, progress: bool
+) -> None:
     """nanoGPT's learned absolute position embeddings, everything else identical to the RoPE run ``rope``:
     write ``ablation`` (every evaluation of both) and ``ablation_summary`` (one row each)."""
     learned_cfg = replace(cfg, pos_emb="learned")
-    learned = train_gpt(learned_cfg, corpus, ckpt.with_name(ckpt.name + "-learned"), resume=not fresh,
-                        progress=progress, device=device(profile))
+    learned = train_gpt(
+        learned_cfg,
+        corpus,
+        ckpt.with_name(ckpt.name + "-learned"),
+        resume=not fresh,
+        progress=progress,
+        device=device(profile),
+    )
     logs = {"rope": rope.log, "learned": learned.log}
-    common = dict(config={"rope": asdict(cfg), "learned": asdict(learned_cfg)}, seed=cfg.seed, profile=profile.name,
-                  wall_time_s=learned.wall_time_s)
+    common = dict(
+        config={"rope": asdict(cfg), "learned": asdict(learned_cfg)},
+        seed=cfg.seed,
+        profile=profile.name,
+        wall_time_s=learned.wall_time_s,
+    )
     write_result(TRACK, "ablation", frames.ablation_frame(logs), chart=charts.plot_ablation, **common)
-    write_result(TRACK, "ablation_summary", frames.ablation_summary_frame(logs, cfg.max_iters, cfg.grad_clip),
-                 **common)
+    write_result(TRACK, "ablation_summary", frames.ablation_summary_frame(logs, cfg.max_iters, cfg.grad_clip), **common)
 
 
 def benchmark(profile: Profile, *, steps: int = 200, warmup: int = 20) -> pl.DataFrame:
@@ -82,8 +104,15 @@ def benchmark(profile: Profile, *, steps: int = 200, warmup: int = 20) -> pl.Dat
     corpus = load_corpus(profile)
     t0 = time.perf_counter()
     frame = throughput.run(cfg, corpus, steps=steps, warmup=warmup)
-    write_result(TRACK, "benchmark", frame, config={"steps": steps, "warmup": warmup}, seed=cfg.seed,
-                 profile=profile.name, wall_time_s=time.perf_counter() - t0)
+    write_result(
+        TRACK,
+        "benchmark",
+        frame,
+        config={"steps": steps, "warmup": warmup},
+        seed=cfg.seed,
+        profile=profile.name,
+        wall_time_s=time.perf_counter() - t0,
+    )
     return frame
 
 
