@@ -12,10 +12,13 @@ lab questions                         check that every ANSWERED question links t
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import inspect
 import os
 import sys
 import time
+from pathlib import Path
 
 from lab.errors import LabError
 
@@ -25,6 +28,61 @@ BENCHMARKS = {
     "finetune": "lab.tracks.A_finetuning.run:benchmark",
     "capture": "lab.tracks.C_probing.run:benchmark",
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors (unknown flags, bad values) as one ``lab: error:`` line, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"lab: error: {message}; see `{self.prog} --help`\n")
+
+
+def _count(text: str) -> int:
+    """An argparse type: an integer >= 1 (a step count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {text!r})")
+    return value
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port in 1..65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in 1..65535 (got {text!r})")
+    return value
+
+
+# What to do about an everyday OS error; what is already written stays whole because every write is atomic.
+_OS_HINTS = {
+    errno.ENOSPC: "free some disk space and run the same command again (training resumes at its last checkpoint)",
+    errno.EDQUOT: "free some of your disk quota and run the same command again",
+    errno.EACCES: "check that path's permissions, or point LAB_RESULTS_DIR / LAB_DATA_DIR at a writable folder",
+    errno.EPERM: "check that path's permissions, or point LAB_RESULTS_DIR / LAB_DATA_DIR at a writable folder",
+    errno.EROFS: "that file system is read-only: point LAB_RESULTS_DIR / LAB_DATA_DIR at a writable folder",
+    errno.EADDRINUSE: "that port is taken: choose another with --port",
+}
+_WRITES = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for an :class:`OSError`: ``<path>: <reason>: <what to do>``, saying that nothing already written
+    is lost when the error stopped a write."""
+    from lab.paths import shown
+
+    name = err.filename
+    where = f"{shown(Path(os.fsdecode(name)))}: " if name and isinstance(name, str | bytes | os.PathLike) else ""
+    reason = err.strerror or (str(err).strip().splitlines() or [type(err).__name__])[0]
+    hint = _OS_HINTS.get(err.errno)
+    if err.errno in _WRITES:
+        hint += "; nothing already written is lost (every write is atomic)"
+    return where + reason + (f": {hint}" if hint else "")
 
 
 def _profile(name: str):
@@ -37,6 +95,10 @@ def _profile(name: str):
 def _function(path: str):
     module, name = path.split(":")
     return getattr(importlib.import_module(module), name)
+
+
+def _takes_steps(bench) -> bool:
+    return "steps" in inspect.signature(bench).parameters
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -66,7 +128,7 @@ def _site(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ap = argparse.ArgumentParser(prog="lab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog="lab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="tracks and profiles")
     r = sub.add_parser("run", help="run a track, or all")
@@ -76,14 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="benchmarks")
     b.add_argument("which", choices=list(BENCHMARKS))
     b.add_argument("--profile", default="cpu")
-    b.add_argument("--steps", type=int, default=None, help="timed steps (pretrain only; default 200)")
+    b.add_argument("--steps", type=_count, default=None, help="timed steps (pretrain: default 200; finetune: 6)")
     t = sub.add_parser("transcoders", help="per-layer transcoders for circuit-tracer (Track E)")
     t.add_argument("action", choices=["build"])
     t.add_argument("--profile", default="cpu")
     t.add_argument("--fresh", action="store_true", help="retrain even if built (and ignore a build's checkpoint)")
     s = sub.add_parser("site", help="the offline site")
     s.add_argument("action", choices=["build", "serve"])
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=_port, default=8000)
     sub.add_parser("questions", help="check QUESTIONS.md evidence links")
     args = ap.parse_args(argv)
     try:
@@ -97,8 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "run":
             _run(args)
         elif args.cmd == "bench":
+            bench = _function(BENCHMARKS[args.which])
             options = {"steps": args.steps} if args.steps is not None else {}
-            _function(BENCHMARKS[args.which])(_profile(args.profile), **options)
+            if options and not _takes_steps(bench):
+                takes = ", ".join(n for n, path in BENCHMARKS.items() if _takes_steps(_function(path)))
+                raise LabError(f"`lab bench {args.which}` takes no --steps (only {takes} do): drop it")
+            bench(_profile(args.profile), **options)
         elif args.cmd == "transcoders":
             from lab.tracks.E_circuits.run import build_transcoders
 
@@ -110,12 +176,16 @@ def main(argv: list[str] | None = None) -> int:
 
             problems = check_evidence()
             for p in problems:
-                print(p, file=sys.stderr)
+                print(f"lab: error: {p}", file=sys.stderr)
             if problems:
                 return 1
             print("QUESTIONS.md: every ANSWERED question links to evidence that exists")
-    except LabError as e:
-        print(f"lab: error: {e}", file=sys.stderr)
+    except LabError as e:  # one line per problem when there are several (e.g. every damaged result file)
+        for line in str(e).splitlines() or [""]:
+            print(f"lab: error: {line}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permission denied, read-only, port taken: no traceback for everyday errors
+        print(f"lab: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lab: interrupted — run the same command again to resume from the last checkpoint", file=sys.stderr)

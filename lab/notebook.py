@@ -23,11 +23,16 @@ def script_mode(mo: Any) -> tuple[bool, dict[str, Any]]:
 
 
 def or_exit(track: str, fn: Callable[[], T]) -> T:
-    """Call ``fn``; a :class:`LabError` becomes ``SystemExit("<track>: error: ...")`` (exit status 1, one line)."""
+    """Call ``fn``; a :class:`LabError`, or an everyday :class:`OSError` (disk full, permission denied), becomes
+    ``SystemExit("<track>: error: ...")`` (exit status 1, one line, as the ``lab`` command prints it)."""
     try:
         return fn()
     except LabError as err:
         raise SystemExit(f"{track}: error: {err}") from None
+    except OSError as err:
+        from lab.cli import os_error_line
+
+        raise SystemExit(f"{track}: error: {os_error_line(err)}") from None
 
 
 def script_profile(track: str, cli: dict[str, Any]) -> Profile:

@@ -26,6 +26,21 @@ class Profile:
     lm: str  # language model used by the fine-tuning / interpretability tracks
     threads: int | None = None  # torch threads; None = torch's default
 
+    def require_device(self) -> str:
+        """The profile's torch device, or a :class:`LabError` naming the fix when this machine lacks it (a ``gpu``
+        run must not fall back to the CPU and label its results ``gpu``)."""
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise LabError(
+                    f"profile {self.name!r} runs on a CUDA GPU and this machine has none "
+                    f"(torch.cuda.is_available() is False): use --profile cpu"
+                )
+        elif self.device != "cpu":
+            raise LabError(f"profile {self.name!r} names the device {self.device!r}: the lab runs on 'cpu' or 'cuda'")
+        return self.device
+
 
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
@@ -56,7 +71,9 @@ DEFAULT_PROFILE = "cpu"
 
 
 def activate(profile: Profile) -> Profile:
-    """Apply a profile's process-wide settings (torch threads) once, at the edge: the CLI or a notebook."""
+    """Check that the profile's device is here and apply its process-wide settings (torch threads), once, at the
+    edge: the CLI or a notebook. Nothing has been computed when it refuses."""
+    profile.require_device()
     if profile.threads:
         import torch
 

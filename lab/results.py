@@ -1,18 +1,25 @@
-"""Results writer: Parquet (polars) + Altair chart (.vl.json) + provenance, all written atomically.
+"""Results writer: Parquet (polars) + Altair chart (.vl.json) + provenance, published as one set per track.
 
 Layout: ``<root>/<track>/<name>.parquet``, ``<root>/<track>/<name>.vl.json`` and one
-``<root>/<track>/manifest.json`` mapping each result name to its provenance. Charts are always
-built from the Parquet file as written, never from in-memory state the Parquet lacks.
+``<root>/<track>/manifest.json`` mapping each result name to its provenance and each of its files' sha256 and size.
+Charts are always built from the Parquet file as written, never from in-memory state the Parquet lacks.
+
+- :func:`write_result` writes one result; inside :func:`result_set` the track's files are staged and swapped in
+  together, so a reader never sees a loss curve of one run beside the summary of another.
+- :func:`read_manifest`: a manifest, or :class:`LabError` naming the fix (:mod:`lab.site.checks` verifies the files
+  against it before the site publishes them).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, is_dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -22,8 +29,17 @@ from typing import Any
 import polars as pl
 
 from lab.errors import LabError
-from lab.io import atomic_write_bytes, atomic_write_text, parquet_bytes
-from lab.paths import REPO_ROOT, results_root
+from lab.io import (
+    atomic_write_bytes,
+    atomic_write_text,
+    copy_missing,
+    discard,
+    is_temporary,
+    new_stage,
+    parquet_bytes,
+    swap_in,
+)
+from lab.paths import DEFAULT_PROFILE, REPO_ROOT, results_root, shown
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "polars", "altair", "numpy", "marimo")
 
@@ -100,7 +116,9 @@ def write_result(
     chart: Callable[[pl.DataFrame], Any] | None = None,
     root: Path | None = None,
 ) -> Path:
-    """Write one result: ``<name>.parquet``, optionally ``<name>.vl.json``, and its manifest entry.
+    """Write one result: ``<name>.parquet``, optionally ``<name>.vl.json``, and its manifest entry (provenance and
+    each file's sha256 and size). Inside :func:`result_set` of the track the files are staged and appear with the
+    rest of the set; outside one, each file is replaced atomically on its own.
 
     Args:
         track: Track folder, e.g. ``"pretrain"``.
@@ -114,35 +132,176 @@ def write_result(
         root: Results root; defaults to :func:`results_root` of ``profile``.
 
     Returns:
-        Path of the Parquet file.
+        Path of the Parquet file (in the stage while a set is open).
+
+    Raises:
+        LabError: ``frame`` is not a polars frame, the chart holds NaN, or the folder cannot be written (disk full,
+            not writable); the previous files are then unchanged.
     """
     if not isinstance(frame, pl.DataFrame):
         raise LabError(f"write_result({track}/{name}) needs a polars DataFrame, got {type(frame).__name__}")
-    folder = (root if root is not None else results_root(profile)) / track
-    folder.mkdir(parents=True, exist_ok=True)
-    pq = folder / f"{name}.parquet"
-    atomic_write_bytes(pq, parquet_bytes(frame))
-    if chart is not None:
-        spec = chart(pl.read_parquet(pq)).to_dict()
-        try:  # NaN is not JSON: vega-embed would refuse the whole spec in the browser
-            text = json.dumps(spec, indent=1, allow_nan=False)
-        except ValueError:
-            raise LabError(
-                f"the chart of {track}/{name} contains NaN or infinity: filter them out in its plot function"
-            ) from None
-        atomic_write_text(folder / f"{name}.vl.json", text)
-    record = provenance(config=config, seed=seed, profile=profile, wall_time_s=wall_time_s)
-    record["files"] = [pq.name] + ([f"{name}.vl.json"] if chart is not None else [])
-    update_manifest(folder, name, record)
+    live = _track_folder(track, profile, root)
+    folder = _OPEN_SETS.get(live, live)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        pq = folder / f"{name}.parquet"
+        written = {pq.name: parquet_bytes(frame)}
+        atomic_write_bytes(pq, written[pq.name])
+        if chart is not None:
+            spec = chart(pl.read_parquet(pq)).to_dict()
+            try:  # NaN is not JSON: vega-embed would refuse the whole spec in the browser
+                text = json.dumps(spec, indent=1, allow_nan=False)
+            except ValueError:
+                raise LabError(
+                    f"the chart of {track}/{name} contains NaN or infinity: filter them out in its plot function"
+                ) from None
+            written[f"{name}.vl.json"] = text.encode("utf-8")
+            atomic_write_bytes(folder / f"{name}.vl.json", written[f"{name}.vl.json"])
+        record = provenance(config=config, seed=seed, profile=profile, wall_time_s=wall_time_s)
+        record["files"] = list(written)
+        record["sha256"] = {f: hashlib.sha256(data).hexdigest() for f, data in written.items()}
+        record["bytes"] = {f: len(data) for f, data in written.items()}
+        update_manifest(folder, name, record)
+    except OSError as e:
+        raise _write_error(e, live, stage=folder if folder != live else None) from e
     return pq
 
 
 def update_manifest(folder: Path, name: str, record: dict[str, Any]) -> None:
-    """Set ``manifest[name] = record`` in ``folder/manifest.json`` atomically."""
-    path = folder / "manifest.json"
-    manifest = json.loads(path.read_text()) if path.exists() else {}
+    """Set ``manifest[name] = record`` in ``folder/manifest.json`` atomically (an unreadable manifest is started
+    afresh: the files it listed are then unlisted, which :func:`lab.site.checks.check_results` reports)."""
+    path = folder / MANIFEST
+    manifest = _manifest_or_empty(path)
     manifest[name] = record
+    _write_manifest(path, manifest)
+
+
+# ----------------------------------------------------------------------------- result sets
+
+_OPEN_SETS: dict[Path, Path] = {}  # live track folder -> its stage, while a result_set is open
+
+
+@contextmanager
+def result_set(track: str, profile: str, *, root: Path | None = None) -> Iterator[Path]:
+    """``with result_set(track, profile): write_result(...)...`` — the track's files are published together.
+
+    Inside, :func:`write_result` stages the track's files in a work folder beside it; on success the work folder,
+    completed with the files of the current set it did not rewrite (and the current manifest's other entries), is
+    swapped in with one rename (:func:`lab.io.swap_in`). On an error, Ctrl-C or kill -9 the previous set stays
+    whole. A set opened again for the same folder inside the first joins it (pretrain's results, ablation and
+    benchmark are one set); ``lab bench`` alone opens a set holding the benchmark only, and keeps the other files.
+
+    Yields:
+        The stage folder (results written there can be read back before the set is published).
+
+    Raises:
+        LabError: the results folder is not writable or the disk is full; the previous set is then unchanged.
+    """
+    live = _track_folder(track, profile, root)
+    if live in _OPEN_SETS:
+        yield _OPEN_SETS[live]
+        return
+    _check_writable(live)
+    try:
+        stage = new_stage(live)
+    except OSError as e:
+        raise _write_error(e, live, stage=live) from e
+    _OPEN_SETS[live] = stage
+    try:
+        yield stage
+    except BaseException:
+        discard(stage)
+        raise
+    finally:
+        del _OPEN_SETS[live]
+    try:
+        swap_in(stage, live, merge=_complete_set)
+    except OSError as e:
+        raise _write_error(e, live, stage=stage) from e
+
+
+def _complete_set(current: Path, stage: Path) -> None:
+    """The stage plus what the current set holds that it did not rewrite, with one merged manifest."""
+    copy_missing(current, stage, skip=(MANIFEST,))
+    manifest = _manifest_or_empty(current / MANIFEST) | _manifest_or_empty(stage / MANIFEST)
+    if manifest:
+        _write_manifest(stage / MANIFEST, manifest)
+
+
+def _track_folder(track: str, profile: str, root: Path | None) -> Path:
+    return Path(os.path.abspath((root if root is not None else results_root(profile)) / track))
+
+
+def _check_writable(folder: Path) -> None:
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise LabError(
+                    f"{shown(path)} is not writable: make it writable (chmod u+w {shown(path)}) and run the command "
+                    "again; the results already there are unchanged"
+                )
+            if path != folder:
+                return
+
+
+def _write_error(e: OSError, live: Path, *, stage: Path | None) -> LabError:
+    """One line for a failed write: the file (as it would be published), the reason, the fix, what survived."""
+    path = Path(os.fsdecode(e.filename)) if e.filename else live
+    if stage is not None and path.is_relative_to(stage):
+        path = live / path.relative_to(stage)
+    if is_temporary(path.name):  # an atomic write's temp file: name its folder
+        path = path.parent
+    kept = f"the previous results in {shown(live)} are unchanged" if stage else "the previous file is unchanged"
+    return LabError(
+        f"could not write {shown(path)} ({e.strerror or e}): free disk space or make {shown(live)} writable, then "
+        f"run the command again; {kept}"
+    )
+
+
+# ----------------------------------------------------------------------------- manifests
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(path: Path) -> dict[str, dict[str, Any]]:
+    """A track's manifest (result name -> provenance); :class:`LabError` naming the fix when it is unreadable."""
+    try:
+        manifest = json.loads(Path(path).read_bytes())
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise LabError(
+            f"{shown(path)} is not valid JSON (truncated or corrupt): rerun `{rerun_command(Path(path).parent)}` "
+            "to rewrite it"
+        ) from None
+    if not isinstance(manifest, dict) or not all(
+        isinstance(r, dict) and isinstance(r.get("files"), list) for r in manifest.values()
+    ):
+        raise LabError(
+            f"{shown(path)} is not a lab manifest (result name -> provenance with its files): rerun "
+            f"`{rerun_command(Path(path).parent)}` to rewrite it"
+        )
+    return manifest
+
+
+def _manifest_or_empty(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.exists():
+        return {}
+    try:
+        return read_manifest(path)
+    except LabError:
+        return {}
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
+
+
+def rerun_command(folder: Path) -> str:
+    """The command that rewrites a track's results folder, e.g. ``lab run pretrain --profile smoke``."""
+    from lab.profiles import PROFILES
+
+    profile = folder.parent.name
+    flag = f" --profile {profile}" if profile in PROFILES and profile != DEFAULT_PROFILE else ""
+    return f"lab run {folder.name}{flag}"
 
 
 def read_result(track: str, name: str, *, profile: str = "cpu", root: Path | None = None) -> pl.DataFrame:

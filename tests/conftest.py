@@ -1,17 +1,42 @@
-"""Shared fixtures: one thread (2-core machines), tiny models per architecture, a temp results root."""
+"""Shared fixtures: one thread (2-core machines), a data folder of the suite's own, tiny models per architecture,
+a temp results root."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
 from lab.models.loading import CAPTURE_ARCHS
+from lab.paths import data_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
+
+# ------------------------------------------------------------------------------------------- the data folder
+# The suite never writes into the developer's .data/ (smoke checkpoints, adapters, transcoders of their own runs):
+# it gets a temporary data folder holding links to the read-only inputs ./.ci/setup fetched (and the converted
+# SmolLM2 copy, a cache of a deterministic conversion). Subprocesses inherit it through LAB_DATA_DIR.
+SHARED_INPUTS = ("smollm2", "shakespeare", "models")
+
+
+def _suite_data_dir() -> Path:
+    source = data_dir()
+    folder = Path(tempfile.mkdtemp(prefix="lab-test-data-"))
+    for name in SHARED_INPUTS:
+        if (source / name).exists():
+            (folder / name).symlink_to((source / name).resolve(), target_is_directory=True)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+os.environ["LAB_DATA_DIR"] = str(_suite_data_dir())
 
 
 @pytest.fixture

@@ -61,18 +61,49 @@ class TestTraining:
         other = train_run("t", 4, self.SPEC, replace(self.CFG, steps=10), 0, root, progress=False)
         assert not other.cached  # a different config is a different run
 
-    def test_bad_config(self, tmp_path):
-        with pytest.raises(LabError, match="positive"):
-            train_run("x", 4, self.SPEC, replace(self.CFG, lr=0.0), 0, tmp_path, progress=False)
+    @pytest.mark.parametrize(
+        "change, match",
+        [
+            (dict(lr=0.0), r"bad wind-tunnel training config: lr must be a finite number > 0 \(got 0.0\)"),
+            (dict(lr=float("inf")), r"lr must be a finite number > 0 \(got inf\)"),
+            (dict(steps=0), r"steps must be an integer >= 1 \(got 0\)"),
+            (dict(batch_size=0), r"batch_size must be an integer >= 1 \(got 0\)"),
+            (dict(min_lr_frac=1.5), r"min_lr_frac must be in \[0, 1\] \(got 1.5\)"),
+            (dict(warmup=-1), r"warmup must be an integer >= 0 \(got -1\)"),
+            (dict(eval_every=0), r"eval_every must be an integer >= 1 \(got 0\)"),
+            (dict(eval_sequences=0), r"eval_sequences must be an integer >= 1 \(got 0\)"),
+            (dict(beta2=1.0), r"beta2 must be in \[0, 1\) \(got 1.0\)"),
+            (dict(grad_clip=-1.0), r"grad_clip must be a finite number > 0 \(got -1.0\)"),
+            (dict(weight_decay=float("nan")), r"weight_decay must be a finite number >= 0 \(got nan\)"),
+        ],
+    )
+    def test_config_validates_itself(self, change, match):
+        """A TrainConfig refuses what would break the schedule or the evaluation, naming the field and its range."""
+        with pytest.raises(LabError, match=match):
+            replace(self.CFG, **change)
 
-    def test_config_validates_itself(self):
-        """A TrainConfig refuses what would break the schedule or the evaluation, naming the field."""
-        with pytest.raises(LabError, match="min_lr_frac in"):
-            replace(self.CFG, min_lr_frac=1.5)
-        with pytest.raises(LabError, match="warmup must be >= 0"):
-            replace(self.CFG, warmup=-1)
-        with pytest.raises(LabError, match="eval_every and eval_sequences must be positive"):
-            replace(self.CFG, eval_every=0)
+    def test_every_problem_in_one_error(self):
+        with pytest.raises(LabError) as err:
+            replace(self.CFG, steps=0, lr=-1.0)
+        assert "steps must be" in str(err.value) and "lr must be" in str(err.value)
+
+    @pytest.mark.parametrize("name", ["meta.json", "model.safetensors", "log.parquet"])
+    def test_damaged_cached_run_names_the_file_and_the_fix(self, run, name, tmp_path):
+        """A cached run with a truncated file is refused in one line; the fix it names (delete the folder) works."""
+        import shutil
+
+        root, r = run
+        copy = tmp_path / r.folder.name
+        shutil.copytree(r.folder, copy)
+        path = copy / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        with pytest.raises(LabError) as err:
+            train_run("t", 4, self.SPEC, self.CFG, 0, tmp_path, progress=False)
+        message = str(err.value)
+        assert message.startswith(f"{path} is truncated or corrupt (")
+        assert message.endswith(f": delete {copy} (the run is trained again) or pass --fresh")
+        again = train_run("t", 4, self.SPEC, self.CFG, 0, tmp_path, fresh=True, progress=False)
+        assert not again.cached and again.log.equals(r.log.with_columns(again.log["train_s"]))  # retrained alike
 
     def test_finished_run_is_published_whole(self, run):
         """The run folder holds exactly the three files (no temp sibling left), and a half-written folder of a
@@ -284,9 +315,9 @@ class TestVerdictRules:
 
 class TestNotebook:
     def test_script_mode_writes_results(self, tmp_path, smoke_results):
-        # The session's smoke run trained these models into .data; the notebook re-uses them (and so checks that
-        # finished runs are found again) instead of training everything a second time.
-        env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path), "LAB_DATA_DIR": str(ROOT / ".data")}
+        # The session's smoke run trained these models into the suite's data folder; the notebook re-uses them
+        # (and so checks that finished runs are found again) instead of training everything a second time.
+        env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path)}
         out = subprocess.run(
             [sys.executable, str(ROOT / "notebooks" / "D_bayes.py"), "--", "--profile", "smoke"],
             capture_output=True,

@@ -4,6 +4,8 @@ switch, the memory guard, streaming and zero-ablation."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -301,24 +303,78 @@ class TestMemoryGuard:
         assert est.patterns == 2 * 2 * 4 * 40 * 40 * 4  # batch x layers x heads x T^2 x float32
 
     def test_refuses_before_any_forward_and_names_the_ways_out(self):
+        """Two layers' patterns (1.28 MB) are over a 1 MB budget, one layer's (640 kB, plus 309 kB of logits)
+        is not: every way out is offered, streaming included."""
         lm = self._llama()
         calls = []
         h = lm.model.register_forward_pre_hook(lambda *a: calls.append(1))
         ids = _ids(lm, batch=1, T=200)
         try:
             with pytest.raises(LabError) as err:
-                capture(lm.model, ids, hook_names(2, [PATTERN_KIND]), max_bytes=100_000)
+                capture(lm.model, ids, hook_names(2, [PATTERN_KIND]), max_bytes=1_000_000)
         finally:
             h.remove()
         assert calls == []
         msg = str(err.value)
-        for way in ("fewer layers", "fewer heads", "shorter text", "stream_to", "max_bytes"):
+        for way in ("fewer layers", "fewer heads", "shorter text", "streaming to disk (stream_to", "max_bytes"):
             assert way in msg, way
         # "at most ~N tokens fit": N really fits and N + 1 does not (brute force over the estimate).
         fit = int(msg.split("at most ~")[1].split()[0])
         names = hook_names(2, [PATTERN_KIND])
-        assert estimate(lm.model, _ids(lm, 1, fit), names).patterns <= 100_000
-        assert estimate(lm.model, _ids(lm, 1, fit + 1), names).patterns > 100_000
+        assert estimate(lm.model, _ids(lm, 1, fit), names).patterns <= 1_000_000
+        assert estimate(lm.model, _ids(lm, 1, fit + 1), names).patterns > 1_000_000
+
+    def test_no_streaming_offered_when_one_layer_is_over_the_budget(self):
+        """The issue's case: 20k tokens, 1 GiB. One layer's patterns (4 heads x 20000^2 x 4 B = 6.4 GB) exceed the
+        budget, so streaming is not offered; the tokens that fit and the bytes needed are right (pattern_bytes)."""
+        from transformers import AutoModelForCausalLM
+
+        from lab.interp.capture import DEFAULT_MAX_BYTES, pattern_bytes
+        from lab.models.loading import tiny_config
+
+        cfg = tiny_config("llama", vocab_size=512)
+        cfg.max_position_embeddings = 1 << 15  # so the position limit lets 20k tokens through to the guard
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        budget, T = DEFAULT_MAX_BYTES, 20_000
+        for logits in (True, False):
+            with pytest.raises(LabError) as err:
+                capture(model, torch.zeros((1, T), dtype=torch.long), hook_names(2, [PATTERN_KIND]), logits=logits)
+            msg = str(err.value)
+            assert "neither fewer layers nor streaming to disk fits" in msg
+            assert "streaming to disk (" not in msg and "streaming to disk with" not in msg
+            assert "fewer heads" not in msg  # even one head of one layer is 1.6 GB
+            assert pattern_bytes(1, 1, 1, T) > budget
+            fit = int(msg.split("at most ~")[1].split()[0])  # streamed: one layer at a time
+            assert pattern_bytes(1, 1, 4, fit) <= budget < pattern_bytes(1, 1, 4, fit + 1)
+            in_memory = int(msg.split("; ~")[1].split()[0])  # both layers held
+            assert pattern_bytes(1, 2, 4, in_memory) <= budget < pattern_bytes(1, 2, 4, in_memory + 1)
+            assert f"at least {pattern_bytes(1, 1, 4, T)} = " in msg
+            requested = pattern_bytes(1, 2, 4, T) + (T * 512 * 4 if logits else 0)
+            assert f"; {requested} as requested" in msg
+
+    def test_one_layer_over_the_budget_suggestions_do_fit(self, tmp_path):
+        """The shorter text and the fewer heads the guard names really pass it, streamed; one more does not."""
+        from lab.interp.capture import pattern_bytes
+
+        lm = self._llama()
+        names = hook_names(2, [PATTERN_KIND])
+        budget = 100_000
+        with pytest.raises(LabError) as err:
+            capture(lm.model, _ids(lm, 1, 100), names, max_bytes=budget, logits=False)
+        msg = str(err.value)
+        assert "streaming to disk (" not in msg
+        tokens = int(msg.split("at most ~")[1].split()[0])
+        heads = int(msg.split("fewer heads (at most ")[1].split()[0])
+        assert (tokens, heads) == (79, 2)
+        assert pattern_bytes(1, 1, 4, tokens) <= budget < pattern_bytes(1, 1, 4, tokens + 1)
+        assert pattern_bytes(1, 1, heads, 100) <= budget < pattern_bytes(1, 1, heads + 1, 100)
+        kw = dict(max_bytes=budget, logits=False, stream_to=tmp_path)
+        assert len(capture(lm.model, _ids(lm, 1, tokens), names, **kw).files) == 2
+        with pytest.raises(LabError, match="even one layer's patterns"):
+            capture(lm.model, _ids(lm, 1, tokens + 1), names, **kw)
+        assert len(capture(lm.model, _ids(lm, 1, 100), names, heads=list(range(heads)), **kw).files) == 2
+        with pytest.raises(LabError, match="even one layer's patterns"):
+            capture(lm.model, _ids(lm, 1, 100), names, heads=list(range(heads + 1)), **kw)
 
     def test_streaming_a_long_input_matches_in_memory(self, tmp_path):
         lm = self._llama()
@@ -365,6 +421,102 @@ class TestMemoryGuard:
             capture(lm.model, torch.tensor([1, 2, 3]), ["blocks.0.hook_resid_pre"])
         with pytest.raises(LabError, match="unknown hook kind"):
             hook_names(2, ["resid"])
+
+
+BAD_INPUTS = [  # (what, input_ids, keyword arguments, the fix the message must name)
+    ("no tokens", torch.zeros((1, 0), dtype=torch.long), {}, "holds no tokens: pass at least one row"),
+    ("no rows", torch.zeros((0, 5), dtype=torch.long), {}, "holds no tokens: pass at least one row"),
+    ("float ids", torch.ones((1, 5)), {}, "integer token ids (torch.long), got dtype torch.float32"),
+    ("bool ids", torch.ones((1, 5), dtype=torch.bool), {}, "got dtype torch.bool: encode text"),
+    ("1-D ids", torch.ones(5, dtype=torch.long), {}, "got shape (5,): add a batch axis"),
+    ("3-D ids", torch.ones((1, 1, 5), dtype=torch.long), {}, "got shape (1, 1, 5): pass a 2-D tensor"),
+    ("a list", [[1, 2, 3]], {}, "must be a torch.Tensor of token ids, got list"),
+    ("past the vocabulary", torch.tensor([[1, 2, 10_000]]), {}, "token ids must lie in 0..385"),
+    ("negative id", torch.tensor([[1, -2, 3]]), {}, "token ids must lie in 0..385"),
+    ("past the positions", torch.ones((1, 257), dtype=torch.long), {}, "pass at most 256 tokens"),
+    ("mask shape", torch.ones((2, 5), dtype=torch.long), {"attention_mask": torch.ones((1, 5))}, "got (1, 5)"),
+    ("mask a list", torch.ones((1, 3), dtype=torch.long), {"attention_mask": [[1, 1, 1]]}, "got list"),
+]
+
+
+class TestInputChecks:
+    """Every bad input, head list or budget is a LabError naming the fix, raised before any forward pass."""
+
+    @pytest.fixture(scope="class")
+    def llama(self):
+        return load_tiny_model("llama")
+
+    def _refused(self, model, call, match):
+        calls = []
+        h = model.register_forward_pre_hook(lambda *a: calls.append(1))
+        try:
+            with pytest.raises(LabError, match=match):
+                call()
+        finally:
+            h.remove()
+        assert calls == [], "refused only after a forward pass"
+
+    @pytest.mark.parametrize("what, ids, kwargs, fix", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+    def test_bad_input_ids_capture_estimate_and_ablation(self, llama, what, ids, kwargs, fix):
+        m, names = llama.model, ["blocks.0.attn.hook_pattern"]
+        fix = re.escape(fix)
+        self._refused(m, lambda: capture(m, ids, names, **kwargs), fix)
+        self._refused(m, lambda: estimate(m, ids, names, **kwargs), fix)
+        self._refused(m, lambda: run_with_ablation(m, ids, ["blocks.0.hook_mlp_out"], **kwargs), fix)
+
+    def test_gpt2_position_limit_is_n_positions(self):
+        """GPT-2's learned position table has n_positions rows: 257 tokens raised IndexError before."""
+        lm = load_tiny_model("gpt2")
+        ids = torch.ones((1, 257), dtype=torch.long)
+        fix = re.escape("more than the model's 256 positions (config.n_positions): pass at most 256 tokens")
+        self._refused(lm.model, lambda: capture(lm.model, ids, ["blocks.0.hook_resid_pre"]), fix)
+        self._refused(lm.model, lambda: run_with_ablation(lm.model, ids, ["blocks.0.hook_mlp_out"]), fix)
+        assert capture(lm.model, ids[:, :256], ["blocks.0.hook_resid_pre"]).logits.shape[1] == 256
+
+    @pytest.mark.parametrize(
+        "heads, fix",
+        [
+            ([], "heads=[] selects no head: list at least one query head (0..3), or pass heads=None for all 4"),
+            ([1, 1], "heads=[1, 1] lists head(s) [1] more than once: list each query head once"),
+            ([0, 2, 0, 2], "lists head(s) [0, 2] more than once"),
+            ([-1], "heads=[-1]: the model has 4 query heads (0..3); list indices in that range"),
+            ([4], "the model has 4 query heads (0..3)"),
+            ([1.0], "head indices must be whole numbers in 0..3"),
+            ([True], "head indices must be whole numbers in 0..3"),
+            (2, "heads=2: pass a list of query head indices, e.g. heads=[0, 3]"),
+            ("01", "pass a list of query head indices"),
+        ],
+    )
+    def test_bad_heads(self, llama, heads, fix):
+        ids = _ids(llama)
+        m = llama.model
+        self._refused(m, lambda: capture(m, ids, ["blocks.0.attn.hook_pattern"], heads=heads), re.escape(fix))
+        self._refused(m, lambda: estimate(m, ids, ["blocks.0.attn.hook_pattern"], heads=heads), re.escape(fix))
+
+    @pytest.mark.parametrize("max_bytes", [-1, 0, 1.5, 1e9, True, "1GB", None])
+    def test_bad_max_bytes(self, llama, max_bytes):
+        """max_bytes=-1 gave TypeError ('complex') from the square root of a negative budget."""
+        from lab.interp.capture import check_budget
+
+        fix = re.escape(f"max_bytes must be a whole number of bytes above 0, got {max_bytes!r}: e.g. max_bytes=2 << 30")
+        m, ids = llama.model, _ids(llama)
+        self._refused(m, lambda: capture(m, ids, ["blocks.0.attn.hook_pattern"], max_bytes=max_bytes), fix)
+        est = estimate(m, ids, ["blocks.0.attn.hook_pattern"])
+        with pytest.raises(LabError, match=fix):
+            check_budget(est, max_bytes, streaming=False)
+
+    def test_good_inputs_still_pass(self, llama):
+        """int32 ids, a full mask and a numpy-style head list give the plain capture's values."""
+        m, ids = llama.model, _ids(llama)
+        names = ["blocks.1.hook_resid_post", "blocks.1.attn.hook_pattern"]
+        ref = capture(m, ids, names)
+        for got in (
+            capture(m, ids.int(), names),
+            capture(m, ids, names, attention_mask=torch.ones_like(ids)),
+            capture(m, ids, names, heads=torch.arange(4)),
+        ):
+            for n in names:
+                torch.testing.assert_close(got[n], ref[n], atol=0, rtol=0)
 
 
 class TestAblation:

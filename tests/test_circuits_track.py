@@ -203,8 +203,9 @@ class TestNotebook:
         import subprocess
         import sys
 
-        # Re-uses the session smoke run's checkpoints in .data (a finished run is resumed at its last step).
-        env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path), "LAB_DATA_DIR": str(self.ROOT / ".data")}
+        # Re-uses the session smoke run's checkpoints in the suite's data folder (a finished run resumes at its
+        # last step).
+        env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path)}
         out = subprocess.run(
             [sys.executable, str(self.ROOT / "notebooks" / "E_circuits.py"), "--", "--profile", "smoke"],
             capture_output=True,

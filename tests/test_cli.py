@@ -1,13 +1,29 @@
 """The `lab` command: user errors are one line + non-zero exit; a smoke run writes consistent results."""
 
+import errno
 import json
+import os
+import re
 import subprocess
 import sys
 
 import polars as pl
 import pytest
 
-from lab.cli import main
+from lab.cli import main, os_error_line
+
+
+def _outcome(argv: list[str], capsys) -> tuple[int, str]:
+    """(exit status, stderr) of ``lab <argv>``, whether argparse exits or ``main`` returns."""
+    try:
+        status = main(argv)
+    except SystemExit as stop:
+        status = stop.code
+    return status, capsys.readouterr().err
+
+
+def _no_compute(*args, **kwargs):
+    raise AssertionError("compute started before the refusal")
 
 
 class TestErrors:
@@ -24,6 +40,39 @@ class TestErrors:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1
+
+    @pytest.mark.parametrize(
+        "argv, line",
+        [
+            (["bench", "pretrain", "--steps", "0"], "argument --steps: must be an integer >= 1 (got '0')"),
+            (["bench", "pretrain", "--steps", "-5"], "argument --steps: must be an integer >= 1 (got '-5')"),
+            (["bench", "finetune", "--steps", "2.5"], "argument --steps: must be an integer >= 1 (got '2.5')"),
+            (["site", "serve", "--port", "99999"], "argument --port: must be a port number in 1..65535 (got '99999')"),
+            (["site", "serve", "--port", "0"], "argument --port: must be a port number in 1..65535 (got '0')"),
+            (["run", "pretrain", "--frob"], "unrecognized arguments: --frob"),
+            (["bench", "capture", "--steps", "3"], "`lab bench capture` takes no --steps (only pretrain, finetune do)"),
+        ],
+    )
+    def test_impossible_arguments_are_refused_in_one_line(self, argv, line, capsys, monkeypatch):
+        """argparse's types (and the benchmark's signature) refuse them: exit 2, one ``lab: error:`` line."""
+        monkeypatch.setattr("lab.tracks.C_probing.run.benchmark", _no_compute)  # takes no steps, as the real one
+        status, err = _outcome(argv, capsys)
+        assert status == 2 and err.startswith("lab: error: ") and line in err and err.count("\n") == 1
+
+    @pytest.mark.parametrize(
+        "argv", [["run", "pretrain", "--profile", "gpu"], ["bench", "pretrain", "--profile", "gpu"]]
+    )
+    def test_gpu_profile_without_cuda_is_refused_before_compute(self, argv, capsys, monkeypatch):
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr("lab.tracks.pretrain.run.run", _no_compute)
+        monkeypatch.setattr("lab.tracks.pretrain.run.benchmark", _no_compute)
+        status, err = _outcome(argv, capsys)
+        assert status == 2 and err == (
+            "lab: error: profile 'gpu' runs on a CUDA GPU and this machine has none "
+            "(torch.cuda.is_available() is False): use --profile cpu\n"
+        )
 
     def test_subprocess_exit_code(self):
         out = subprocess.run(
@@ -89,3 +138,81 @@ class TestBench:
         assert f"n_train={6 * main_cfg.batch_size}, " in config["finetune"] and ", epochs=1, " in config["finetune"]
         assert ", moments_every=1, " in config["finetune"]
         assert "fine-tune instrumentation overhead: 6 steps x 2 repeats" in capsys.readouterr().out
+
+
+class TestOSErrors:
+    """Everyday OS errors (disk full, permission denied, read-only, port taken) end in one line and exit 2, and the
+    files already written are untouched; programming errors still raise."""
+
+    @staticmethod
+    def _snapshot(folder):
+        return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    @pytest.fixture
+    def written(self, results_dir, capsys):
+        """A first benchmark's results, to check that a failing second run loses none of them."""
+        assert main(["bench", "pretrain", "--profile", "smoke", "--steps", "2"]) == 0
+        capsys.readouterr()
+        folder = results_dir / "smoke" / "pretrain"
+        return folder, self._snapshot(folder)
+
+    def test_disk_full_while_writing(self, written, capsys, monkeypatch):
+        folder, before = written
+
+        def full(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "fsync", full)  # where a full disk shows up in lab.io's atomic writes
+        status, err = _outcome(["bench", "pretrain", "--profile", "smoke", "--steps", "3"], capsys)
+        assert status == 2 and err.count("\n") == 1 and "Traceback" not in err
+        # the line names the file being written (lab.io adds the path that write/fsync errors lack)
+        assert re.match(r"lab: error: /\S+: No space left on device: free some disk space and run the same", err)
+        assert "nothing already written is lost (every write is atomic)" in err
+        assert self._snapshot(folder) == before  # no file changed, no temp file left
+
+    def test_permission_denied_names_the_path(self, written, capsys, monkeypatch):
+        import tempfile
+
+        folder, before = written
+
+        def denied(*args, dir=None, **kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
+
+        monkeypatch.setattr(tempfile, "mkstemp", denied)
+        status, err = _outcome(["bench", "pretrain", "--profile", "smoke", "--steps", "3"], capsys)
+        assert status == 2 and err.count("\n") == 1
+        assert err.startswith("lab: error: /") and ": Permission denied: check that path's permissions" in err
+        assert self._snapshot(folder) == before
+
+    @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores file permissions")
+    def test_unwritable_results_folder(self, written, capsys):
+        folder, before = written
+        folder.chmod(0o555)
+        try:
+            status, err = _outcome(["bench", "pretrain", "--profile", "smoke", "--steps", "3"], capsys)
+        finally:
+            folder.chmod(0o755)
+        assert status == 2 and err.count("\n") == 1 and "Permission denied" in err
+        assert self._snapshot(folder) == before
+
+    @pytest.mark.parametrize(
+        "error, line",
+        [
+            (
+                OSError(errno.EROFS, os.strerror(errno.EROFS), "/mnt/ro/x.parquet"),
+                "/mnt/ro/x.parquet: Read-only file system: that file system is read-only: point LAB_RESULTS_DIR",
+            ),
+            (OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)), "Address already in use: that port is taken"),
+            (OSError("plain message"), "plain message"),
+        ],
+    )
+    def test_os_error_line(self, error, line):
+        assert os_error_line(error).startswith(line) and "\n" not in os_error_line(error)
+
+    def test_programming_errors_are_not_hidden(self, monkeypatch):
+        def bug(*args, **kwargs):
+            raise ZeroDivisionError("a bug")
+
+        monkeypatch.setattr("lab.tracks.pretrain.run.run", bug)
+        with pytest.raises(ZeroDivisionError):
+            main(["run", "pretrain", "--profile", "smoke"])

@@ -134,11 +134,12 @@ class TestValidation:
     @pytest.mark.parametrize(
         "change, match",
         [
-            (dict(lr=0.0), "lr must be > 0"),
-            (dict(lr=-1e-4), "lr must be > 0"),
-            (dict(rank=0), "rank must be a positive integer"),
+            (dict(lr=0.0), "lr must be a finite number > 0"),
+            (dict(lr=-1e-4), "lr must be a finite number > 0"),
+            (dict(rank=0), "rank must be an integer >= 1"),
             (dict(target_modules=("q_proj", "qkv")), r"unknown target module\(s\) \['qkv'\]"),
-            (dict(n_train=0), "training dataset is empty"),
+            (dict(n_train=0), r"n_train must be an integer >= 1 \(got 0\)"),
+            (dict(n_test=0), r"n_test must be an integer >= 1 \(got 0\): the held-out examples score the run"),
             (dict(max_seq_len=1000), "longer than the model allows"),
             (dict(max_seq_len=20), "more than max_seq_len 20"),
         ],
@@ -158,17 +159,56 @@ class TestValidation:
     @pytest.mark.parametrize(
         "change, match",
         [
-            (dict(lr=0.0), r"bad fine-tuning config: lr must be > 0 \(got 0.0\); LoRA fine-tunes typically use"),
-            (dict(rank=1.5), r"rank must be a positive integer \(got 1.5\); try 8"),
-            (dict(batch_size=0), r"batch_size and epochs must be >= 1 \(got 0, 3\)"),
-            (dict(epochs=0), r"batch_size and epochs must be >= 1 \(got 8, 0\)"),
-            (dict(quant="int4"), r"quant must be 'none' or 'nf4' \(got 'int4'\)"),
+            (
+                dict(lr=0.0),
+                r"bad fine-tuning config: lr must be a finite number > 0 \(got 0.0\); LoRA fine-tunes typically use",
+            ),
+            (dict(lr=float("inf")), r"lr must be a finite number > 0 \(got inf\)"),
+            (dict(lr=float("nan")), r"lr must be a finite number > 0 \(got nan\)"),
+            (dict(rank=1.5), r"rank must be an integer >= 1 \(got 1.5\); try 8"),
+            (dict(alpha_per_rank=0.0), r"alpha_per_rank must be a finite number > 0 \(got 0.0\)"),
+            (dict(batch_size=0), r"batch_size must be an integer >= 1 \(got 0\)"),
+            (dict(epochs=0), r"epochs must be an integer >= 1 \(got 0\)"),
+            (dict(max_seq_len=0), r"max_seq_len must be an integer >= 1 \(got 0\)"),
+            (dict(dropout=2.0), r"dropout must be in \[0, 1\) \(got 2.0\)"),
+            (dict(warmup_ratio=-1.0), r"warmup_ratio must be in \[0, 1\] \(got -1.0\)"),
+            (
+                dict(scheduler="cosine_annealing"),
+                r"scheduler must be one of 'linear', 'cosine', .* \(got 'cosine_annealing'\)",
+            ),
+            (dict(weight_decay=-0.1), r"weight_decay must be a finite number >= 0 \(got -0.1\)"),
+            (dict(max_grad_norm=-1.0), r"max_grad_norm must be a finite number > 0 \(got -1.0\): the step log records"),
+            (dict(max_grad_norm=0.0), r"max_grad_norm must be a finite number > 0 \(got 0.0\)"),
+            (
+                dict(n_test=0),
+                r"n_test must be .* \(to train without evaluation, call train_lora\(..., do_eval=False\)\)",
+            ),
+            (dict(n_evals=-1), r"n_evals must be an integer >= 0 \(got -1\)"),
+            (dict(quant="int4"), r"quant must be one of 'none', 'nf4' \(got 'int4'\)"),
             (dict(target_modules=()), r"target_modules is empty: name the linear layers to adapt"),
         ],
     )
     def test_config_checks_itself_without_a_model(self, change, match):
         with pytest.raises(LabError, match=match):
             FinetuneConfig(**change)
+
+    def test_schedulers_are_transformers_own(self):
+        """Every scheduler the config accepts is one of transformers' names and builds without extra settings."""
+        from transformers import get_scheduler
+        from transformers.trainer_utils import SchedulerType
+
+        from lab.train.lora import SCHEDULERS
+
+        assert set(SCHEDULERS) < {s.value for s in SchedulerType}
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        for name in SCHEDULERS:
+            get_scheduler(name, opt, num_warmup_steps=1, num_training_steps=10)
+            assert FinetuneConfig(scheduler=name).scheduler == name
+
+    def test_rows_without_held_out_examples_need_do_eval_off(self, tmp_path):
+        rows = [{"input_ids": [1, 5, 6, 2], "labels": [1, 5, 6, 2]}] * 4
+        with pytest.raises(LabError, match=r"no held-out rows to evaluate on: .* do_eval=False"):
+            train_lora(load_tiny_model("llama"), SMOKE, tmp_path / "run", rows=(rows, []), progress=False)
 
     def test_all_problems_in_one_error(self, tmp_path):
         with pytest.raises(LabError) as err:
@@ -301,6 +341,69 @@ class TestTraining:
         train_lora(load_tiny_model("llama"), cfg, tmp_path / "run", progress=False)
         with pytest.raises(LabError, match="different config"):
             train_lora(load_tiny_model("llama"), replace(cfg, lr=1e-3), tmp_path / "run", progress=False)
+
+    @pytest.fixture(scope="class")
+    def interrupted(self, tmp_path_factory):
+        """A run stopped after step 3 of 4: checkpoints 1 and 2 on disk."""
+        folder = tmp_path_factory.mktemp("lora") / "run"
+        cfg = replace(SMOKE, epochs=1, n_evals=1)
+        with pytest.raises(KeyboardInterrupt):
+            train_lora(load_tiny_model("llama"), cfg, folder, progress=False, interrupt_after=3)
+        assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+        return cfg, folder
+
+    @pytest.mark.parametrize(
+        "name",
+        [
+            "adapter_model.safetensors",
+            "optimizer.pt",
+            "scheduler.pt",
+            "rng_state.pth",
+            "trainer_state.json",
+            "lab_log.json",
+        ],
+    )
+    def test_damaged_checkpoint_names_the_file_and_the_fix(self, interrupted, name, tmp_path, monkeypatch):
+        """A truncated file in the latest checkpoint is refused before any compute; the fix it names (delete that
+        checkpoint) resumes from the one before it."""
+        import shutil
+
+        import lab.train.lora
+
+        cfg, original = interrupted
+        folder = tmp_path / "run"
+        shutil.copytree(original, folder)
+        latest = folder / "checkpoint-2"
+        path = latest / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+        def no_compute(*a, **k):
+            raise AssertionError("compute started before the damaged checkpoint was refused")
+
+        with monkeypatch.context() as m:
+            m.setattr(lab.train.lora, "attach_lora", no_compute)
+            with pytest.raises(LabError) as err:
+                train_lora(load_tiny_model("llama"), cfg, folder, progress=False)
+        message = str(err.value)
+        assert message.startswith(f"{path} is truncated or corrupt (") and "\n" not in message
+        assert message.endswith(
+            f": delete {latest} to resume from the checkpoint before it, or pass --fresh to start over"
+        )
+        shutil.rmtree(latest)
+        assert train_lora(load_tiny_model("llama"), cfg, folder, progress=False).resumed_from == 1
+
+    def test_damaged_adapter_names_the_fix(self, tmp_path):
+        lm = load_tiny_model("llama")
+        res = train_lora(lm, replace(SMOKE, epochs=1, n_evals=1), tmp_path / "run", progress=False, do_eval=False)
+        folder = save_adapter(res.model, tmp_path / "adapter")
+        path = folder / "adapter_model.safetensors"
+        path.write_bytes(path.read_bytes()[:100])
+        with pytest.raises(LabError) as err:
+            load_adapter(load_tiny_model("llama"), folder)
+        assert str(err.value).startswith(f"{path} is truncated or corrupt (")
+        assert str(err.value).endswith(
+            f"delete {folder} and train it again (`lab run <track>` for the track that owns the folder)"
+        )
 
     def test_adam_moments_first_step(self, tmp_path):
         # After Adam's first step m = (1-b1) g and v = (1-b2) g^2, so the bias-corrected update m̂/sqrt(v̂) is
@@ -504,8 +607,9 @@ class TestTrack:
         import sys
 
         root = Path(__file__).resolve().parent.parent
-        # Re-uses the runs the session's smoke run left in .data (finished runs are found again, not retrained).
-        env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path / "results"), "LAB_DATA_DIR": str(root / ".data")}
+        # Re-uses the runs the session's smoke run left in the suite's data folder (finished runs are found
+        # again, not retrained).
+        env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path / "results")}
         out = subprocess.run(
             [sys.executable, str(root / "notebooks" / "A_finetuning.py"), "--", "--profile", "smoke"],
             capture_output=True,
@@ -552,7 +656,7 @@ class TestTrack:
         assert fields.height == runs.height and (fields["exact_rate"] == fields["exact_rate_runs"]).all()
         answers = pl.read_parquet(folder / "answers.parquet")
         assert answers.height == summary["n_test"] and summary["main_misses"] == int((~answers["exact"]).sum())
-        assert (root / ".data" / "adapters" / "smoke" / "A_finetuning" / "main" / "adapter_model.safetensors").exists()
+        assert (data_dir() / "adapters" / "smoke" / "A_finetuning" / "main" / "adapter_model.safetensors").exists()
         reference = pl.read_parquet(smoke_results / "A_finetuning" / "runs.parquet")
         assert runs.drop("wall_time_s").equals(reference.drop("wall_time_s"))
         anatomy = pl.read_parquet(folder / "anatomy.parquet")

@@ -78,6 +78,36 @@ class TestTrackFolders:
             assert not others, f"{path.relative_to(REPO_ROOT)} imports {sorted(others)}"
 
     @pytest.mark.parametrize("track", list(TRACKS))
+    def test_results_are_written_as_one_set(self, track):
+        """In run.py every ``write_result`` call (or call of a local function that makes one) lies inside a
+        ``with result_set(...)`` block, so that the track's files are published together."""
+        tree = ast.parse((LAB / "tracks" / track / "run.py").read_text())
+
+        def called(node: ast.AST) -> set[str]:
+            return {n.func.id for n in ast.walk(node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+
+        local_writers = {
+            d.name
+            for f in tree.body
+            if isinstance(f, ast.FunctionDef)
+            for d in ast.walk(f)
+            if isinstance(d, ast.FunctionDef) and d is not f and "write_result" in called(d)
+        }
+        writes = {"write_result"} | local_writers
+
+        def unguarded(node: ast.AST) -> list[int]:
+            """Lines of writing calls under ``node`` not inside a result_set block (local writers' bodies aside)."""
+            if isinstance(node, ast.With) and any("result_set" in called(i) for i in node.items):
+                return []
+            if isinstance(node, ast.FunctionDef) and node.name in local_writers:
+                return []
+            here = [node.lineno] if isinstance(node, ast.Call) and getattr(node.func, "id", None) in writes else []
+            return here + [line for child in ast.iter_child_nodes(node) for line in unguarded(child)]
+
+        assert "write_result" in called(tree), f"{track}/run.py writes no results"
+        assert not unguarded(tree), f"{track}/run.py writes results outside a result_set at lines {unguarded(tree)}"
+
+    @pytest.mark.parametrize("track", list(TRACKS))
     def test_charts_only_encode(self, track):
         """Aggregation lives in frames.py; a chart module never groups or aggregates a frame."""
         text = (LAB / "tracks" / track / "charts.py").read_text()

@@ -1,5 +1,7 @@
 """Model loading: tiny random models of each family, and the real SmolLM2 offline."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,76 @@ class TestGPUProfile:
     def test_no_cuda_message(self):
         with pytest.raises(LabError, match="needs a CUDA GPU.*--profile cpu"):
             load_model(get_profile("gpu"))
+
+
+class TestDamagedFiles:
+    """A damaged SmolLM2 GGUF or cached copy gives one LabError naming the file and the fix (on stand-in files in a
+    data folder of the test's own: the real ones are never touched)."""
+
+    GGUF_FIX = "delete it and run ./.ci/setup to fetch it again"
+
+    @pytest.fixture
+    def data(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("LAB_DATA_DIR", str(tmp_path))
+        return tmp_path
+
+    @staticmethod
+    def _gguf_bytes() -> bytes:
+        """A small GGUF file (one float tensor), written by the gguf package transformers reads GGUFs with."""
+        import tempfile
+
+        import gguf
+        import numpy as np
+
+        with tempfile.TemporaryDirectory() as tmp:
+            writer = gguf.GGUFWriter(f"{tmp}/m.gguf", "llama")
+            writer.add_tensor("token_embd.weight", np.ones((64, 32), dtype=np.float32))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            return Path(f"{tmp}/m.gguf").read_bytes()
+
+    @pytest.mark.parametrize("cut", ["empty", "header", "tensor data"])
+    def test_truncated_gguf(self, data, cut):
+        from lab.models.loading import SMOLLM2_GGUF, load_smollm2
+
+        whole = self._gguf_bytes()
+        path = data / "smollm2" / SMOLLM2_GGUF
+        path.parent.mkdir()
+        path.write_bytes({"empty": b"", "header": whole[:9], "tensor data": whole[: len(whole) - 4000]}[cut])
+        with pytest.raises(LabError) as err:
+            load_smollm2()
+        message = str(err.value)
+        assert message.startswith(f"{path} is truncated or corrupt (") and message.endswith(self.GGUF_FIX)
+        if cut == "tensor data":  # the reader's own words, as a user saw them in a traceback before
+            assert "cannot reshape array" in message
+
+    @pytest.fixture
+    def cached(self, data):
+        """A cached copy as load_smollm2 publishes it (a tiny Llama stands in for SmolLM2's weights)."""
+        lm = load_tiny_model("llama")
+        folder = data / "models" / "SmolLM2-135M-Instruct"
+        lm.model.save_pretrained(folder, safe_serialization=True)
+        lm.tokenizer.save_pretrained(folder)
+        return folder
+
+    def test_intact_cached_copy_loads(self, cached):
+        from lab.models.loading import load_smollm2
+
+        assert load_smollm2().model.config.hidden_size == 64
+
+    @pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json", "config.json"])
+    def test_truncated_cached_copy(self, cached, name):
+        from lab.models.loading import load_smollm2
+
+        path = cached / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        with pytest.raises(LabError) as err:
+            load_smollm2()
+        message = str(err.value)
+        assert message.startswith(f"{path} is truncated or corrupt (")
+        assert message.endswith(f": delete {cached} (a cache: the next load makes it again from the GGUF)")
 
 
 @pytest.mark.slow

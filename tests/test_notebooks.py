@@ -18,7 +18,7 @@ def test_marimo_check():
 
 
 def test_pretrain_notebook_as_script(tmp_path):
-    env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path), "LAB_DATA_DIR": str(ROOT / ".data")}
+    env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path)}
     out = subprocess.run(
         [sys.executable, str(ROOT / "notebooks" / "pretrain.py"), "--", "--profile", "smoke"],
         capture_output=True,
@@ -68,3 +68,20 @@ def test_or_exit_turns_a_lab_error_into_one_line():
         or_exit("t", boom)
     with pytest.raises(ValueError):  # only the errors a user can fix become one line
         or_exit("t", lambda: int("x"))
+
+
+def test_or_exit_turns_an_os_error_into_one_line():
+    import errno
+
+    import pytest
+
+    from lab.notebook import or_exit
+
+    def full():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/tmp/results/x.parquet")
+
+    with pytest.raises(SystemExit) as info:
+        or_exit("t", full)
+    line = str(info.value)
+    assert line.startswith("t: error: /tmp/results/x.parquet: No space left on device: free some disk space")
+    assert "nothing already written is lost" in line and "\n" not in line

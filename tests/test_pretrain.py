@@ -37,12 +37,24 @@ class TestConfig:
         [
             (dict(batch_size=0), r"batch_size must be an integer >= 1 \(got 0\)"),
             (dict(max_iters=0), r"max_iters must be an integer >= 1"),
-            (dict(pos_emb="alibi"), r"pos_emb must be 'learned' or 'rope' \(got 'alibi'\)"),
+            (dict(eval_interval=0), r"eval_interval must be an integer >= 1 \(got 0\)"),
+            (dict(eval_iters=0), r"eval_iters must be an integer >= 1 \(got 0\)"),
+            (dict(checkpoint_interval=0), r"checkpoint_interval must be an integer >= 1 \(got 0\)"),
+            (dict(block_size=8.5), r"block_size must be an integer >= 1 \(got 8.5\)"),
+            (dict(warmup_iters=-1), r"warmup_iters must be an integer >= 0 \(got -1\)"),
+            (dict(pos_emb="alibi"), r"pos_emb must be one of 'learned', 'rope' \(got 'alibi'\)"),
             (dict(n_head=3), r"n_head 3 must divide d_model 128"),
-            (dict(lr=0.0), r"lr must be > 0"),
-            (dict(min_lr=2e-3), r"min_lr must lie in \[0, lr\]"),
-            (dict(dropout=1.0), r"dropout must lie in \[0, 1\)"),
-            (dict(grad_clip=0.0), r"grad_clip must be > 0"),
+            (dict(lr=0.0), r"lr must be a finite number > 0 \(got 0.0\); nanoGPT's character models use 1e-3"),
+            (dict(lr=float("inf")), r"lr must be a finite number > 0 \(got inf\)"),
+            (dict(lr=float("nan")), r"lr must be a finite number > 0 \(got nan\)"),
+            (dict(min_lr=2e-3), r"min_lr must be in \[0, 0.001\] \(got 0.002\) with lr 0.001; nanoGPT uses lr / 10"),
+            (dict(min_lr=float("nan")), r"min_lr must be in \[0, 0.001\] \(got nan\)"),
+            (dict(dropout=1.0), r"dropout must be in \[0, 1\) \(got 1.0\)"),
+            (dict(dropout=2.0), r"dropout must be in \[0, 1\) \(got 2.0\)"),
+            (dict(weight_decay=-0.1), r"weight_decay must be a finite number >= 0 \(got -0.1\)"),
+            (dict(beta2=1.0), r"beta2 must be in \[0, 1\) \(got 1.0\)"),
+            (dict(grad_clip=0.0), r"grad_clip must be a finite number > 0 \(got 0.0\); nanoGPT uses 1.0"),
+            (dict(grad_clip=float("inf")), r"grad_clip must be a finite number > 0 \(got inf\)"),
         ],
     )
     def test_bad_value_names_the_fix(self, change, match):
@@ -151,3 +163,49 @@ def test_wall_time_accumulates_across_resume(tmp_path):
     assert saved["train"] == pytest.approx(first.train_time_s)
     assert saved["wall"] >= saved["train"] > 0
     assert again.wall_time_s >= saved["wall"]
+
+
+class TestCorruptCheckpoint:
+    """A damaged checkpoint file gives one LabError naming the file and the fix (--fresh), before any step."""
+
+    @pytest.fixture(scope="class")
+    def finished(self, tmp_path_factory):
+        folder = tmp_path_factory.mktemp("ck") / "run"
+        train_gpt(replace(CFG, max_iters=50), smoke_corpus(), folder, progress=False)
+        return folder
+
+    @pytest.mark.parametrize(
+        "name, damage",
+        [
+            ("ckpt.safetensors", "truncated"),
+            ("steps.parquet", "truncated"),
+            ("evals.parquet", "truncated"),
+            ("samples.parquet", "truncated"),
+            ("steps.parquet", "missing"),  # (without ckpt.safetensors there is no checkpoint: the run starts over)
+        ],
+    )
+    def test_names_the_file_and_the_fix(self, finished, name, damage, tmp_path, monkeypatch):
+        import shutil
+
+        import lab.train.pretraining as P
+
+        def no_step(*args):
+            raise AssertionError("a training step ran before the damaged checkpoint was refused")
+
+        folder = tmp_path / "run"
+        shutil.copytree(finished, folder)
+        path = folder / name
+        if damage == "truncated":
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        else:
+            path.unlink()
+        monkeypatch.setattr(P, "get_batch", no_step)
+        with pytest.raises(LabError) as err:
+            train_gpt(replace(CFG, max_iters=50), smoke_corpus(), folder, progress=False)
+        message = str(err.value)
+        state = "is truncated or corrupt (" if damage == "truncated" else "is missing: "
+        assert message.startswith(f"{path} {state}") and "\n" not in message
+        assert message.endswith(f"pass --fresh to start over (or delete {folder})")
+        monkeypatch.undo()
+        again = train_gpt(replace(CFG, max_iters=50), smoke_corpus(), folder, resume=False, progress=False)
+        assert again.resumed_from is None and len(again.log.steps) == 50  # the fix named works

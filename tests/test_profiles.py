@@ -43,3 +43,42 @@ class TestProfiles:
             assert torch.get_num_threads() == 2
         finally:
             torch.set_num_threads(before)
+
+
+class TestDevice:
+    """A profile whose device this machine lacks is refused when it is activated, before any compute."""
+
+    def test_gpu_profile_without_cuda_names_the_fix(self, monkeypatch):
+        import torch
+
+        from lab.profiles import activate
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        with pytest.raises(LabError) as err:
+            activate(get_profile("gpu"))
+        assert str(err.value) == (
+            "profile 'gpu' runs on a CUDA GPU and this machine has none (torch.cuda.is_available() is False): "
+            "use --profile cpu"
+        )
+
+    def test_gpu_profile_with_cuda_is_accepted(self, monkeypatch):
+        import torch
+
+        from lab.profiles import activate
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert activate(get_profile("gpu")).require_device() == "cuda"
+
+    @pytest.mark.parametrize("name", ["smoke", "cpu"])
+    def test_cpu_profiles_never_ask_for_cuda(self, name, monkeypatch):
+        import torch
+
+        def asked():
+            raise AssertionError("a CPU profile asked whether CUDA is there")
+
+        monkeypatch.setattr(torch.cuda, "is_available", asked)
+        assert get_profile(name).require_device() == "cpu"
+
+    def test_unknown_device(self):
+        with pytest.raises(LabError, match=r"names the device 'tpu': the lab runs on 'cpu' or 'cuda'"):
+            dataclasses.replace(get_profile("cpu"), device="tpu").require_device()

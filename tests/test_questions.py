@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import polars as pl
 import pytest
 
+from lab.errors import LabError
 from lab.paths import REPO_ROOT
+from lab.results import write_result
 from lab.site.questions import STATUSES, check_evidence, check_questions, main, parse_questions
 
 
@@ -16,9 +19,10 @@ def _log(*entries: str) -> str:
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    """A fake repository with one result file and one page that evidence can point at."""
-    (tmp_path / "results" / "pretrain").mkdir(parents=True)
-    (tmp_path / "results" / "pretrain" / "loss.parquet").write_bytes(b"PAR1")
+    """A fake repository with one result (written by the lab, with its manifest) and one page that evidence can
+    point at."""
+    loss = pl.DataFrame({"step": [0, 1], "loss": [4.0, 3.0]})
+    write_result("pretrain", "loss", loss, config={}, seed=0, profile="cpu", wall_time_s=0, root=tmp_path / "results")
     (tmp_path / "site-src" / "tracks").mkdir(parents=True)
     (tmp_path / "site-src" / "tracks" / "pretrain.md").write_text("# Pretraining\n")
     return tmp_path
@@ -83,6 +87,45 @@ class TestCheck:
         problems = check_questions(text, root=repo)
         assert len(problems) == 1 and "results/pretrain/missing.parquet" in problems[0]
 
+    @pytest.mark.parametrize("target", ["../../../../etc/passwd", "/etc/passwd", "site-src/../../outside.md"])
+    def test_evidence_outside_the_repository_fails(self, repo: Path, target: str) -> None:
+        (repo.parent / "outside.md").write_text("# not in the repository\n")
+        text = _log(f"### Q1. Answered?\nStatus: ANSWERED\nEvidence: [x]({target})")
+        (problem,) = check_questions(text, root=repo)
+        assert f"evidence {target!r} lies outside the repository: link to a file inside it" in problem
+
+    def test_a_link_leading_out_of_the_repository_fails(self, repo: Path) -> None:
+        (repo / "site-src" / "passwd.md").symlink_to("/etc/passwd")
+        text = _log("### Q1. Answered?\nStatus: ANSWERED\nEvidence: [x](site-src/passwd.md)")
+        (problem,) = check_questions(text, root=repo)
+        assert "lies outside the repository" in problem
+
+    @pytest.mark.parametrize(
+        "damage, expected",
+        [
+            (lambda b: b"PAR1", "loss.parquet is not readable Parquet"),
+            (lambda b: b[: len(b) // 2], "loss.parquet is not readable Parquet"),
+            (lambda b: None, "loss.parquet differs from the sha256"),  # another valid frame, not the one written
+        ],
+    )
+    def test_damaged_result_evidence_fails(self, repo: Path, damage, expected: str) -> None:
+        path = repo / "results" / "pretrain" / "loss.parquet"
+        if (data := damage(path.read_bytes())) is None:
+            pl.DataFrame({"step": [0], "loss": [9.0]}).write_parquet(path)
+        else:
+            path.write_bytes(data)
+        text = _log("### Q1. Answered?\nStatus: ANSWERED\nEvidence: [loss](results/pretrain/loss.parquet)")
+        (problem,) = check_questions(text, root=repo)
+        assert "Q1: evidence 'results/pretrain/loss.parquet' fails its check" in problem
+        assert expected in problem and "rerun `lab run pretrain`" in problem
+
+    def test_evidence_beside_a_truncated_manifest_fails(self, repo: Path) -> None:
+        manifest = repo / "results" / "pretrain" / "manifest.json"
+        manifest.write_bytes(manifest.read_bytes()[:30])
+        text = _log("### Q1. Answered?\nStatus: ANSWERED\nEvidence: [loss](results/pretrain/loss.parquet)")
+        (problem,) = check_questions(text, root=repo)
+        assert "manifest.json is not valid JSON" in problem
+
     def test_bad_status_fails(self, repo: Path) -> None:
         problems = check_questions(_log("### Q1. Done?\nStatus: DONE"), root=repo)
         assert len(problems) == 1 and "DONE" in problems[0]
@@ -108,3 +151,17 @@ class TestMain:
         assert main([str(bad)]) == 1
         assert len(capsys.readouterr().out.strip().splitlines()) == 2
         assert main([]) == 0  # the real log
+
+
+class TestEncoding:
+    """A log that is not UTF-8 stops the check with the file and the byte offset, not a UnicodeDecodeError."""
+
+    def test_non_utf8_names_the_offset(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        log = tmp_path / "QUESTIONS.md"
+        text = _log("### Q1. A?\nStatus: OPEN").encode()
+        log.write_bytes(text[:20] + b"\xff\xfe" + text[20:])
+        with pytest.raises(LabError, match=r"QUESTIONS.md is not UTF-8 text \(byte 0xff at offset 20\): re-save"):
+            check_evidence(log, root=tmp_path)
+        assert main([str(log)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "offset 20" in err[0]

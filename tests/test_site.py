@@ -203,10 +203,28 @@ class TestFailures:
 
         partial = tmp_path / "results"
         shutil.copytree(smoke_results, partial)
-        (partial / "pretrain" / "loss.vl.json").unlink()
+        (partial / "pretrain" / "loss.vl.json").unlink()  # and from the manifest: a chart the track never drew
+        manifest = json.loads((partial / "pretrain" / "manifest.json").read_text())
+        manifest["loss"]["files"].remove("loss.vl.json")
+        (partial / "pretrain" / "manifest.json").write_text(json.dumps(manifest))
         monkeypatch.setenv("LAB_RESULTS_DIR", str(partial))
         with pytest.raises(LabError, match=r"loss\.vl\.json.*lab run pretrain --profile cpu"):
             build_site(site_dir=tmp_path / "site")
+
+    def test_non_utf8_questions_log_is_one_line(
+        self, results_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import lab.site.hooks as hooks
+        from lab.site.build import build_site
+
+        log = tmp_path / "QUESTIONS.md"
+        data = b"# Questions\n\n### Q1. Caf\xe9?\nStatus: OPEN\n"
+        log.write_bytes(data)
+        monkeypatch.setattr(hooks, "QUESTIONS_FILE", log)
+        offset = data.index(b"\xe9")
+        with pytest.raises(LabError, match=rf"QUESTIONS.md is not UTF-8 text \(byte 0xe9 at offset {offset}\)") as e:
+            build_site(site_dir=tmp_path / "site")
+        assert len(str(e.value).splitlines()) == 1
 
     def test_missing_vendor_js_says_run_setup(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         import lab.site.build
@@ -214,6 +232,115 @@ class TestFailures:
         monkeypatch.setattr(lab.site.build, "VENDOR_DIR", tmp_path / "vendor")
         with pytest.raises(LabError, match=r"\./\.ci/setup"):
             lab.site.build.build_site(site_dir=tmp_path / "site")
+
+
+class TestPublicationChecks:
+    """The build checks every result file it would publish and refuses with one line per problem, naming the file
+    and the fix, before mkdocs runs (so no traceback and no site/)."""
+
+    @pytest.fixture
+    def results(self, fixture_results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+        copy = tmp_path / "results"
+        shutil.copytree(fixture_results, copy)
+        monkeypatch.setenv("LAB_RESULTS_DIR", str(copy))
+        return copy
+
+    def _refusal(self, tmp_path: Path) -> list[str]:
+        from lab.site.build import build_site
+
+        with pytest.raises(LabError) as e:
+            build_site(site_dir=tmp_path / "site")
+        assert not (tmp_path / "site").exists()
+        return str(e.value).splitlines()
+
+    def test_committed_results_pass(self) -> None:
+        from lab.paths import REPO_ROOT
+        from lab.site.checks import check_results
+        from lab.site.hooks import SKIPPED_PROFILES
+
+        assert check_results(REPO_ROOT / "results", skip=SKIPPED_PROFILES) == []
+
+    def test_fixture_results_pass(self, results: Path) -> None:
+        from lab.site.checks import check_results
+
+        assert check_results(results) == []
+
+    @pytest.mark.parametrize(
+        "file, damage, expected",
+        [
+            ("loss.parquet", lambda b: b"not parquet at all", "loss.parquet is not readable Parquet"),
+            ("summary.parquet", lambda b: b[: len(b) // 2], "summary.parquet is not readable Parquet"),
+            ("loss.vl.json", lambda b: b[: len(b) // 2], "loss.vl.json is not readable Vega-Lite JSON"),
+            ("loss.vl.json", lambda b: b.replace(b"2.6", b"NaN", 1), "loss.vl.json holds NaN"),
+            ("manifest.json", lambda b: b[: len(b) // 2], "manifest.json is not valid JSON"),
+        ],
+    )
+    def test_damaged_file(self, results: Path, tmp_path: Path, file: str, damage, expected: str) -> None:
+        path = results / "pretrain" / file
+        path.write_bytes(damage(path.read_bytes()))
+        lines = self._refusal(tmp_path)
+        assert len(lines) == 1
+        assert expected in lines[0] and "rerun `lab run pretrain`" in lines[0]
+
+    def test_every_problem_is_listed(self, results: Path, tmp_path: Path) -> None:
+        (results / "pretrain" / "summary.parquet").write_bytes(b"PAR1")
+        (results / "pretrain" / "loss.vl.json").write_text("{")
+        (results / "pretrain" / "samples.parquet").unlink()
+        lines = self._refusal(tmp_path)
+        assert len(lines) == 3
+        assert [line.split(" ")[0].rsplit("/", 1)[-1] for line in lines] == [
+            "loss.vl.json",
+            "summary.parquet",
+            "manifest.json",  # lists samples.parquet, which is missing
+        ]
+
+    def test_changed_bytes_fail_the_sha256(self, results: Path, tmp_path: Path) -> None:
+        """A readable Parquet file that is not the one written: only the manifest's hash can tell."""
+        pl.DataFrame({"step": [0], "loss": [9.9]}).write_parquet(results / "pretrain" / "loss.parquet")
+        (line,) = self._refusal(tmp_path)
+        assert "loss.parquet differs from the sha256" in line and "rerun `lab run pretrain`" in line
+
+    def test_unlisted_file(self, results: Path, tmp_path: Path) -> None:
+        pl.DataFrame({"x": [1]}).write_parquet(results / "pretrain" / "extra.parquet")
+        (line,) = self._refusal(tmp_path)
+        assert "extra.parquet is not listed in" in line and "delete the file" in line
+
+    def test_manifest_without_checksums(self, results: Path, tmp_path: Path) -> None:
+        path = results / "pretrain" / "manifest.json"
+        manifest = json.loads(path.read_text())
+        del manifest["loss"]["sha256"]
+        path.write_text(json.dumps(manifest))
+        lines = self._refusal(tmp_path)
+        assert len(lines) == 2 and all("no sha256" in line for line in lines)  # loss.parquet and loss.vl.json
+
+    def test_symlink_is_refused(self, results: Path, tmp_path: Path) -> None:
+        (results / "pretrain" / "passwd.parquet").symlink_to("/etc/passwd")
+        (results / "linked").symlink_to("/etc", target_is_directory=True)
+        lines = self._refusal(tmp_path)
+        assert len(lines) == 2 and all("is a symbolic link" in line and "delete the link" in line for line in lines)
+        assert f"{results}/pretrain/passwd.parquet is a symbolic link (to /etc/passwd)" in lines[1]
+
+    def test_hidden_entries_are_neither_checked_nor_published(self, results: Path) -> None:
+        """A run's stage and an atomic write's temporary are not results."""
+        from lab.site.checks import check_results
+        from lab.site.hooks import published_results
+
+        (results / ".pretrain.12345.tmp").mkdir()
+        (results / ".pretrain.12345.tmp" / "loss.parquet").write_bytes(b"partial")
+        (results / "pretrain" / ".loss.parquet.abc.tmp").write_bytes(b"partial")
+        assert check_results(results) == []
+        assert not [p for p in published_results(results) if "tmp" in p.name or "tmp" in p.parent.name]
+
+    def test_damaged_parquet_in_a_macro_is_one_line(self, results_env: Path, tmp_path: Path) -> None:
+        """Outside the build's check (mkdocs serve, a direct macro call), a damaged file still names its fix."""
+        from lab.site.hooks import expand_macros
+
+        shutil.copytree(results_env, tmp_path / "r")
+        (tmp_path / "r" / "pretrain" / "summary.parquet").write_bytes(b"PAR1 garbage PAR1")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LAB_RESULTS_DIR", str(tmp_path / "r"))
+            with pytest.raises(LabError, match="summary.parquet is not readable Parquet.*rerun `lab run pretrain`"):
+                expand_macros('{{ value("pretrain/summary", "iters") }}', "")
 
 
 class TestMacros:

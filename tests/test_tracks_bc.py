@@ -23,7 +23,7 @@ SMOKE = get_profile("smoke")
 
 @pytest.fixture
 def own_data_dir(tmp_path, monkeypatch):
-    """An empty data folder: no Track A adapter, so B trains its own stand-in LoRA on smoke (into this folder)."""
+    """An empty data folder: B trains its own stand-in LoRA on smoke into it."""
     monkeypatch.setenv("LAB_DATA_DIR", str(tmp_path / "data"))
     return tmp_path / "data"
 
@@ -56,17 +56,33 @@ class TestAttentionConfig:
         with pytest.raises(LabError, match=fix):
             replace(RECIPES["smoke"], **change)
 
-    def test_the_input_is_track_a_main_adapter(self, own_data_dir):
-        """B reads Track A's adapter where A saves it, and takes it when it is there (no stand-in trained)."""
+    def test_the_input_is_track_a_main_adapter(self, own_data_dir, monkeypatch):
+        """Off smoke, B reads Track A's adapter where A saves it, and takes it when it is there (no stand-in)."""
         from lab import paths
         from lab.tracks.B_attention import run as B
         from lab.tracks.B_attention.config import finetuned_adapter_dir
 
-        folder = finetuned_adapter_dir(SMOKE)
-        assert folder == paths.adapter_dir("smoke", "A_finetuning", "main")
+        cpu = get_profile("cpu")
+        folder = finetuned_adapter_dir(cpu)
+        assert folder == paths.adapter_dir("cpu", "A_finetuning", "main")
         folder.mkdir(parents=True)
         (folder / "adapter_config.json").write_text("{}")
-        assert B.resolve_adapter(SMOKE) == (folder, "Track A (the fine-tuning track, main run)")
+        monkeypatch.setattr(B, "stand_in_adapter", lambda p: pytest.fail("no stand-in where Track A's adapter is"))
+        assert B.resolve_adapter(cpu) == (folder, "Track A (the fine-tuning track, main run)")
+
+    def test_smoke_uses_its_stand_in_whether_or_not_track_a_ran(self, own_data_dir, monkeypatch):
+        """Smoke results do not depend on the order tracks ran in: Track A's smoke adapter is never taken."""
+        from lab.tracks.B_attention import config
+        from lab.tracks.B_attention import run as B
+
+        assert SMOKE.name in config.STAND_IN_PROFILES
+        stand_in = own_data_dir / "adapters" / "smoke" / "B_attention" / "smoke-lora"
+        monkeypatch.setattr(B, "stand_in_adapter", lambda p: stand_in)
+        before = B.resolve_adapter(SMOKE)
+        folder = config.finetuned_adapter_dir(SMOKE)  # as `lab run A_finetuning --profile smoke` leaves it
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text("{}")
+        assert B.resolve_adapter(SMOKE) == before == (stand_in, "smoke LoRA trained by the attention track")
 
 
 class TestAttentionTrack:
@@ -246,7 +262,7 @@ class TestProbingTrack:
 
 @pytest.mark.parametrize("track", ["B_attention", "C_probing"])
 def test_notebook_as_script(track, tmp_path):
-    env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path), "LAB_DATA_DIR": str(ROOT / ".data")}
+    env = {**os.environ, "LAB_RESULTS_DIR": str(tmp_path)}
     out = subprocess.run(
         [sys.executable, str(ROOT / "notebooks" / f"{track}.py"), "--", "--profile", "smoke"],
         capture_output=True,

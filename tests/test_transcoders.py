@@ -3,8 +3,10 @@ circuit-tracer, resumes exactly after an interruption), its config's validation 
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,9 +133,11 @@ def test_errors_name_the_fix(tmp_path):
 @pytest.mark.parametrize(
     ("change", "fix"),
     [
-        ({"k": 129}, "lower k or raise d_transcoder"),
-        ({"steps": 0}, "steps must be at least 1"),
-        ({"lr": 0.0}, "lr must be positive"),
+        ({"k": 129}, r"bad TranscoderConfig: k=129 exceeds d_transcoder=128: .* lower k or raise d_transcoder"),
+        ({"steps": 0}, r"steps must be an integer >= 1 \(got 0\)"),
+        ({"checkpoints": 0}, r"checkpoints must be an integer >= 1 \(got 0\)"),
+        ({"lr": 0.0}, r"lr must be a finite number > 0 \(got 0.0\)"),
+        ({"lr": float("inf")}, r"lr must be a finite number > 0 \(got inf\)"),
     ],
 )
 def test_config_refuses_what_cannot_train(change, fix):
@@ -147,3 +151,57 @@ def test_short_text_source_is_refused(lm):
     cfg = replace(CFG, seq_len=8)
     ids = T.token_sequences(lm.tokenizer, {"x": "the king speaks of the moon " * 20}, cfg.seq_len, 5, 0)
     assert ids.shape == (5, 9) and (ids[:, 0] == lm.tokenizer.bos_token_id).all()
+
+
+class TestDamagedState:
+    """A damaged resume checkpoint or built folder gives one LabError naming the file and the fix."""
+
+    def _cut(self, path):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    def test_truncated_resume_checkpoint(self, lm, tmp_path):
+        folder = tmp_path / "smoke"
+        ckpt = tmp_path / "smoke.building" / "checkpoint.pt"
+        ckpt.parent.mkdir()
+        state = {"key": "x", "step": 1, "transcoders": [torch.zeros(1000)]}
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        ckpt.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+        with pytest.raises(LabError) as err:
+            T.build(CFG, lm, folder, corpus=smoke_corpus(), progress=False)
+        message = str(err.value)
+        assert message.startswith(f"{ckpt} is truncated or corrupt (")
+        assert message.endswith(f": pass --fresh to start the build over (or delete {ckpt})")
+
+    def test_foreign_resume_checkpoint(self, lm, tmp_path):
+        ckpt = tmp_path / "smoke.building" / "checkpoint.pt"
+        ckpt.parent.mkdir()
+        torch.save({"key": "another build", "step": 1}, ckpt)
+        with pytest.raises(
+            LabError, match=r"checkpoint.pt belongs to another config or model than this build: pass --fresh"
+        ):
+            T.build(CFG, lm, tmp_path / "smoke", corpus=smoke_corpus(), progress=False)
+
+    def test_pickled_code_in_a_checkpoint_is_refused(self, lm, tmp_path):
+        """weights_only loading: a checkpoint that would run code on load is refused, not executed."""
+        ckpt = tmp_path / "smoke.building" / "checkpoint.pt"
+        ckpt.parent.mkdir()
+        torch.save({"key": "x", "step": 1, "object": Path("/etc/passwd")}, ckpt)  # not a plain container
+        with pytest.raises(LabError, match=r"checkpoint.pt is truncated or corrupt \(it holds objects other than"):
+            T.build(CFG, lm, tmp_path / "smoke", corpus=smoke_corpus(), progress=False)
+
+    @pytest.mark.parametrize("name", ["meta.json", "layer_1.safetensors"])
+    def test_damaged_built_folder(self, built, tmp_path, name):
+        import shutil
+
+        ref, _ = built
+        folder = tmp_path / "smoke"
+        shutil.copytree(ref, folder)
+        self._cut(folder / name)
+        fix = f": delete {folder} and build them again (`lab transcoders build --profile <profile>`)"
+        with pytest.raises(LabError) as err:
+            T.load_transcoders(folder)
+        assert str(err.value).startswith(f"{folder / name} is truncated or corrupt (") and str(err.value).endswith(fix)
+        if name == "meta.json":
+            with pytest.raises(LabError, match="meta.json is truncated or corrupt"):
+                T.built(CFG, folder)

@@ -17,6 +17,7 @@ from typing import Any
 import polars as pl
 import torch
 
+from lab.bench import check_counts
 from lab.errors import LabError
 from lab.interp.capture import adapter_for, capture
 from lab.interp.names import FINAL_NAME, RESIDUAL_KINDS, hook_names
@@ -51,6 +52,7 @@ def capture_benchmark(
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Median seconds per forward pass: plain HF forward; lab capture of every residual name; TransformerLens
     forward, ``run_with_cache`` on the same names and on everything. Returns (frame, parity checks)."""
+    check_counts(tokens=tokens, reps=reps, warmup=warmup)
     model = lm.model
     n_layers = adapter_for(model).n_layers()
     names = [*hook_names(n_layers, RESIDUAL_KINDS), FINAL_NAME]

@@ -17,6 +17,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from lab.bench import check_counts
 from lab.profiles import Profile
 from lab.train.lora import FinetuneConfig, fresh_base, train_lora
 
@@ -34,6 +35,7 @@ def run(profile: Profile, cfg: FinetuneConfig, *, steps: int = 6, repeats: int =
     Returns:
         Two rows (off, on): median seconds, every run's seconds, ratio to off, steps, torch threads.
     """
+    check_counts(steps=steps, repeats=repeats)
     short = bench_config(cfg, steps)
     times: dict[str, list[float]] = {"off": [], "on": []}
     with tempfile.TemporaryDirectory() as tmp:

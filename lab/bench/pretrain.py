@@ -11,6 +11,7 @@ from dataclasses import replace
 import polars as pl
 import torch
 
+from lab.bench import check_counts
 from lab.data.corpus import Corpus
 from lab.models.gpt import GPT
 from lab.models.tokenizer import CharTokenizer
@@ -75,6 +76,7 @@ def run(cfg: PretrainConfig, corpus: Corpus, *, steps: int = 200, warmup: int = 
     Returns:
         One row per loop: tokens/s, ms/step, ratio to the reference loop, warm-up seconds, torch threads.
     """
+    check_counts(steps=steps, warmup=warmup)
     tok = CharTokenizer.from_text(corpus.train_text + corpus.val_text)
     data = tok.encode(corpus.train_text)
     ref = reference_loop_tokens_per_s(cfg, data, tok.vocab_size, steps, warmup)

@@ -18,7 +18,8 @@ exactly on every family:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ class Adapter:
 
     family = ""
     model_types: tuple[str, ...] = ()
+    positions_attr = "max_position_embeddings"  # the config field holding the longest input the model takes
 
     def __init__(self, model: nn.Module):
         self.model = model  # the *ForCausalLM module (peft wrappers already removed)
@@ -59,6 +61,91 @@ class Adapter:
     # shared ----------------------------------------------------------------------------------------
     def n_layers(self) -> int:
         return len(self.layers())
+
+    def n_positions(self) -> int | None:
+        """The most tokens one input may hold (the config's position limit), or ``None`` where it names none."""
+        limit = getattr(self.model.config, self.positions_attr, None)
+        return int(limit) if limit else None
+
+    def check_heads(self, heads: Any) -> list[int] | None:
+        """``heads`` as a list of distinct query-head indices of this model (``None``: all heads), or
+        :class:`LabError` naming the fix."""
+        n = self.n_heads()
+        if heads is None:
+            return None
+        if isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
+            raise LabError(f"heads={heads!r}: pass a list of query head indices, e.g. heads=[0, {n - 1}]")
+        listed = list(heads)
+        if not listed:
+            raise LabError(
+                f"heads=[] selects no head: list at least one query head (0..{n - 1}), or pass heads=None for all {n}"
+            )
+        try:
+            if any(isinstance(h, bool) for h in listed):
+                raise TypeError
+            index = [operator.index(h) for h in listed]
+        except TypeError:
+            raise LabError(
+                f"heads={listed!r}: head indices must be whole numbers in 0..{n - 1}, e.g. heads=[0, {n - 1}]"
+            ) from None
+        if any(h < 0 or h >= n for h in index):
+            raise LabError(
+                f"heads={index}: the model has {n} query heads (0..{n - 1}); list indices in that range "
+                "(negative ones do not count from the end)"
+            )
+        twice = sorted({h for h in index if index.count(h) > 1})
+        if twice:
+            raise LabError(f"heads={index} lists head(s) {twice} more than once: list each query head once")
+        return index
+
+    def check_input(self, input_ids: Any, attention_mask: Any = None) -> None:
+        """Raise :class:`LabError` naming the fix unless ``input_ids`` is a ``(batch, tokens)`` tensor of this
+        model's token ids that fits its positions, and ``attention_mask`` (if any) has the same shape; no compute."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise LabError(
+                f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}: "
+                "wrap the ids, e.g. torch.tensor([ids])"
+            )
+        shape = tuple(input_ids.shape)
+        if input_ids.dim() == 1:
+            raise LabError(f"input_ids must be (batch, tokens), got shape {shape}: add a batch axis")
+        if input_ids.dim() != 2:
+            raise LabError(
+                f"input_ids must be (batch, tokens), got shape {shape}: pass a 2-D tensor, one row of token ids "
+                "per sequence"
+            )
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise LabError(
+                f"input_ids must hold integer token ids (torch.long), got dtype {input_ids.dtype}: encode text "
+                "with the model's own tokenizer, or convert whole-number ids with input_ids.long()"
+            )
+        if input_ids.numel() == 0:
+            raise LabError(f"input_ids of shape {shape} holds no tokens: pass at least one row of at least one token")
+        limit = self.n_positions()
+        if limit is not None and shape[1] > limit:
+            raise LabError(
+                f"input_ids has {shape[1]} tokens, more than the model's {limit} positions "
+                f"(config.{self.positions_attr}): pass at most {limit} tokens (truncate or split the text)"
+            )
+        n_rows = self.model.get_input_embeddings().num_embeddings
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= n_rows:
+            raise LabError(
+                f"token ids must lie in 0..{n_rows - 1} (the model's vocabulary), got {low}..{high}: "
+                "encode text with the model's own tokenizer"
+            )
+        if attention_mask is not None and (
+            not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != shape
+        ):
+            got = (
+                tuple(attention_mask.shape)
+                if isinstance(attention_mask, torch.Tensor)
+                else type(attention_mask).__name__
+            )
+            raise LabError(
+                f"attention_mask must be a tensor shaped like input_ids {shape}, got {got}: pass the mask the "
+                "tokenizer returned with these ids (1 = token, 0 = padding), or attention_mask=None"
+            )
 
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head (+ Gemma2's logit soft-capping): residual ``(..., d)`` -> logits ``(..., V)``."""
@@ -129,6 +216,7 @@ class GPT2Adapter(Adapter):
 
     family = "gpt2"
     model_types = ("gpt2",)
+    positions_attr = "n_positions"
 
     def body(self) -> nn.Module:
         return self.model.transformer

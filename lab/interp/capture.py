@@ -21,13 +21,17 @@ sdpa attention returns no weights, so pattern capture switches the model to eage
 forward pass and restores the previous implementation afterwards, also on errors.
 
 Captured tensors are detached CPU copies. Pattern capture estimates its memory first (batch x layers x
-heads x T^2 x bytes) and refuses past ``max_bytes`` with a :class:`LabError` naming the ways out; with
-``stream_to=folder`` every requested tensor is written to ``folder/<name>.safetensors`` as soon as its layer
-has run and dropped from memory.
+heads x T^2 x bytes) and refuses past ``max_bytes`` with a :class:`LabError` naming the ways out that fit (no
+streaming offered when even one layer's patterns exceed the budget); with ``stream_to=folder`` every requested
+tensor is written to ``folder/<name>.safetensors`` as soon as its layer has run and dropped from memory. Bad inputs
+(empty, float or out-of-vocabulary ids, more tokens than the model's positions, a mask of another shape, empty or
+repeated heads, a budget that is not a positive integer) are refused the same way, before any forward pass.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -52,6 +56,7 @@ __all__ = [
     "adapter_for",
     "capture",
     "check_budget",
+    "check_max_bytes",
     "eager_attention",
     "estimate",
     "format_bytes",
@@ -95,12 +100,23 @@ class CaptureEstimate:
     seq_len: int
     n_pattern_layers: int
     n_heads: int
+    batch: int = 1
+    itemsize: int = 4  # bytes per captured number (the model's dtype)
 
     def held(self, streaming: bool) -> int:
         """Bytes held at the peak: everything, or (streaming) one layer's patterns plus the logits."""
         if streaming:
             return self.pattern_per_layer + self.logits
         return self.patterns + self.residuals + self.logits
+
+
+def check_max_bytes(max_bytes: Any) -> None:
+    """Raise :class:`LabError` unless ``max_bytes`` is a whole number of bytes above zero."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Integral) or max_bytes <= 0:
+        raise LabError(
+            f"max_bytes must be a whole number of bytes above 0, got {max_bytes!r}: e.g. max_bytes=2 << 30 for "
+            f"2 GiB (the default is {DEFAULT_MAX_BYTES}, {format_bytes(DEFAULT_MAX_BYTES)})"
+        )
 
 
 def estimate(
@@ -110,9 +126,13 @@ def estimate(
     *,
     heads: Sequence[int] | None = None,
     logits: bool = True,
+    attention_mask: torch.Tensor | None = None,
 ) -> CaptureEstimate:
-    """Memory that :func:`capture` would hold for these names and this input (no forward pass)."""
+    """Memory that :func:`capture` would hold for these names and this input (no forward pass); bad inputs,
+    names or heads raise :class:`LabError`."""
     ad = adapter_for(model)
+    ad.check_input(input_ids, attention_mask)
+    heads = ad.check_heads(heads)
     batch, seq = input_ids.shape
     n_layers = ad.n_layers()
     parsed = [parse_name(n, n_layers) if n != FINAL_NAME else (-1, FINAL_NAME) for n in names]
@@ -131,51 +151,83 @@ def estimate(
         seq_len=seq,
         n_pattern_layers=n_pat,
         n_heads=n_heads,
+        batch=batch,
+        itemsize=item,
     )
 
 
 def max_tokens_within(budget: int, batch: int, n_layers: int, n_heads: int, item: int = 4) -> int:
-    """Longest sequence whose patterns fit ``budget`` bytes."""
-    return int((budget / max(1, batch * n_layers * n_heads * item)) ** 0.5)
+    """Longest sequence whose patterns fit ``budget`` bytes (0 where not even one token fits)."""
+    return math.isqrt(max(0, int(budget)) // max(1, batch * n_layers * n_heads * item))
 
 
-def check_budget(est: CaptureEstimate, max_bytes: int, *, streaming: bool, batch: int = 1) -> None:
-    """Raise :class:`LabError` naming the ways out when the capture would hold more than ``max_bytes``."""
+def check_budget(est: CaptureEstimate, max_bytes: int, *, streaming: bool, batch: int | None = None) -> None:
+    """Raise :class:`LabError` naming the ways out when the capture would hold more than ``max_bytes``; a way
+    out is named only where it fits the budget."""
+    check_max_bytes(max_bytes)
     need = est.held(streaming)
     if need <= max_bytes:
         return
-    fit = max_tokens_within(max_bytes, batch, 1 if streaming else max(1, est.n_pattern_layers), est.n_heads)
+    batch = est.batch if batch is None else batch
     what = (
         f"attention patterns for {est.n_pattern_layers} layer(s) x {est.n_heads} head(s) x {est.seq_len}^2 "
         f"positions ({format_bytes(est.patterns)})"
         if est.n_pattern_layers
         else "the requested activations"
     )
-    ways = [
-        "fewer layers (names=...)",
-        "fewer heads (heads=[...])",
-        f"a shorter text (at most ~{fit} tokens fit with these layers and heads)"
-        if est.n_pattern_layers
-        else "a shorter text",
-    ]
-    if not streaming:
+    over = (
+        f"capture would hold {format_bytes(need)} ({what}; residuals {format_bytes(est.residuals)}, "
+        f"logits {format_bytes(est.logits)}), over the budget of {format_bytes(max_bytes)}"
+    )
+    if est.n_pattern_layers and est.pattern_per_layer > max_bytes:
+        raise LabError(over + _one_layer_over(est, max_bytes, need, streaming, batch))
+    layers = 1 if streaming else max(1, est.n_pattern_layers)
+    ways = [] if streaming else ["fewer layers (names=...)"]
+    if est.n_pattern_layers and (est.pattern_per_layer if streaming else est.patterns) > max_bytes:
+        fit = max_tokens_within(max_bytes, batch, layers, est.n_heads, est.itemsize)
+        ways += ["fewer heads (heads=[...])", f"a shorter text (at most ~{fit} tokens fit with these layers and heads)"]
+    else:  # the patterns fit: the residuals or logits beside them do not
+        ways.append("a shorter text")
+    if not streaming and not est.n_pattern_layers:
+        logits_too = "" if est.logits <= max_bytes else " with logits=False"
+        ways.append(f"streaming to disk{logits_too} (stream_to=<folder>: each tensor written as its layer finishes)")
+    elif not streaming:
         one_layer = est.pattern_per_layer + est.logits
-        if one_layer <= max_bytes or not est.logits:
+        if one_layer <= max_bytes:
             ways.append(
                 f"streaming to disk (stream_to=<folder>: one layer in memory at a time, {format_bytes(one_layer)})"
             )
-        else:
+        else:  # one layer's patterns fit (checked above), the logits on top do not
             ways.append(
                 "streaming to disk with logits=False (stream_to=<folder>: one layer in memory at a time, "
                 f"{format_bytes(est.pattern_per_layer)})"
             )
     if est.logits:
         ways.append(f"logits=False (saves {format_bytes(est.logits)})")
-    raise LabError(
-        f"capture would hold {format_bytes(need)} ({what}; residuals {format_bytes(est.residuals)}, "
-        f"logits {format_bytes(est.logits)}), over the budget of {format_bytes(max_bytes)}: use "
-        + ", ".join(ways)
-        + ", or raise max_bytes"
+    raise LabError(over + ": use " + ", ".join(ways) + ", or raise max_bytes")
+
+
+def _one_layer_over(est: CaptureEstimate, max_bytes: int, need: int, streaming: bool, batch: int) -> str:
+    """The ways out when even one layer's patterns exceed the budget, so neither fewer layers nor streaming helps:
+    fewer tokens or heads (as many as fit, streamed) or a larger budget."""
+    streamed = "streamed one layer at a time (stream_to=<folder>" + (", logits=False)" if est.logits else ")")
+    tokens = max_tokens_within(max_bytes, batch, 1, est.n_heads, est.itemsize)
+    ways = [f"a shorter text (at most ~{tokens} tokens fit {streamed}"]
+    if not streaming and est.n_pattern_layers > 1:
+        in_memory = max_tokens_within(max_bytes, batch, est.n_pattern_layers, est.n_heads, est.itemsize)
+        ways[0] += f"; ~{in_memory} in memory with these layers and heads"
+    ways[0] += ")"
+    heads = max_bytes // (batch * est.seq_len * est.seq_len * est.itemsize)
+    if heads:  # else not even one head of one layer fits at this length
+        ways.append(
+            f"fewer heads (at most {heads} of {est.n_heads} fit at {est.seq_len} tokens, {streamed}: heads=[...])"
+        )
+    larger = f"at least {est.pattern_per_layer} = {format_bytes(est.pattern_per_layer)} to stream"
+    if need != est.pattern_per_layer:
+        larger += f"{' with logits=False' if est.logits else ''}; {need} as requested"
+    return (
+        f"; even one layer's patterns ({format_bytes(est.pattern_per_layer)}) exceed it, so neither fewer layers "
+        f"nor streaming to disk fits: use {', '.join(ways)}, or raise max_bytes ({larger})"
     )
 
 
@@ -248,12 +300,12 @@ def capture(
 
     Args:
         model: A causal LM of a supported family (or a peft model wrapping one).
-        input_ids: ``(B, T)`` token ids.
+        input_ids: ``(B, T)`` integer token ids, at least one token and at most the model's positions.
         names: TransformerLens names (see the module docstring); :func:`hook_names` builds lists.
-        attention_mask: Optional ``(B, T)`` padding mask, passed to the model.
-        heads: Keep only these query heads of each captured pattern.
+        attention_mask: Optional ``(B, T)`` padding mask (the shape of ``input_ids``), passed to the model.
+        heads: Keep only these query heads (distinct indices, in this order) of each captured pattern.
         logits: Also return the logits; ``False`` runs the model body only (no ``(B, T, V)`` tensor).
-        max_bytes: Refuse (before running) when the capture would hold more than this.
+        max_bytes: Refuse (before running) when the capture would hold more than this many bytes (an int > 0).
         stream_to: Folder: write each tensor to ``<name>.safetensors`` as its layer finishes, keep none in memory.
         progress: tqdm bar over blocks.
 
@@ -261,20 +313,12 @@ def capture(
         A :class:`Capture`; ``capture[name]`` reads streamed tensors back from disk.
     """
     names = list(dict.fromkeys(names))
-    if input_ids.dim() != 2:
-        raise LabError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}: add a batch axis")
+    check_max_bytes(max_bytes)
     ad = adapter_for(model)
-    n_rows = ad.model.get_input_embeddings().num_embeddings
-    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= n_rows):
-        raise LabError(
-            f"token ids must lie in 0..{n_rows - 1} (the model's vocabulary), got "
-            f"{int(input_ids.min())}..{int(input_ids.max())}: encode text with the model's own tokenizer"
-        )
-    n_heads = ad.n_heads()
-    if heads is not None and any(h < 0 or h >= n_heads for h in heads):
-        raise LabError(f"heads={list(heads)}: the model has {n_heads} query heads (0..{n_heads - 1})")
-    est = estimate(model, input_ids, names, heads=heads, logits=logits)  # validates the names too
-    check_budget(est, max_bytes, streaming=stream_to is not None, batch=input_ids.shape[0])
+    # validates the input, the names and the heads too, all before any forward pass
+    est = estimate(model, input_ids, names, heads=heads, logits=logits, attention_mask=attention_mask)
+    heads = ad.check_heads(heads)
+    check_budget(est, max_bytes, streaming=stream_to is not None)
     folder = Path(stream_to) if stream_to is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)

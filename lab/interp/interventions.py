@@ -63,6 +63,8 @@ def zero_ablated(model: Any, names: Iterable[str]) -> Any:
 def run_with_ablation(
     model: Any, input_ids: torch.Tensor, names: Iterable[str], attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Logits (CPU) of an HF model's forward pass with the named sublayer outputs zero-ablated."""
+    """Logits (CPU) of an HF model's forward pass with the named sublayer outputs zero-ablated; bad inputs raise
+    :class:`LabError` before it runs (as :func:`lab.interp.capture.capture`'s)."""
+    adapter_for(model).check_input(input_ids, attention_mask)
     with zero_ablated(model, names), torch.no_grad():
         return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.detach().to("cpu")

@@ -38,6 +38,8 @@ from lab.errors import LabError
 from lab.io import atomic_write_bytes, publish_dir
 from lab.models.loading import LoadedModel
 from lab.paths import shown
+from lab.train.state_files import damaged, load_safetensors, load_torch, read_json
+from lab.train.validation import Problems
 
 
 @dataclass(frozen=True)
@@ -55,16 +57,17 @@ class TranscoderConfig:
     seed: int = 0  # initial weights and the choice of training sequences
 
     def __post_init__(self) -> None:
+        checks = Problems(self)
         for name in ("d_transcoder", "k", "steps", "batch_seqs", "seq_len", "eval_seqs", "checkpoints"):
-            if getattr(self, name) < 1:
-                raise LabError(f"TranscoderConfig.{name} must be at least 1 (got {getattr(self, name)})")
-        if self.k > self.d_transcoder:
-            raise LabError(
-                f"TranscoderConfig.k={self.k} exceeds d_transcoder={self.d_transcoder}: TopK keeps at "
-                f"most every feature; lower k or raise d_transcoder"
+            checks.integer(name)
+        checks.integer("seed", minimum=0)
+        if isinstance(self.k, int) and isinstance(self.d_transcoder, int) and self.k > self.d_transcoder:
+            checks.add(
+                f"k={self.k} exceeds d_transcoder={self.d_transcoder}: TopK keeps at most every feature; "
+                f"lower k or raise d_transcoder"
             )
-        if not self.lr > 0:
-            raise LabError(f"TranscoderConfig.lr must be positive (got {self.lr})")
+        checks.number("lr", 0, open_low=True, hint="; Adam on transcoders typically uses 1e-3 to 1e-2")
+        checks.raise_if_any("bad TranscoderConfig")
 
     @property
     def tokens_per_step(self) -> int:
@@ -216,7 +219,6 @@ def load_transcoders(folder: Path):
     float32 on cpu, and their ``meta.json``."""
     from circuit_tracer.transcoder import SingleLayerTranscoder, TranscoderSet
     from circuit_tracer.transcoder.activation_functions import TopK
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     meta_file = folder / "meta.json"
@@ -224,7 +226,10 @@ def load_transcoders(folder: Path):
         raise LabError(
             f"no transcoders in {shown(folder)}: build them first (`lab transcoders build --profile <profile>`)"
         )
-    meta = json.loads(meta_file.read_text())
+    fix = f"delete {shown(folder)} and build them again (`lab transcoders build --profile <profile>`)"
+    meta = read_json(meta_file, fix)
+    if not isinstance(meta, dict) or not {"n_layers", "d_model", "d_transcoder", "k", "model"} <= set(meta):
+        raise damaged(meta_file, "it lacks the build's shape", fix)
     tcs = {}
     for layer in range(meta["n_layers"]):
         tc = SingleLayerTranscoder(
@@ -235,7 +240,7 @@ def load_transcoders(folder: Path):
             device=torch.device("cpu"),
             dtype=torch.float32,
         )
-        tc.load_state_dict(load_file(folder / f"layer_{layer}.safetensors"))
+        tc.load_state_dict(load_safetensors(folder / f"layer_{layer}.safetensors", fix))
         tcs[layer] = tc
     return TranscoderSet(
         tcs, feature_input_hook="mlp.hook_in", feature_output_hook="mlp.hook_out", scan=f"lab-{meta['model']}"
@@ -245,8 +250,9 @@ def load_transcoders(folder: Path):
 # ---------------------------------------------------------------------------------------------------- build
 
 
-def _save_checkpoint(path: Path, step: int, transcoders, optimizers, scales, elapsed: float) -> None:
+def _save_checkpoint(path: Path, key: str, step: int, transcoders, optimizers, scales, elapsed: float) -> None:
     state = {
+        "key": key,  # the config and model it belongs to
         "step": step,
         "elapsed": elapsed,
         "scales": torch.tensor(scales),
@@ -263,8 +269,9 @@ def built(cfg: TranscoderConfig, folder: Path) -> dict | None:
     meta_file = Path(folder) / "meta.json"
     if not meta_file.exists():
         return None
-    meta = json.loads(meta_file.read_text())
-    return meta if meta.get("config") == asdict(cfg) else None
+    fix = f"delete {shown(folder)} and build them again (`lab transcoders build --profile <profile>`)"
+    meta = read_json(meta_file, fix)
+    return meta if isinstance(meta, dict) and meta.get("config") == asdict(cfg) else None
 
 
 def build(
@@ -310,8 +317,12 @@ def build(
     start, elapsed = 0, 0.0
     if fresh and ckpt.exists():
         ckpt.unlink()
+    key = json.dumps({"config": asdict(cfg), "model": loaded.name}, sort_keys=True)
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
+        fix = f"pass --fresh to start the build over (or delete {shown(ckpt)})"
+        state = load_torch(ckpt, fix)
+        if not isinstance(state, dict) or state.get("key") != key:
+            raise LabError(f"{shown(ckpt)} belongs to another config or model than this build: {fix}")
         for tc, sd in zip(transcoders, state["transcoders"], strict=True):
             tc.load_state_dict(sd)
         for opt, sd in zip(optimizers, state["optimizers"], strict=True):
@@ -355,7 +366,7 @@ def build(
         curve.append({"step": step + 1, "train_fvu_mean": mean_fvu, "train_fvu_max": max(losses)})
         bar.set_postfix(fvu=f"{mean_fvu:.3f}")
         if (step + 1) % every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(ckpt, step + 1, transcoders, optimizers, scales, time.perf_counter() - t0)
+            _save_checkpoint(ckpt, key, step + 1, transcoders, optimizers, scales, time.perf_counter() - t0)
     train_s = time.perf_counter() - t0
 
     for tc, (sx, sy) in zip(transcoders, scales, strict=True):

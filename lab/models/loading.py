@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -17,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from lab.errors import LabError
 from lab.io import publish_dir
-from lab.paths import data_dir, model_cache_dir
+from lab.paths import data_dir, model_cache_dir, shown
 from lab.profiles import Profile
 
 SMOKE_ARCHS = ("llama", "qwen2", "gemma2", "gpt2")  # the families Track C's architecture table lists
@@ -110,6 +112,34 @@ def smollm2_dir() -> Path:
     return folder
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+
+
+def _damaged_cache(cached: Path, path: Path, error: BaseException) -> LabError:
+    return LabError(
+        f"{shown(path)} is truncated or corrupt ({_first_line(error)}): delete {shown(cached)} (a cache: the next "
+        f"load makes it again from the GGUF)"
+    )
+
+
+def _check_cached_copy(cached: Path) -> None:
+    """The JSON files and the weights' safetensors header of the cached copy are whole (tokenizers reports a damaged
+    tokenizer.json as a bare ``Exception``, so they are parsed here first)."""
+    from safetensors import safe_open
+
+    for part in sorted(cached.glob("*.json")):
+        try:
+            json.loads(part.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _damaged_cache(cached, part, e) from None
+    try:
+        with safe_open(str(cached / "model.safetensors"), "pt"):
+            pass
+    except SafetensorError as e:
+        raise _damaged_cache(cached, cached / "model.safetensors", e) from None
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32) -> LoadedModel:
     """SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, d 576, 9 query / 3 KV heads), offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -117,12 +147,22 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> LoadedModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cached = model_cache_dir() / "SmolLM2-135M-Instruct"
     if (cached / "model.safetensors").exists():
-        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(cached)
+        _check_cached_copy(cached)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(cached)
+        except (OSError, ValueError) as e:  # what transformers raises for a config it cannot read
+            raise _damaged_cache(cached, cached, e) from None
     else:
         folder = smollm2_dir()
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+        try:
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+        except (ValueError, OSError) as e:  # what the gguf reader raises on a short file (reshape, mmap, dtype)
+            raise LabError(
+                f"{shown(folder / SMOLLM2_GGUF)} is truncated or corrupt ({_first_line(e)}): delete it and run "
+                f"./.ci/setup to fetch it again"
+            ) from None
         with publish_dir(cached, replace=False) as work:  # keeps a copy another process published first
             model.save_pretrained(work, safe_serialization=True)
             tok.save_pretrained(work)

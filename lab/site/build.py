@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from lab.errors import LabError
-from lab.paths import REPO_ROOT
+from lab.paths import REPO_ROOT, results_root
 
 CONFIG_FILE = REPO_ROOT / "mkdocs.yml"
 VENDOR_DIR = REPO_ROOT / "site-src" / "assets" / "vendor"
@@ -21,9 +21,16 @@ def _check_vendor() -> None:
 
     missing = [f for f in VENDOR_FILES if not (VENDOR_DIR / f).exists()]
     if missing:
-        raise LabError(
-            f"the site's bundled JS is missing from {VENDOR_DIR} ({', '.join(missing)}): run ./.ci/setup"
-        )
+        raise LabError(f"the site's bundled JS is missing from {VENDOR_DIR} ({', '.join(missing)}): run ./.ci/setup")
+
+
+def _check_results() -> None:
+    """Refuse to build from results that fail their checks, listing every problem, one per line."""
+    from lab.site.checks import check_results
+    from lab.site.hooks import SKIPPED_PROFILES
+
+    if problems := check_results(results_root("cpu"), skip=SKIPPED_PROFILES):
+        raise LabError("\n".join(problems))
 
 
 class _Collect(logging.Handler):
@@ -43,13 +50,16 @@ def build_site(site_dir: Path | None = None, strict: bool = True) -> Path:
     """Build the site into ``site_dir`` (default ``site/``); with ``strict`` any mkdocs warning fails.
 
     Raises:
-        LabError: the JS bundles are missing, a result a page needs is missing, or mkdocs warned in strict mode.
+        LabError: the JS bundles are missing, a result file fails its checks (one line per problem: see
+            :func:`lab.site.checks.check_results`), a result a page needs is missing, or mkdocs warned in strict
+            mode.
     """
     from mkdocs.commands.build import build
     from mkdocs.config import load_config
     from mkdocs.exceptions import MkDocsException
 
     _check_vendor()
+    _check_results()
     os.environ.setdefault("NO_MKDOCS_2_WARNING", "1")  # Material's end-of-life banner on every build
     site_dir = Path(site_dir) if site_dir is not None else REPO_ROOT / "site"
     collect = _Collect()

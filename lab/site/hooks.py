@@ -4,7 +4,8 @@ What they do, in build order:
 
 - ``on_config``: refuse to build without the bundled JS (``site-src/assets/vendor``) and add the
   hand-written ``docs/**.md`` pages to the navigation.
-- ``on_files``: publish ``results/**`` (Parquet, ``.vl.json``, ``manifest.json``) under ``results/``,
+- ``on_files``: check the results (:func:`lab.site.checks.check_results`: no links, readable, finite, sha256 as
+  the manifest records) and publish ``results/**`` (Parquet, ``.vl.json``, ``manifest.json``) under ``results/``,
   render the repo-root ``QUESTIONS.md`` as ``questions.md`` and ``docs/**`` under ``docs/``.
 - ``on_page_markdown``: rewrite repo-relative links in those generated pages and expand the macros
   that put results on pages, so that no number is ever typed by hand::
@@ -26,9 +27,10 @@ import html
 import json
 import posixpath
 import re
+from collections.abc import Callable
 from functools import lru_cache, wraps
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import polars as pl
 from mkdocs.exceptions import PluginError
@@ -37,6 +39,9 @@ from mkdocs.utils import get_relative_url
 
 from lab.errors import LabError
 from lab.paths import REPO_ROOT, results_root
+from lab.results import read_manifest
+from lab.site.checks import RESULT_SUFFIXES, check_result_file, check_results
+from lab.site.questions import read_log
 
 VENDOR_FILES = (
     "vega.min.js",
@@ -46,7 +51,6 @@ VENDOR_FILES = (
     "katex/katex.min.css",
     "katex/auto-render.min.js",
 )
-RESULT_SUFFIXES = (".parquet", ".vl.json", "manifest.json")
 SKIPPED_PROFILES = ("smoke",)  # smoke results are test debris, never published
 QUESTIONS_SRC = "questions.md"
 QUESTIONS_FILE = REPO_ROOT / "QUESTIONS.md"
@@ -89,7 +93,10 @@ def _site_path(ref: str, suffix: str) -> str:
 
 @lru_cache(maxsize=64)
 def _read_parquet(path: Path, mtime: float) -> pl.DataFrame:
-    return pl.read_parquet(path)
+    try:
+        return pl.read_parquet(path)
+    except Exception:  # a damaged file: say which and how to fix it, not polars' traceback
+        raise LabError(check_result_file(path) or f"{path} is not readable Parquet") from None
 
 
 def read_frame(ref: str) -> pl.DataFrame:
@@ -102,11 +109,9 @@ def read_provenance(ref: str) -> dict[str, Any]:
     """The manifest entry of a result reference."""
     profile, track, name = _result_ref(ref)
     path = results_root(profile) / track / "manifest.json"
-    manifest = json.loads(path.read_text()) if path.exists() else {}
+    manifest = read_manifest(path) if path.exists() else {}
     if name not in manifest:
-        raise LabError(
-            f"{path} has no entry for {name!r}: run `lab run {track} --profile {profile}` to produce it"
-        )
+        raise LabError(f"{path} has no entry for {name!r}: run `lab run {track} --profile {profile}` to produce it")
     return manifest[name]
 
 
@@ -157,7 +162,7 @@ def macro_chart(page_url: str, ref: str, caption: str = "") -> str:
         '<figure class="lab-chart">\n'
         f'<div class="lab-chart__plot" data-spec="{html.escape(spec_url)}" '
         f'role="img" aria-label="{html.escape(caption)}"></div>\n'
-        f'<figcaption>{html.escape(caption)}{data} Made by <code>lab run {track} --profile {profile}</code> '
+        f"<figcaption>{html.escape(caption)}{data} Made by <code>lab run {track} --profile {profile}</code> "
         f"(notebook <code>notebooks/{track}.py</code>).</figcaption>\n"
         "</figure>\n"
     )
@@ -200,7 +205,7 @@ def macro_table(
         "| " + " | ".join("---:" if frame[c].dtype.is_numeric() else "---" for c in columns) + " |",
     ]
     for row in frame.iter_rows():
-        cells = [escape_markdown_cell(format_cell(v, formats.get(c))) for c, v in zip(columns, row)]
+        cells = [escape_markdown_cell(format_cell(v, formats.get(c))) for c, v in zip(columns, row, strict=True)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n\n" + "\n".join(lines) + "\n\n"
 
@@ -223,7 +228,9 @@ def macro_provenance(ref: str) -> str:
     body = [f"- **{k}:** {v}" for k, v in items]
     config = json.dumps(rec.get("config", {}), indent=1, sort_keys=True)
     body += ["", "```json", *config.splitlines(), "```"]
-    return f'\n\n??? info "Provenance of `{ref}`"\n' + "".join(f"    {line}\n" if line else "\n" for line in body) + "\n"
+    return (
+        f'\n\n??? info "Provenance of `{ref}`"\n' + "".join(f"    {line}\n" if line else "\n" for line in body) + "\n"
+    )
 
 
 MACROS = {"chart": macro_chart, "value": macro_value, "table": macro_table, "provenance": macro_provenance}
@@ -350,6 +357,21 @@ def on_config(config: Any) -> Any:
     return config
 
 
+def published_results(base: Path) -> list[Path]:
+    """The result files the site publishes: regular files with a result suffix under ``base``, less hidden entries
+    (writers' temporaries and stages), links and the skipped profiles."""
+    if not base.is_dir():
+        return []
+    found = []
+    for path in sorted(base.rglob("*")):
+        parts = path.relative_to(base).parts
+        if parts[0] in SKIPPED_PROFILES or any(p.startswith(".") for p in parts) or path.is_symlink():
+            continue
+        if path.is_file() and path.name.endswith(RESULT_SUFFIXES):
+            found.append(path)
+    return found
+
+
 @_as_plugin_error
 def on_files(files: Files, config: Any) -> Files:
     """Add results, QUESTIONS.md and docs/ to the site."""
@@ -361,14 +383,13 @@ def on_files(files: Files, config: Any) -> Files:
         files.append(file)
 
     base = results_root("cpu")
-    if base.is_dir():
-        for path in sorted(base.rglob("*")):
-            rel = path.relative_to(base).as_posix()
-            if path.is_file() and path.name.endswith(RESULT_SUFFIXES) and rel.split("/")[0] not in SKIPPED_PROFILES:
-                add(File.generated(config, f"results/{rel}", abs_src_path=str(path)))
+    if problems := check_results(base, skip=SKIPPED_PROFILES):
+        raise LabError("; ".join(problems))
+    for path in published_results(base):
+        add(File.generated(config, f"results/{path.relative_to(base).as_posix()}", abs_src_path=str(path)))
 
     if QUESTIONS_FILE.exists():
-        add(File.generated(config, QUESTIONS_SRC, content=QUESTIONS_FILE.read_text(encoding="utf-8")))
+        add(File.generated(config, QUESTIONS_SRC, content=read_log(QUESTIONS_FILE)))
         _GENERATED[QUESTIONS_SRC] = "QUESTIONS.md"
     for path in _docs_files():
         src = f"docs/{path.relative_to(DOCS_DIR).as_posix()}"

@@ -6,7 +6,11 @@ Format of one question::
     Status: ANSWERED
     Evidence: [moments](results/<track>/moments.parquet), [page](site-src/tracks/<track>.md)
 
-Run ``lab questions`` (or ``python -m lab.site.questions [PATH]``): prints one line per problem and exits 1, or exits 0 when clean.
+Evidence must lie inside the repository, and evidence in ``results/`` must pass the checks the site applies before
+it publishes a file (:func:`lab.site.checks.check_result_file`: readable, finite, its sha256 as the manifest records).
+
+Run ``lab questions`` (or ``python -m lab.site.questions [PATH]``): prints one line per problem and exits 1, or exits 0
+when clean.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab.paths import REPO_ROOT
+from lab.errors import LabError
+from lab.paths import REPO_ROOT, shown
+from lab.site.checks import RESULT_SUFFIXES, check_result_file
 
 STATUSES = ("OPEN", "EXPLORING", "ANSWERED", "SUPERSEDED")
 
@@ -91,10 +97,24 @@ def check_questions(text: str, root: Path = REPO_ROOT, source: str = "QUESTIONS.
         if q.status == "ANSWERED" and not local:
             problems.append(f"{where}: ANSWERED but no 'Evidence:' link to a file in the repository")
         for target in local:
-            path = target.split("#", 1)[0]
-            if not (root / path).exists():
-                problems.append(f"{where}: evidence {target!r} does not exist")
+            if problem := _evidence_problem(target.split("#", 1)[0], root):
+                problems.append(f"{where}: evidence {target!r} {problem}")
     return problems
+
+
+def _evidence_problem(path: str, root: Path) -> str | None:
+    """Why one evidence path is not acceptable, or None: outside the repository, missing, or a damaged result."""
+    target = root / path
+    try:
+        target.resolve().relative_to(root.resolve())
+    except ValueError:
+        return "lies outside the repository: link to a file inside it"
+    if not target.exists():
+        return "does not exist"
+    if target.is_file() and target.name.endswith(RESULT_SUFFIXES):
+        if problem := check_result_file(target):
+            return f"fails its check: {problem}"
+    return None
 
 
 def check_evidence(path: Path | None = None, root: Path | None = None) -> list[str]:
@@ -103,18 +123,34 @@ def check_evidence(path: Path | None = None, root: Path | None = None) -> list[s
     path = Path(path) if path is not None else root / "QUESTIONS.md"
     if not path.exists():
         return [f"{path}: missing"]
-    return check_questions(path.read_text(encoding="utf-8"), root=root, source=path.name)
+    return check_questions(read_log(path), root=root, source=path.name)
+
+
+def read_log(path: Path) -> str:
+    """The log's text; :class:`LabError` naming the file and the first byte that is not UTF-8."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LabError(
+            f"{shown(path)} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): re-save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise LabError(f"{shown(path)} cannot be read ({e.strerror or e}): check that it is a readable file") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m lab.site.questions [PATH]``: one line per problem, exit status 1 if any."""
     argv = sys.argv[1:] if argv is None else argv
     path = Path(argv[0]) if argv else None
-    problems = check_evidence(path)
+    try:
+        problems = check_evidence(path)
+    except LabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for p in problems:
         print(p)
     if not problems:
-        n = len(parse_questions((path or REPO_ROOT / "QUESTIONS.md").read_text(encoding="utf-8")))
+        n = len(parse_questions(read_log(path or REPO_ROOT / "QUESTIONS.md")))
         print(f"{path or 'QUESTIONS.md'}: {n} questions, evidence OK")
     return 1 if problems else 0
 

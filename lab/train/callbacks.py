@@ -15,9 +15,13 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from lab.errors import LabError
 from lab.io import atomic_write_text
+from lab.paths import shown
+from lab.train.state_files import check_trainer_checkpoint, damaged, read_json
 
 LOG_FILE = "lab_log.json"  # our per-step logs, written into every checkpoint folder
+CONFIG_FILE = "lab_config.json"  # the run's FinetuneConfig, beside its checkpoint-N folders
 
 
 # ----------------------------------------------------------------------------- instrumentation
@@ -62,6 +66,42 @@ class RunLog:
             [r for r in self.evals if r["step"] <= step],
             [r for r in self.moments if r["step"] <= step],
         )
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The ``checkpoint-N`` folder with the highest N that :class:`SaveAtFractions` finished (our log is in it)."""
+    done = [
+        p
+        for p in Path(folder).glob("checkpoint-*")
+        if p.name.removeprefix("checkpoint-").isdigit()
+        and (p / LOG_FILE).exists()
+        and (p / "trainer_state.json").exists()
+    ]
+    return max(done, key=lambda p: int(p.name.removeprefix("checkpoint-"))) if done else None
+
+
+def resume_point(output_dir: Path, cfg_json: str) -> tuple[Path | None, RunLog | None]:
+    """(latest checkpoint, its log) of a run in ``output_dir`` made with the config ``cfg_json``, or (None, None).
+
+    Another config's checkpoints, or a damaged file in the latest one (which ``Trainer`` would only read inside
+    ``train()``), raise a :class:`LabError` naming the folder or file and the fix, before any compute.
+    """
+    output_dir = Path(output_dir)
+    latest = latest_checkpoint(output_dir) if output_dir.exists() else None
+    if latest is None:
+        return None, None
+    config_file = output_dir / CONFIG_FILE
+    if not config_file.exists() or config_file.read_bytes() != cfg_json.encode():
+        raise LabError(
+            f"the checkpoints in {shown(output_dir)} were made with a different config: "
+            f"delete that folder or pass fresh=True (--fresh) to start over"
+        )
+    fix = f"delete {shown(latest)} to resume from the checkpoint before it, or pass --fresh to start over"
+    check_trainer_checkpoint(latest, fix)
+    saved = read_json(latest / LOG_FILE, fix)
+    if not (isinstance(saved, dict) and {"steps", "evals", "moments"} <= set(saved)):
+        raise damaged(latest / LOG_FILE, "it lacks the steps, evals and moments logs", fix)
+    return latest, RunLog(saved["steps"], saved["evals"], saved["moments"])
 
 
 MOMENT_SCHEMA = {

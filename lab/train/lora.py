@@ -28,15 +28,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from lab.data.records import Example, TaskData, encode_example, make_task, pad_token_id
 from lab.errors import LabError
 from lab.io import atomic_write_text, publish_dir
 from lab.models.loading import LoadedModel, load_model
+from lab.paths import shown
 from lab.profiles import Profile
-from lab.train.callbacks import LOG_FILE, RunLog, _trainer_classes
+from lab.train.callbacks import CONFIG_FILE, RunLog, _trainer_classes, resume_point
+from lab.train.state_files import damaged
+from lab.train.validation import Problems
 
-CONFIG_FILE = "lab_config.json"
+# transformers' lr_scheduler_type names that need no lr_scheduler_kwargs (cosine_with_min_lr, warmup_stable_decay
+# and reduce_lr_on_plateau need settings this config does not carry)
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
+ADAPTER_FILE = "adapter_model.safetensors"  # what peft's save_pretrained writes
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -71,19 +86,33 @@ class FinetuneConfig:
     seed: int = 0  # task generation, LoRA initialisation, data order
 
     def __post_init__(self) -> None:
-        problems = []
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0 (got {self.lr}); LoRA fine-tunes typically use 1e-4 to 1e-3")
-        if not (isinstance(self.rank, int) and self.rank > 0):
-            problems.append(f"rank must be a positive integer (got {self.rank}); try 8")
-        if self.batch_size < 1 or self.epochs < 1:
-            problems.append(f"batch_size and epochs must be >= 1 (got {self.batch_size}, {self.epochs})")
-        if self.quant not in ("none", "nf4"):
-            problems.append(f"quant must be 'none' or 'nf4' (got {self.quant!r})")
+        checks = Problems(self)
+        checks.number("lr", 0, open_low=True, hint="; LoRA fine-tunes typically use 1e-4 to 1e-3")
+        checks.integer("rank", hint="; try 8")
+        checks.number("alpha_per_rank", 0, open_low=True, hint="; 2.0 gives lora_alpha = 2 * rank")
+        checks.number("dropout", 0, 1, open_high=True)
         if not self.target_modules:
-            problems.append("target_modules is empty: name the linear layers to adapt, e.g. ('q_proj', 'v_proj')")
-        if problems:
-            raise LabError("bad fine-tuning config: " + "; ".join(problems))
+            checks.add("target_modules is empty: name the linear layers to adapt, e.g. ('q_proj', 'v_proj')")
+        for name in ("batch_size", "epochs", "max_seq_len", "n_train", "max_new_tokens"):
+            checks.integer(name)
+        checks.integer(
+            "n_test",
+            hint=": the held-out examples score the run and give its eval loss "
+            "(to train without evaluation, call train_lora(..., do_eval=False))",
+        )
+        for name in ("n_evals", "moments_every", "seed"):
+            checks.integer(name, minimum=0)
+        checks.number("warmup_ratio", 0, 1)
+        checks.choice("scheduler", SCHEDULERS)
+        checks.number("weight_decay", 0)
+        checks.number(
+            "max_grad_norm",
+            0,
+            open_low=True,
+            hint=": the step log records the gradient norm that clipping measures; 1.0 is the usual value",
+        )
+        checks.choice("quant", ("none", "nf4"))
+        checks.raise_if_any("bad fine-tuning config")
 
 
 # ----------------------------------------------------------------------------- validation and model set-up
@@ -234,11 +263,6 @@ class FinetuneResult:
     output_dir: Path
 
 
-def _latest_checkpoint(folder: Path) -> Path | None:
-    cks = [p for p in folder.glob("checkpoint-*") if (p / LOG_FILE).exists() and (p / "trainer_state.json").exists()]
-    return max(cks, key=lambda p: int(p.name.split("-")[1])) if cks else None
-
-
 class _Rows(torch.utils.data.Dataset):
     def __init__(self, rows: list[dict]):
         self.rows = rows
@@ -296,14 +320,11 @@ def train_lora(
         data = data if data is not None else make_task(cfg.n_train, cfg.n_test, cfg.seed)
         train_rows, eval_rows = encode_examples(tok, data.train), encode_examples(tok, data.test)
     validate(cfg, loaded.model, train_rows, eval_rows)  # before any compute
+    if do_eval and not eval_rows:
+        raise LabError("no held-out rows to evaluate on: pass some, or train_lora(..., do_eval=False)")
     output_dir = Path(output_dir)
     cfg_json = json.dumps(asdict(cfg), sort_keys=True)
-    latest = _latest_checkpoint(output_dir) if resume and output_dir.exists() else None
-    if latest is not None and (output_dir / CONFIG_FILE).read_text() != cfg_json:
-        raise LabError(
-            f"the checkpoints in {output_dir} were made with a different config: "
-            f"delete that folder or pass fresh=True (--fresh) to start over"
-        )
+    latest, saved_log = resume_point(output_dir, cfg_json) if resume else (None, None)
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # under `accelerate launch`, one process prepares the folder
@@ -317,10 +338,7 @@ def train_lora(
     base = quantize_nf4(loaded, output_dir) if quantize else loaded
     model = attach_lora(base.model, cfg)
     total, save_at, eval_every, moments_at = schedule_steps(len(train_rows), cfg)
-    log = RunLog()
-    if latest is not None:
-        saved = json.loads((latest / LOG_FILE).read_text())
-        log = RunLog(saved["steps"], saved["evals"], saved["moments"])
+    log = saved_log if saved_log is not None else RunLog()
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -410,7 +428,12 @@ def load_adapter(loaded: LoadedModel, folder: Path):
             f"no LoRA adapter in {folder} (its adapter_config.json is missing): train and save one "
             f"there first (with save_adapter; `lab run <track>` does it for the track that owns the folder)"
         )
-    model = PeftModel.from_pretrained(loaded.model, str(folder))
+    try:
+        model = PeftModel.from_pretrained(loaded.model, str(folder))
+    except (SafetensorError, json.JSONDecodeError) as e:
+        fix = f"delete {shown(folder)} and train it again (`lab run <track>` for the track that owns the folder)"
+        bad = "adapter_config.json" if isinstance(e, json.JSONDecodeError) else ADAPTER_FILE
+        raise damaged(Path(folder) / bad, e, fix) from None
     model.eval()
     return model
 

@@ -15,14 +15,17 @@ from pathlib import Path
 
 import polars as pl
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save
 
 from lab.data.corpus import Corpus
 from lab.errors import LabError
 from lab.io import atomic_write_bytes, parquet_bytes
 from lab.models.gpt import GPT, GPTConfig
 from lab.models.tokenizer import CharTokenizer
+from lab.paths import shown
 from lab.train.schedule import adamw, lr_at
+from lab.train.state_files import load_safetensors, read_parquet, safetensors_metadata
+from lab.train.validation import Problems
 
 CKPT = "ckpt.safetensors"
 
@@ -59,7 +62,7 @@ class PretrainConfig:
     seed: int = 1337  # model init, batch sampling, dropout and samples
 
     def __post_init__(self) -> None:
-        problems = []
+        checks = Problems(self)
         for name in (
             "n_layer",
             "n_head",
@@ -72,27 +75,21 @@ class PretrainConfig:
             "final_eval_iters",
             "checkpoint_interval",
         ):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                problems.append(f"{name} must be an integer >= 1 (got {value!r})")
-        if isinstance(self.n_head, int) and self.n_head >= 1 and self.d_model % self.n_head:
-            problems.append(f"n_head {self.n_head} must divide d_model {self.d_model}: change one of them")
-        if self.pos_emb not in ("learned", "rope"):
-            problems.append(f"pos_emb must be 'learned' or 'rope' (got {self.pos_emb!r})")
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0 (got {self.lr}); nanoGPT's character models use 1e-3")
-        if not 0 <= self.min_lr <= self.lr:
-            problems.append(f"min_lr must lie in [0, lr] (got {self.min_lr} with lr {self.lr}); nanoGPT uses lr / 10")
-        if self.warmup_iters < 0:
-            problems.append(f"warmup_iters must be >= 0 (got {self.warmup_iters})")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"dropout must lie in [0, 1) (got {self.dropout})")
-        if not self.grad_clip > 0:
-            problems.append(f"grad_clip must be > 0 (got {self.grad_clip}); nanoGPT uses 1.0")
-        if self.sample_chars < 0:
-            problems.append(f"sample_chars must be >= 0 (got {self.sample_chars})")
-        if problems:
-            raise LabError("bad pretraining config: " + "; ".join(problems))
+            checks.integer(name)
+        for name in ("warmup_iters", "sample_chars", "seed"):
+            checks.integer(name, minimum=0)
+        if isinstance(self.n_head, int) and self.n_head >= 1 and isinstance(self.d_model, int):
+            if self.d_model % self.n_head:
+                checks.add(f"n_head {self.n_head} must divide d_model {self.d_model}: change one of them")
+        checks.choice("pos_emb", ("learned", "rope"))
+        if checks.number("lr", 0, open_low=True, hint="; nanoGPT's character models use 1e-3"):
+            checks.number("min_lr", 0, self.lr, hint=f" with lr {self.lr}; nanoGPT uses lr / 10")
+        checks.number("dropout", 0, 1, open_high=True)
+        checks.number("weight_decay", 0)
+        checks.number("beta1", 0, 1, open_high=True)
+        checks.number("beta2", 0, 1, open_high=True)
+        checks.number("grad_clip", 0, open_low=True, hint="; nanoGPT uses 1.0")
+        checks.raise_if_any("bad pretraining config")
 
     def lr_at(self, step: int) -> float:
         """nanoGPT's schedule: linear warmup, then cosine decay from ``lr`` to ``min_lr`` at ``max_iters``."""
@@ -189,32 +186,27 @@ def _save_checkpoint(
     tensors["rng.batch"] = batch_gen.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"step": str(step), "config": json.dumps(asdict(cfg)), "vocab": tok.to_json(), "times": json.dumps(times)}
-    tmp = folder / f".{CKPT}.tmp"
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(folder / CKPT)
-    save_file(
-        {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
-        str(folder / f"model_step{step}.safetensors"),
-        metadata={"step": str(step), "vocab": tok.to_json()},
+    atomic_write_bytes(folder / CKPT, save(tensors, metadata=meta))
+    weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    atomic_write_bytes(
+        folder / f"model_step{step}.safetensors", save(weights, metadata={"step": str(step), "vocab": tok.to_json()})
     )
 
 
 def _load_checkpoint(
     folder: Path, cfg: PretrainConfig, model: GPT, opt: torch.optim.Optimizer, batch_gen: torch.Generator
 ) -> tuple[int, TrainLog, dict[str, float]]:
-    from safetensors import safe_open
-
-    with safe_open(str(folder / CKPT), "pt") as f:
-        meta = f.metadata()
+    fix = f"pass --fresh to start over (or delete {shown(folder)})"
+    meta = safetensors_metadata(folder / CKPT, fix, required=("step", "config"))
     saved = json.loads(meta["config"])
     if saved != json.loads(json.dumps(asdict(cfg))):
         diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
         raise LabError(
-            f"the checkpoint in {folder} was made with a different config {diff}: "
+            f"the checkpoint in {shown(folder)} was made with a different config {diff}: "
             f"delete that folder or pass --fresh to start over"
         )
     step = int(meta["step"])
-    t = load_file(str(folder / CKPT))
+    t = load_safetensors(folder / CKPT, fix)
     state = {k.removeprefix("model."): v for k, v in t.items() if k.startswith("model.")}
     state["lm_head.weight"] = state["wte.weight"]
     model.load_state_dict(state)
@@ -229,7 +221,7 @@ def _load_checkpoint(
     torch.set_rng_state(t["rng.torch"])
     log = TrainLog()
     for name, rows in (("steps", log.steps), ("evals", log.evals), ("samples", log.samples)):
-        frame = pl.read_parquet(folder / f"{name}.parquet")
+        frame = read_parquet(folder / f"{name}.parquet", fix)
         rows.extend(
             frame.filter(pl.col("step") < step).to_dicts()
             if name == "steps"

@@ -19,13 +19,16 @@ import polars as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lab.data.windtunnel import Batch, posterior_metrics, sample_batch, summarize, value_log_probs
 from lab.errors import LabError
 from lab.io import parquet_bytes, publish_dir
 from lab.models.windtunnel import ModelSpec, build_model, n_params
+from lab.paths import shown
 from lab.train.schedule import adamw, lr_at
+from lab.train.state_files import damaged, load_safetensors, read_json, read_parquet
+from lab.train.validation import Problems
 
 
 @dataclass(frozen=True)
@@ -45,16 +48,17 @@ class TrainConfig:
     eval_seed: int = 20_251_227  # one fixed evaluation set shared by every run, seed and model
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise LabError(
-                f"steps, batch_size and lr must be positive (got {self.steps}, {self.batch_size}, {self.lr})"
-            )
-        if self.warmup < 0 or not 0 <= self.min_lr_frac <= 1:
-            raise LabError(f"warmup must be >= 0 and min_lr_frac in [0, 1] (got {self.warmup}, {self.min_lr_frac})")
-        if self.eval_every < 1 or self.eval_sequences < 1:
-            raise LabError(
-                f"eval_every and eval_sequences must be positive (got {self.eval_every}, {self.eval_sequences})"
-            )
+        checks = Problems(self)
+        for name in ("steps", "batch_size", "eval_every", "eval_sequences"):
+            checks.integer(name)
+        checks.integer("warmup", minimum=0)
+        checks.integer("eval_seed", minimum=0)
+        checks.number("lr", 0, open_low=True)
+        checks.number("min_lr_frac", 0, 1)
+        checks.number("weight_decay", 0)
+        checks.number("beta2", 0, 1, open_high=True)
+        checks.number("grad_clip", 0, open_low=True)
+        checks.raise_if_any("bad wind-tunnel training config")
 
     def lr_at(self, step: int) -> float:
         """Linear warmup reaching ``lr`` on the last warmup step, then cosine decay to ``lr * min_lr_frac``."""
@@ -141,11 +145,15 @@ def train_run(
     torch.manual_seed(seed)
     model = build_model(spec, V, match=match)
     if not fresh and (folder / "meta.json").exists():
-        meta = json.loads((folder / "meta.json").read_text())
-        missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
+        fix = f"delete {shown(folder)} (the run is trained again) or pass --fresh"
+        meta = read_json(folder / "meta.json", fix)
+        if not isinstance(meta, dict) or "train_time_s" not in meta:
+            raise damaged(folder / "meta.json", "it lacks train_time_s", fix)
+        weights = load_safetensors(folder / "model.safetensors", fix)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:  # the tied head is stored once, as the embedding
-            raise LabError(f"{folder} does not fit this model ({missing + unexpected}): delete it or pass fresh=True")
-        log = pl.read_parquet(folder / "log.parquet")
+            raise LabError(f"{shown(folder)} does not fit this model ({missing + unexpected}): {fix}")
+        log = read_parquet(folder / "log.parquet", fix)
         if on_eval is not None:
             for row in log.iter_rows(named=True):
                 on_eval(row)

@@ -23,7 +23,7 @@ from lab.data.records import PROBES, make_task
 from lab.io import atomic_write_text, publish_dir
 from lab.models.loading import load_model
 from lab.profiles import Profile
-from lab.results import write_result
+from lab.results import result_set, write_result
 from lab.tracks.A_finetuning import charts, frames
 from lab.tracks.A_finetuning.config import TRACK, RunSpec, config_for, final_adapter_dir, plan
 from lab.tracks.A_finetuning.summary import FinetuneSummary, summarize
@@ -31,6 +31,7 @@ from lab.train.callbacks import RunLog
 from lab.train.evaluation import general_text, score_model
 from lab.train.lora import FinetuneConfig, attach_lora, save_adapter, train_lora
 from lab.train.schedule import optimizer_state_bytes
+from lab.train.state_files import read_json
 
 EVAL_FILE = "lab_eval.json"
 
@@ -81,11 +82,12 @@ def run(
         profile=profile.name,
         wall_time_s=summary.track_wall_time_s,
     )
-    write_results(profile, cfg, specs, base, results, runs, anatomy, answers, prov)
-    if bench:
-        benchmark(profile)
-    summary = replace(summary, track_wall_time_s=time.perf_counter() - t0)
-    write_result(TRACK, "summary", summary.frame(), **prov)
+    with result_set(TRACK, profile.name):  # the tables, the benchmark and the summary published together
+        write_results(profile, cfg, specs, base, results, runs, anatomy, answers, prov)
+        if bench:
+            benchmark(profile)
+        summary = replace(summary, track_wall_time_s=time.perf_counter() - t0)
+        write_result(TRACK, "summary", summary.frame(), **prov)
     return summary
 
 
@@ -105,25 +107,38 @@ def write_results(
     def w(name: str, frame: pl.DataFrame, chart: Callable | None = None) -> None:
         write_result(TRACK, name, frame, chart=chart, **prov)
 
-    w("runs", runs, lambda f: charts.plot_forgetting(frames.forgetting_frame(f)))
-    w("anatomy", anatomy, charts.plot_anatomy)
-    w("lr_curves", frames.curves_frame(specs, results, "lr"), lambda f: charts.plot_curves(f, "lr", "learning rate"))
-    w("lr_outcomes", frames.outcomes(runs, "lr", "lr"), lambda f: charts.plot_outcomes(f, "lr", "learning rate"))
-    w("rank_curves", frames.curves_frame(specs, results, "rank"), lambda f: charts.plot_curves(f, "rank", "LoRA rank"))
-    w("rank_outcomes", frames.outcomes(runs, "rank", "rank"), lambda f: charts.plot_outcomes(f, "rank", "LoRA rank"))
-    w("batch_lr", frames.curves_frame(specs, results, "batch"), charts.plot_batch_lr)
-    w("batch_outcomes", frames.outcomes(runs, "batch", ["batch_size", "rule"]))
-    moments = pl.DataFrame(results["main"]["log"]["moments"])
-    w("moments", moments, lambda f: charts.plot_moments(frames.moments_by_layer(f)))
-    w("moments_by_module", moments, lambda f: charts.plot_moments_by_module(frames.moments_by_module(f)))
-    w("optimizer_memory", optimizer_memory(profile, cfg))
-    w("qlora", frames.qlora_frame(runs))
-    w("samples", frames.samples_frame(base, results["main"]))
-    w("answers", answers)
-    w("fields", frames.fields_frame([("base", cfg, base)] + [(s.name, s.cfg, results[s.name]) for s in specs]))
-    probes = frames.probes_frame(base, results, specs)
-    w("probes", probes)
-    w("probes_changed", frames.probes_changed(probes))
+    with result_set(TRACK, profile.name):  # joins run()'s set
+        w("runs", runs, lambda f: charts.plot_forgetting(frames.forgetting_frame(f)))
+        w("anatomy", anatomy, charts.plot_anatomy)
+        w(
+            "lr_curves",
+            frames.curves_frame(specs, results, "lr"),
+            lambda f: charts.plot_curves(f, "lr", "learning rate"),
+        )
+        w("lr_outcomes", frames.outcomes(runs, "lr", "lr"), lambda f: charts.plot_outcomes(f, "lr", "learning rate"))
+        w(
+            "rank_curves",
+            frames.curves_frame(specs, results, "rank"),
+            lambda f: charts.plot_curves(f, "rank", "LoRA rank"),
+        )
+        w(
+            "rank_outcomes",
+            frames.outcomes(runs, "rank", "rank"),
+            lambda f: charts.plot_outcomes(f, "rank", "LoRA rank"),
+        )
+        w("batch_lr", frames.curves_frame(specs, results, "batch"), charts.plot_batch_lr)
+        w("batch_outcomes", frames.outcomes(runs, "batch", ["batch_size", "rule"]))
+        moments = pl.DataFrame(results["main"]["log"]["moments"])
+        w("moments", moments, lambda f: charts.plot_moments(frames.moments_by_layer(f)))
+        w("moments_by_module", moments, lambda f: charts.plot_moments_by_module(frames.moments_by_module(f)))
+        w("optimizer_memory", optimizer_memory(profile, cfg))
+        w("qlora", frames.qlora_frame(runs))
+        w("samples", frames.samples_frame(base, results["main"]))
+        w("answers", answers)
+        w("fields", frames.fields_frame([("base", cfg, base)] + [(s.name, s.cfg, results[s.name]) for s in specs]))
+        probes = frames.probes_frame(base, results, specs)
+        w("probes", probes)
+        w("probes_changed", frames.probes_changed(probes))
 
 
 def benchmark(profile: Profile, *, steps: int = 6, repeats: int = 2) -> pl.DataFrame:
@@ -133,15 +148,16 @@ def benchmark(profile: Profile, *, steps: int = 6, repeats: int = 2) -> pl.DataF
     t0 = time.perf_counter()
     frame = overhead.run(profile, cfg, steps=steps, repeats=repeats)
     short = overhead.bench_config(cfg, steps)
-    write_result(
-        TRACK,
-        "benchmark",
-        frame,
-        config={"finetune": short, "repeats": repeats},
-        seed=short.seed,
-        profile=profile.name,
-        wall_time_s=time.perf_counter() - t0,
-    )
+    with result_set(TRACK, profile.name):  # alone (`lab bench`): the other files of the set are kept
+        write_result(
+            TRACK,
+            "benchmark",
+            frame,
+            config={"finetune": short, "repeats": repeats},
+            seed=short.seed,
+            profile=profile.name,
+            wall_time_s=time.perf_counter() - t0,
+        )
     return frame
 
 
@@ -169,7 +185,7 @@ def evaluate_model(model, tokenizer, cfg: FinetuneConfig, profile: Profile) -> d
 def _cached(folder: Path, key: dict) -> dict | None:
     path = folder / EVAL_FILE
     if path.exists():
-        saved = json.loads(path.read_text())
+        saved = read_json(path, f"delete {paths.shown(path)} (the run is scored again) or pass --fresh")
         if saved.get("key") == json.loads(json.dumps(key)):
             return saved
     return None

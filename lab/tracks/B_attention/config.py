@@ -97,7 +97,10 @@ def finetuned_adapter_dir(profile: Profile) -> Path:
     return paths.adapter_dir(profile.name, FINETUNED_BY)
 
 
-# On smoke without Track A's adapter, the track trains a stand-in: a few LoRA steps on windows of the smoke corpus.
+# Profiles whose comparison always uses the track's own stand-in LoRA, never Track A's adapter, so that their
+# results do not depend on whether Track A ran first (its smoke adapter is a different LoRA). The stand-in: a few
+# seeded LoRA steps on windows of the smoke corpus, trained once per data folder.
+STAND_IN_PROFILES = ("smoke",)
 STAND_IN_LORA = FinetuneConfig(
     lr=3e-2,
     rank=4,

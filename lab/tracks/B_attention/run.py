@@ -17,7 +17,7 @@ from lab.interp.attention import layer_profile
 from lab.interp.capture import model_shape
 from lab.models.loading import LoadedModel, load_model
 from lab.profiles import Profile
-from lab.results import Stopwatch, write_result
+from lab.results import Stopwatch, result_set, write_result
 from lab.tracks.B_attention import charts, config, frames
 from lab.tracks.B_attention.summary import AttentionSummary, summarize
 from lab.train.lora import load_adapter, save_adapter, train_lora
@@ -38,8 +38,9 @@ def run(
         progress: tqdm bars.
         finetune: Compare base and fine-tuned attention. Needs Track A's adapter
             (``lab run A_finetuning --profile <profile>`` first; ``lab run all`` runs it before this track); a
-            missing adapter raises :class:`LabError` before any work, except on smoke, which trains a stand-in
-            LoRA instead. ``False`` skips the comparison (and writes none of its results).
+            missing adapter raises :class:`LabError` before any work. On smoke (``config.STAND_IN_PROFILES``) the
+            track always uses a stand-in LoRA of its own, so that its results do not depend on the order tracks
+            ran in. ``False`` skips the comparison (and writes none of its results).
     """
     cfg = config.config_for(profile)
     adapter, source = resolve_adapter(profile) if finetune else (None, None)  # fails here, before the long work
@@ -66,18 +67,19 @@ def run(
         "seed": cfg.seed,
         "profile": profile.name,
     }
-    write_result(TRACK, "heads", heads, chart=charts.heads, wall_time_s=sw_heads.seconds, **common)
-    write_result(
-        TRACK, "layers", layer_profile(heads), chart=charts.layer_profile, wall_time_s=sw_heads.seconds, **common
-    )
-    write_result(TRACK, "top_heads", frames.top_heads(heads), wall_time_s=sw_heads.seconds, **common)
-    write_result(TRACK, "patterns", examples, chart=charts.patterns, wall_time_s=sw_examples.seconds, **common)
-    write_result(TRACK, "memory", memory, chart=charts.memory, wall_time_s=sw_memory.seconds, **common)
-    write_result(TRACK, "guard", guard, wall_time_s=sw_memory.seconds, **common)
-    if finetuned is not None:
-        write_finetuned(finetuned, common, adapter=adapter, source=source, seconds=ft_seconds)
-    total = sw_heads.seconds + sw_examples.seconds + sw_memory.seconds
-    write_result(TRACK, "summary", summary.frame(), wall_time_s=total, **common)
+    with result_set(TRACK, profile.name):  # every table and the summary published together
+        write_result(TRACK, "heads", heads, chart=charts.heads, wall_time_s=sw_heads.seconds, **common)
+        write_result(
+            TRACK, "layers", layer_profile(heads), chart=charts.layer_profile, wall_time_s=sw_heads.seconds, **common
+        )
+        write_result(TRACK, "top_heads", frames.top_heads(heads), wall_time_s=sw_heads.seconds, **common)
+        write_result(TRACK, "patterns", examples, chart=charts.patterns, wall_time_s=sw_examples.seconds, **common)
+        write_result(TRACK, "memory", memory, chart=charts.memory, wall_time_s=sw_memory.seconds, **common)
+        write_result(TRACK, "guard", guard, wall_time_s=sw_memory.seconds, **common)
+        if finetuned is not None:
+            write_finetuned(finetuned, common, adapter=adapter, source=source, seconds=ft_seconds)
+        total = sw_heads.seconds + sw_examples.seconds + sw_memory.seconds
+        write_result(TRACK, "summary", summary.frame(), wall_time_s=total, **common)
     return summary
 
 
@@ -109,21 +111,23 @@ def write_finetuned(
 ) -> None:
     """The base-vs-fine-tuned results, their provenance naming the adapter."""
     ft_common = dict(common, config={**common["config"], "adapter": str(adapter), "adapter_source": source})
-    for name, frame in results.items():
-        write_result(TRACK, name, frame, chart=CHARTS.get(name), wall_time_s=seconds, **ft_common)
+    with result_set(TRACK, common["profile"]):  # joins run()'s set
+        for name, frame in results.items():
+            write_result(TRACK, name, frame, chart=CHARTS.get(name), wall_time_s=seconds, **ft_common)
 
 
 # ----------------------------------------------------------------------------- the fine-tuned adapter
 
 
 def resolve_adapter(profile: Profile) -> tuple[Path, str]:
-    """(adapter folder, where it came from). On smoke without Track A's adapter, trains a stand-in; on other
-    profiles a missing adapter raises :class:`LabError` naming the command that makes it."""
+    """(adapter folder, where it came from). On the profiles of ``config.STAND_IN_PROFILES`` (smoke), always the
+    track's stand-in, trained if needed, whether or not Track A ran; elsewhere Track A's adapter, and a missing one
+    raises :class:`LabError` naming the command that makes it."""
+    if profile.name in config.STAND_IN_PROFILES:
+        return stand_in_adapter(profile), "smoke LoRA trained by the attention track"
     folder = config.finetuned_adapter_dir(profile)
     if (folder / "adapter_config.json").exists():
         return folder, "Track A (the fine-tuning track, main run)"
-    if profile.name == "smoke":
-        return stand_in_adapter(profile), "smoke LoRA trained by the attention track"
     raise LabError(
         f"no fine-tuned adapter at {folder}: run `lab run {config.FINETUNED_BY} --profile {profile.name}` "
         "first (the base-vs-fine-tuned comparison needs Track A's adapter)"

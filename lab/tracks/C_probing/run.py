@@ -13,7 +13,7 @@ from lab.data.prompts import PROMPTS
 from lab.interp.capture import model_shape
 from lab.models.loading import SMOKE_ARCHS, LoadedModel, load_model
 from lab.profiles import Profile
-from lab.results import Stopwatch, write_result
+from lab.results import Stopwatch, result_set, write_result
 from lab.tracks.C_probing import charts, frames
 from lab.tracks.C_probing.config import TRACK, config_for
 from lab.tracks.C_probing.summary import ProbingSummary, summarize
@@ -69,20 +69,21 @@ def run(
         "seed": cfg.seed,
         "profile": profile.name,
     }
-    for name, (frame, chart) in results.items():
-        write_result(TRACK, name, frame, chart=chart, wall_time_s=sw.seconds, **common)
-    write_result(
-        TRACK,
-        "architectures",
-        archs,
-        config={"families": list(SMOKE_ARCHS), "tokens": cfg.architecture_tokens},
-        seed=cfg.seed,
-        profile=profile.name,
-        wall_time_s=sw_arch.seconds,
-    )
-    write_result(TRACK, "summary", summary.frame(), wall_time_s=sw.seconds + sw_arch.seconds, **common)
-    if bench:
-        benchmark(profile, lm=lm)
+    with result_set(TRACK, profile.name):  # the analyses, the summary and the benchmark published together
+        for name, (frame, chart) in results.items():
+            write_result(TRACK, name, frame, chart=chart, wall_time_s=sw.seconds, **common)
+        write_result(
+            TRACK,
+            "architectures",
+            archs,
+            config={"families": list(SMOKE_ARCHS), "tokens": cfg.architecture_tokens},
+            seed=cfg.seed,
+            profile=profile.name,
+            wall_time_s=sw_arch.seconds,
+        )
+        write_result(TRACK, "summary", summary.frame(), wall_time_s=sw.seconds + sw_arch.seconds, **common)
+        if bench:
+            benchmark(profile, lm=lm)
     return summary
 
 
@@ -103,13 +104,14 @@ def benchmark(
     lm = lm or load_model(profile)
     t0 = time.perf_counter()
     frame, checks = capture_bench.run(lm, tokens=tokens, reps=reps, warmup=cfg.bench_warmup)
-    write_result(
-        TRACK,
-        "benchmark",
-        frame,
-        config={"tokens": tokens, "reps": reps, "model": lm.name, **checks},
-        seed=None,
-        profile=profile.name,
-        wall_time_s=time.perf_counter() - t0,
-    )
+    with result_set(TRACK, profile.name):  # alone (`lab bench`): the other files of the set are kept
+        write_result(
+            TRACK,
+            "benchmark",
+            frame,
+            config={"tokens": tokens, "reps": reps, "model": lm.name, **checks},
+            seed=None,
+            profile=profile.name,
+            wall_time_s=time.perf_counter() - t0,
+        )
     return frame

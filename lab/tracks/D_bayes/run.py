@@ -18,7 +18,6 @@ import torch
 
 from lab import paths
 from lab.data.windtunnel import Batch, bayes_entropy_bits, n_pairs, posterior_metrics, sample_batch, value_log_probs
-from lab.errors import LabError
 from lab.interp.windtunnel import (
     ablations,
     attention_routing,
@@ -29,7 +28,7 @@ from lab.interp.windtunnel import (
 )
 from lab.models.windtunnel import build_model
 from lab.profiles import Profile
-from lab.results import write_result
+from lab.results import result_set, write_result
 from lab.tracks.D_bayes import charts, frames
 from lab.tracks.D_bayes.config import TRACK, BayesTrackConfig, Candidate, config_for
 from lab.tracks.D_bayes.frames import Mechanisms
@@ -60,14 +59,7 @@ def checkpoint_dir(profile: Profile) -> Path:
 
 def device_for(profile: Profile) -> str:
     """The profile's training device; a CUDA profile without a CUDA device is refused."""
-    if profile.device != "cuda":
-        return "cpu"
-    if not torch.cuda.is_available():
-        raise LabError(
-            f"profile {profile.name!r} trains the paper-size model on CUDA, and no CUDA device is "
-            "available: use --profile cpu"
-        )
-    return "cuda"
+    return profile.require_device()
 
 
 def train_all(cfg: BayesTrackConfig, root: Path, **common: Any) -> Trained:
@@ -141,10 +133,11 @@ def run(profile: Profile, *, fresh: bool = False, write: bool = True, progress: 
     }
     record = dict(config=cfg.record(device), seed=cfg.seeds[0], profile=profile.name)
     chart_of = chart_makers(cfg.target_mae, floor)
-    for name, table in tables.items():
-        write_result(TRACK, name, table, chart=chart_of.get(name), wall_time_s=summary.wall_time_s, **record)
-    summary = replace(summary, wall_time_s=time.perf_counter() - t_start)
-    write_result(TRACK, "summary", summary.frame(), wall_time_s=summary.wall_time_s, **record)
+    with result_set(TRACK, profile.name):  # every table and the summary published together
+        for name, table in tables.items():
+            write_result(TRACK, name, table, chart=chart_of.get(name), wall_time_s=summary.wall_time_s, **record)
+        summary = replace(summary, wall_time_s=time.perf_counter() - t_start)
+        write_result(TRACK, "summary", summary.frame(), wall_time_s=summary.wall_time_s, **record)
     return summary
 
 

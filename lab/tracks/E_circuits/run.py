@@ -26,10 +26,9 @@ from lab.data import constraints
 from lab.data.corpus import load_corpus
 from lab.errors import LabError
 from lab.interp import circuits, transcoders
-from lab.io import publish_dir
 from lab.models.loading import LoadedModel, load_hub_model, load_model
 from lab.profiles import Profile
-from lab.results import write_result
+from lab.results import result_set, write_result
 from lab.tracks.E_circuits import charts, config, frames
 from lab.tracks.E_circuits.config import CircuitsConfig
 from lab.tracks.E_circuits.summary import CircuitsSummary, summarize
@@ -285,15 +284,16 @@ def write_results(
     results: dict[str, pl.DataFrame],
     json_files: list,
 ) -> None:
-    """Every result (the graph drawing reads the edges back), then circuit-tracer's JSON under ``graphs/``."""
+    """Every result (the graph drawing reads the edges back), then circuit-tracer's JSON under ``graphs/``, all
+    published as one set."""
     kw = dict(config=provenance, seed=seed, profile=profile.name, wall_time_s=wall_time_s)
-    folder = paths.track_results(TRACK, profile.name)
+    with result_set(TRACK, profile.name) as folder:  # the stage: results written so far can be read back from it
 
-    def graph_chart(nodes: pl.DataFrame):  # one prompt's graph per checkpoint; the edges are written first
-        return charts.plot_graph(frames.graph_drawing(nodes, pl.read_parquet(folder / "graph_edges.parquet")))
+        def graph_chart(nodes: pl.DataFrame):  # one prompt's graph per checkpoint; the edges are written first
+            return charts.plot_graph(frames.graph_drawing(nodes, pl.read_parquet(folder / "graph_edges.parquet")))
 
-    for name, frame in results.items():
-        write_result(TRACK, name, frame, chart=graph_chart if name == "graph_nodes" else CHARTS.get(name), **kw)
-    with publish_dir(folder / "graphs") as out:  # the folder replaced whole
+        for name, frame in results.items():
+            write_result(TRACK, name, frame, chart=graph_chart if name == "graph_nodes" else CHARTS.get(name), **kw)
+        (folder / "graphs").mkdir()  # replaces the previous graphs/ whole
         for f in json_files:
-            shutil.copy(f, out / f.name)
+            shutil.copy(f, folder / "graphs" / f.name)

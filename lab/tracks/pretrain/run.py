@@ -9,13 +9,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import polars as pl
-import torch
 
 from lab import paths
 from lab.bench import pretrain as throughput
 from lab.data.corpus import Corpus, load_corpus
 from lab.profiles import Profile
-from lab.results import write_result
+from lab.results import result_set, write_result
 from lab.tracks.pretrain import charts, frames
 from lab.tracks.pretrain.config import TRACK, config_for
 from lab.tracks.pretrain.summary import PretrainSummary, summarize
@@ -59,14 +58,15 @@ def run(
         "resumed_from": res.resumed_from,
     }
     common = dict(config=config, seed=cfg.seed, profile=profile.name, wall_time_s=res.wall_time_s)
-    write_result(TRACK, "loss", frames.loss_frame(res.log), chart=charts.plot_loss, **common)
-    write_result(TRACK, "log", steps, chart=charts.plot_log, **common)
-    write_result(TRACK, "samples", samples, **common)
-    write_result(TRACK, "summary", summary.frame(), **common)
-    if cfg.pos_emb == "rope":
-        ablation(profile, cfg, corpus, res, ckpt, fresh=fresh, progress=progress)
-    if bench:
-        benchmark(profile)
+    with result_set(TRACK, profile.name):  # published together: these, the ablation and the benchmark
+        write_result(TRACK, "loss", frames.loss_frame(res.log), chart=charts.plot_loss, **common)
+        write_result(TRACK, "log", steps, chart=charts.plot_log, **common)
+        write_result(TRACK, "samples", samples, **common)
+        write_result(TRACK, "summary", summary.frame(), **common)
+        if cfg.pos_emb == "rope":
+            ablation(profile, cfg, corpus, res, ckpt, fresh=fresh, progress=progress)
+        if bench:
+            benchmark(profile)
     return summary
 
 
@@ -91,8 +91,10 @@ def ablation(
         profile=profile.name,
         wall_time_s=learned.wall_time_s,
     )
-    write_result(TRACK, "ablation", frames.ablation_frame(logs), chart=charts.plot_ablation, **common)
-    write_result(TRACK, "ablation_summary", frames.ablation_summary_frame(logs, cfg.max_iters, cfg.grad_clip), **common)
+    with result_set(TRACK, profile.name):  # joins run()'s set
+        write_result(TRACK, "ablation", frames.ablation_frame(logs), chart=charts.plot_ablation, **common)
+        one_row_each = frames.ablation_summary_frame(logs, cfg.max_iters, cfg.grad_clip)
+        write_result(TRACK, "ablation_summary", one_row_each, **common)
 
 
 def benchmark(profile: Profile, *, steps: int = 200, warmup: int = 20) -> pl.DataFrame:
@@ -104,15 +106,16 @@ def benchmark(profile: Profile, *, steps: int = 200, warmup: int = 20) -> pl.Dat
     corpus = load_corpus(profile)
     t0 = time.perf_counter()
     frame = throughput.run(cfg, corpus, steps=steps, warmup=warmup)
-    write_result(
-        TRACK,
-        "benchmark",
-        frame,
-        config={"steps": steps, "warmup": warmup},
-        seed=cfg.seed,
-        profile=profile.name,
-        wall_time_s=time.perf_counter() - t0,
-    )
+    with result_set(TRACK, profile.name):  # alone (`lab bench`): the other files of the set are kept
+        write_result(
+            TRACK,
+            "benchmark",
+            frame,
+            config={"steps": steps, "warmup": warmup},
+            seed=cfg.seed,
+            profile=profile.name,
+            wall_time_s=time.perf_counter() - t0,
+        )
     return frame
 
 
@@ -123,5 +126,5 @@ def checkpoint_folder(profile: Profile, max_iters: int | None = None) -> Path:
 
 
 def device(profile: Profile) -> str:
-    """CUDA when the profile asks for it and it is there, else the CPU."""
-    return "cuda" if profile.device == "cuda" and torch.cuda.is_available() else "cpu"
+    """The profile's device; a CUDA profile on a machine without CUDA is refused (never silently run on the CPU)."""
+    return profile.require_device()
