@@ -111,9 +111,7 @@ def _run(args: argparse.Namespace) -> None:
         print(f"== track {name} (profile {profile.name}) ==", flush=True)
         t0 = time.perf_counter()
         summary = mod.run(profile, fresh=args.fresh)
-        fields = summary.as_dict() if hasattr(summary, "as_dict") else summary
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-        print(f"== {name} done in {time.perf_counter() - t0:.0f} s: {shown}", flush=True)
+        print(f"== {name} done in {time.perf_counter() - t0:.0f} s: {summary.line()}", flush=True)
 
 
 def _site(args: argparse.Namespace) -> None:

@@ -321,6 +321,10 @@ class Summary:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def line(self) -> str:
+        """``field=value, ...`` with floats to four significant digits: what a script run prints when done."""
+        return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.as_dict().items())
+
     def frame(self) -> pl.DataFrame:
         """One row, one column per field (what ``summary.parquet`` holds)."""
         return pl.DataFrame([asdict(self)])

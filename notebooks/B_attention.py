@@ -72,7 +72,7 @@ def _(cli, mo, or_exit, script, script_profile, track):
     # Script: `python notebooks/B_attention.py -- --profile cpu` runs the track and writes results/B_attention/.
     mo.stop(not script)
     _summary = or_exit("B_attention", lambda: track.run(script_profile("B_attention", cli)))
-    print({k: v for k, v in _summary.as_dict().items() if not isinstance(v, float)})
+    print(_summary.line())
     return
 
 

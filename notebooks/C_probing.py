@@ -73,7 +73,7 @@ def _(cli, mo, or_exit, script, script_profile, track):
     # results/C_probing/.
     mo.stop(not script)
     _summary = or_exit("C_probing", lambda: track.run(script_profile("C_probing", cli)))
-    print({k: v for k, v in _summary.as_dict().items() if not isinstance(v, float)})
+    print(_summary.line())
     return
 
 

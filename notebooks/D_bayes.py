@@ -89,7 +89,7 @@ def _(cli, mo, or_exit, script, script_profile, track):
     # Script: `python notebooks/D_bayes.py -- --profile cpu` runs the whole track and writes results/D_bayes/.
     if script:
         _summary = or_exit("D_bayes", lambda: track.run(script_profile("D_bayes", cli), fresh=bool(cli.get("fresh"))))
-        print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in _summary.as_dict().items()))
+        print(_summary.line())
     mo.md("")
     return
 

@@ -82,7 +82,7 @@ def _(cli, mo, or_exit, script, script_profile, track):
     # results/E_circuits/.
     mo.stop(not script)
     _summary = or_exit("E_circuits", lambda: track.run(script_profile("E_circuits", cli), fresh=bool(cli.get("fresh"))))
-    print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in _summary.as_dict().items()))
+    print(_summary.line())
     return
 
 

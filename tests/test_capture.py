@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lab.errors import LabError
-from lab.interp.capture import adapter_for, capture, estimate, invariant_errors, load_streamed, model_shape, unembed
+from lab.interp.adapters import adapter_for
+from lab.interp.capture import capture, estimate, invariant_errors, load_streamed, model_shape, unembed
 from lab.interp.interventions import replaced, run_with_ablation
 from lab.interp.names import FINAL_NAME, KINDS, PATTERN_KIND, RESIDUAL_KINDS, act_name, hook_names
 from lab.models.loading import CAPTURE_ARCHS, load_tiny_model

@@ -337,7 +337,7 @@ CASES: list[Case] = [
     Case(
         "truncated-lora-adapter",
         ("run", "A_finetuning", *SMOKE),
-        r"--fresh",
+        r"adapter_model\.safetensors.*--fresh",
         lambda s: s.truncate(lora_checkpoint(s, "adapter_model.safetensors")),
     ),
     Case(
@@ -355,7 +355,7 @@ CASES: list[Case] = [
     Case(
         "truncated-windtunnel-run",
         ("run", "D_bayes", *SMOKE),
-        r"--fresh|delete",
+        r"model\.safetensors.*(delete|--fresh)",
         lambda s: s.truncate(next(s.checkpoints("D_bayes").rglob("model.safetensors"))),
     ),
     Case(
@@ -380,7 +380,7 @@ CASES: list[Case] = [
     Case(
         "results-root-is-a-file",
         ("run", "pretrain", *SMOKE),
-        r"results",
+        r"not-a-folder",
         lambda s: s.corrupt(s.root / "not-a-folder", b"a file"),
         env={"LAB_RESULTS_DIR": "not-a-folder"},
     ),

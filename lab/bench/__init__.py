@@ -3,7 +3,7 @@ in the same run; the track or the CLI decides where it is written."""
 
 from types import SimpleNamespace
 
-from lab.train.validation import Problems
+from lab.validation import Problems
 
 
 def check_counts(**counts: int) -> None:

@@ -19,7 +19,8 @@ import torch
 
 from lab.bench import check_counts
 from lab.errors import LabError
-from lab.interp.capture import adapter_for, capture
+from lab.interp.adapters import adapter_for
+from lab.interp.capture import capture
 from lab.interp.names import FINAL_NAME, RESIDUAL_KINDS, hook_names
 from lab.interp.tl_bridge import transformer_lens_model
 from lab.models.loading import LoadedModel

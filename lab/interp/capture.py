@@ -41,34 +41,9 @@ from typing import Any
 import torch
 
 from lab.errors import LabError
-from lab.interp.adapters import ADAPTERS, Adapter, adapter_for, softcapped, unwrap
-from lab.interp.hooks import Site, hooks_removed, register
+from lab.interp.adapters import adapter_for, softcapped, unwrap
+from lab.interp.hooks import hooks_removed, register
 from lab.interp.names import FINAL_NAME, KINDS, PATTERN_KIND, act_name, hook_names, parse_name
-
-# Kept importable from here for the callers that knew them as part of the capture.
-__all__ = [
-    "ADAPTERS",
-    "Adapter",
-    "Capture",
-    "CaptureEstimate",
-    "DEFAULT_MAX_BYTES",
-    "Site",
-    "adapter_for",
-    "capture",
-    "check_budget",
-    "check_max_bytes",
-    "eager_attention",
-    "estimate",
-    "format_bytes",
-    "hooks_removed",
-    "invariant_errors",
-    "load_streamed",
-    "max_tokens_within",
-    "model_shape",
-    "pattern_bytes",
-    "unembed",
-    "unwrap",
-]
 
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB of captured tensors held in memory at once
 

@@ -38,8 +38,8 @@ from lab.errors import LabError
 from lab.io import atomic_write_bytes, publish_dir
 from lab.models.loading import LoadedModel
 from lab.paths import shown
-from lab.train.state_files import damaged, load_safetensors, load_torch, read_json
-from lab.train.validation import Problems
+from lab.state import damaged, load_safetensors, load_torch, read_json
+from lab.validation import Problems
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 from lab.errors import LabError
 from lab.io import atomic_write_text
 from lab.paths import shown
-from lab.train.state_files import check_trainer_checkpoint, damaged, read_json
+from lab.state import check_trainer_checkpoint, damaged, read_json
 
 LOG_FILE = "lab_log.json"  # our per-step logs, written into every checkpoint folder
 CONFIG_FILE = "lab_config.json"  # the run's FinetuneConfig, beside its checkpoint-N folders

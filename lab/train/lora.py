@@ -36,9 +36,9 @@ from lab.io import atomic_write_text, publish_dir
 from lab.models.loading import LoadedModel, load_model
 from lab.paths import shown
 from lab.profiles import Profile
+from lab.state import damaged
 from lab.train.callbacks import CONFIG_FILE, RunLog, _trainer_classes, resume_point
-from lab.train.state_files import damaged
-from lab.train.validation import Problems
+from lab.validation import Problems
 
 # transformers' lr_scheduler_type names that need no lr_scheduler_kwargs (cosine_with_min_lr, warmup_stable_decay
 # and reduce_lr_on_plateau need settings this config does not carry)

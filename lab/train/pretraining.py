@@ -23,9 +23,9 @@ from lab.io import atomic_write_bytes, parquet_bytes
 from lab.models.gpt import GPT, GPTConfig
 from lab.models.tokenizer import CharTokenizer
 from lab.paths import shown
+from lab.state import load_safetensors, read_parquet, safetensors_metadata
 from lab.train.schedule import adamw, lr_at
-from lab.train.state_files import load_safetensors, read_parquet, safetensors_metadata
-from lab.train.validation import Problems
+from lab.validation import Problems
 
 CKPT = "ckpt.safetensors"
 

@@ -26,9 +26,9 @@ from lab.errors import LabError
 from lab.io import parquet_bytes, publish_dir
 from lab.models.windtunnel import ModelSpec, build_model, n_params
 from lab.paths import shown
+from lab.state import damaged, load_safetensors, read_json, read_parquet
 from lab.train.schedule import adamw, lr_at
-from lab.train.state_files import damaged, load_safetensors, read_json, read_parquet
-from lab.train.validation import Problems
+from lab.validation import Problems
 
 
 @dataclass(frozen=True)

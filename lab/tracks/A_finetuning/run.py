@@ -24,6 +24,7 @@ from lab.io import atomic_write_text, publish_dir
 from lab.models.loading import load_model
 from lab.profiles import Profile
 from lab.results import result_set, write_result
+from lab.state import read_json
 from lab.tracks.A_finetuning import charts, frames
 from lab.tracks.A_finetuning.config import TRACK, RunSpec, config_for, final_adapter_dir, plan
 from lab.tracks.A_finetuning.summary import FinetuneSummary, summarize
@@ -31,7 +32,6 @@ from lab.train.callbacks import RunLog
 from lab.train.evaluation import general_text, score_model
 from lab.train.lora import FinetuneConfig, attach_lora, save_adapter, train_lora
 from lab.train.schedule import optimizer_state_bytes
-from lab.train.state_files import read_json
 
 EVAL_FILE = "lab_eval.json"
 

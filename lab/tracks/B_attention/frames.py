@@ -19,7 +19,7 @@ from lab.data.prompts import PATTERN_PROMPT, PROMPTS, TASK_PROMPTS, bos_ids, enc
 from lab.data.records import chat_text
 from lab.errors import LabError
 from lab.interp import attention as att
-from lab.interp.capture import capture, estimate, model_shape
+from lab.interp.capture import capture, estimate, max_tokens_within, model_shape
 from lab.interp.names import PATTERN_KIND, hook_names
 from lab.models.loading import LoadedModel
 from lab.tracks.B_attention.config import AttentionConfig
@@ -250,7 +250,7 @@ def memory_table(lm: LoadedModel, cfg: AttentionConfig) -> tuple[pl.DataFrame, p
                 "seconds_to_refuse": time.perf_counter() - t0,
                 "stream_held_mib": est.held(True) / MiB,
                 "message": message,
-                "max_tokens_in_budget": int((cfg.max_bytes / (n_layers * int(shape["n_heads"]) * 4)) ** 0.5),
+                "max_tokens_in_budget": max_tokens_within(cfg.max_bytes, 1, n_layers, int(shape["n_heads"])),
                 "stream_readback_rows_sum_to_one": ok,
             }
         ]

@@ -10,8 +10,9 @@ import torch
 
 from lab.data.prompts import PROMPTS, encode
 from lab.interp import residual as res
+from lab.interp.adapters import adapter_for
 from lab.interp.attention import token_labels
-from lab.interp.capture import Capture, adapter_for, capture, invariant_errors
+from lab.interp.capture import Capture, capture, invariant_errors
 from lab.interp.names import KINDS, act_name, hook_names
 from lab.interp.tl_bridge import TL_CONVERTERS, transformer_lens_model
 from lab.models.loading import SMOKE_ARCHS, LoadedModel, load_tiny_model
