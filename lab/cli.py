@@ -3,7 +3,10 @@
 lab list                              tracks and profiles
 lab run pretrain [--profile cpu]      run one track (resumes an interrupted run; --fresh starts over)
 lab run all [--profile cpu]           every available track
-lab bench pretrain|finetune|capture   a benchmark: ratios against a baseline measured in the same run
+lab bench all                         the speed suite: every workload's fast path against today's baseline,
+                                      written to results/bench/speed.parquet (`lab bench <workload>`: one row)
+lab bench finetune|capture            instrumentation overhead (written to the owning track's results)
+lab bench headlines --before COMMIT   each track's headline numbers then and now (results/bench/headlines)
 lab transcoders build [--profile cpu] train the per-layer transcoders Track E's attribution graphs use
 lab site build | serve                build the offline site into site/ (strict) or serve it
 lab questions                         check that every ANSWERED question links to evidence that exists
@@ -24,7 +27,6 @@ from lab.errors import LabError
 
 # `lab bench <name>`: the track that owns each benchmark's results, and the function that runs and writes it.
 BENCHMARKS = {
-    "pretrain": "lab.tracks.pretrain.run:benchmark",
     "finetune": "lab.tracks.A_finetuning.run:benchmark",
     "capture": "lab.tracks.C_probing.run:benchmark",
 }
@@ -97,11 +99,18 @@ def _function(path: str):
     return getattr(importlib.import_module(module), name)
 
 
+def _workloads() -> list[str]:
+    from lab.bench.suite import WORKLOADS
+
+    return list(WORKLOADS)
+
+
 def _takes_steps(bench) -> bool:
     return "steps" in inspect.signature(bench).parameters
 
 
 def _run(args: argparse.Namespace) -> None:
+    from lab.results import record_timing
     from lab.tracks import TRACKS, get_track
 
     profile = _profile(args.profile)
@@ -111,7 +120,10 @@ def _run(args: argparse.Namespace) -> None:
         print(f"== track {name} (profile {profile.name}) ==", flush=True)
         t0 = time.perf_counter()
         summary = mod.run(profile, fresh=args.fresh)
-        print(f"== {name} done in {time.perf_counter() - t0:.0f} s: {summary.line()}", flush=True)
+        wall = time.perf_counter() - t0
+        if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`, one process records
+            record_timing(name, profile.name, wall)
+        print(f"== {name} done in {wall:.0f} s: {summary.line()}", flush=True)
 
 
 def _site(args: argparse.Namespace) -> None:
@@ -134,9 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--profile", default="cpu")
     r.add_argument("--fresh", action="store_true", help="ignore checkpoints of an interrupted run")
     b = sub.add_parser("bench", help="benchmarks")
-    b.add_argument("which", choices=list(BENCHMARKS))
+    b.add_argument("which", choices=["all", *_workloads(), *BENCHMARKS, "headlines"])
+    b.add_argument("--before", default=None, help="headlines: the commit whose committed results to compare with")
     b.add_argument("--profile", default="cpu")
-    b.add_argument("--steps", type=_count, default=None, help="timed steps (pretrain: default 200; finetune: 6)")
+    b.add_argument("--steps", type=_count, default=None, help="timed steps (finetune: default 6)")
+    b.add_argument("--repeats", type=_count, default=5, help="speed suite: alternated calls per path (median)")
     t = sub.add_parser("transcoders", help="per-layer transcoders for circuit-tracer (Track E)")
     t.add_argument("action", choices=["build"])
     t.add_argument("--profile", default="cpu")
@@ -156,12 +170,30 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"profile {p.name:<6} {p.description}")
         elif args.cmd == "run":
             _run(args)
+        elif args.cmd == "bench" and args.which == "headlines":
+            from lab.bench import headlines
+
+            if not args.before:
+                raise LabError("`lab bench headlines` compares with a commit: add --before <commit>")
+            print(headlines.run(_profile(args.profile), args.before))
+        elif args.cmd == "bench" and (args.which == "all" or args.which in _workloads()):
+            from lab.bench import suite
+
+            if args.steps is not None:
+                raise LabError(f"`lab bench {args.which}` takes --repeats, not --steps: drop --steps")
+            if args.repeats < 5:
+                raise LabError(
+                    f"--repeats {args.repeats}: the speed suite reports medians of at least 5; use 5 or more"
+                )
+            names = None if args.which == "all" else [args.which]
+            suite.run(_profile(args.profile), names, repeats=args.repeats)
         elif args.cmd == "bench":
             bench = _function(BENCHMARKS[args.which])
             options = {"steps": args.steps} if args.steps is not None else {}
             if options and not _takes_steps(bench):
                 takes = ", ".join(n for n, path in BENCHMARKS.items() if _takes_steps(_function(path)))
-                raise LabError(f"`lab bench {args.which}` takes no --steps (only {takes} do): drop it")
+                verb = "does" if len(takes.split(", ")) == 1 else "do"
+                raise LabError(f"`lab bench {args.which}` takes no --steps (only {takes} {verb}): drop it")
             bench(_profile(args.profile), **options)
         elif args.cmd == "transcoders":
             from lab.tracks.E_circuits.run import build_transcoders

@@ -44,7 +44,7 @@ from lab.paths import DEFAULT_PROFILE, REPO_ROOT, results_root, shown
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "polars", "altair", "numpy", "marimo")
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
         commit = out.stdout.strip() or "unknown"
@@ -96,7 +96,7 @@ def provenance(*, config: Any, seed: int | None, profile: str, wall_time_s: floa
         "config": _jsonable(config),
         "seed": seed,
         "profile": profile,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "packages": _versions(),
         "hardware": _hardware(),
         "wall_time_s": round(float(wall_time_s), 3),
@@ -310,6 +310,34 @@ def read_result(track: str, name: str, *, profile: str = "cpu", root: Path | Non
     if not pq.exists():
         raise LabError(f"{pq} is missing: run `lab run {track} --profile {profile}` to produce it")
     return pl.read_parquet(pq)
+
+
+TIMINGS = "timings.parquet"  # results/timings.parquet: the main job's wall time per track
+
+
+def record_timing(track: str, profile: str, wall_s: float, *, root: Path | None = None) -> pl.DataFrame:
+    """Replace ``track``'s row of ``<results>/timings.parquet`` (``track, profile, wall_s, commit, finished_at``)
+    with this run's wall time, keeping the other tracks' rows; written atomically. Returns the table."""
+    path = (root if root is not None else results_root(profile)) / TIMINGS
+    row = pl.DataFrame(
+        {
+            "track": [track],
+            "profile": [profile],
+            "wall_s": [float(wall_s)],
+            "commit": [git_commit()],
+            "finished_at": [datetime.now(UTC).isoformat(timespec="seconds")],
+        }
+    )
+    if path.exists():
+        try:
+            old = pl.read_parquet(path)
+        except Exception as e:  # a damaged table is rebuilt from this run on (its rows are measurements, not results)
+            print(f"lab: warning: {shown(path)} was unreadable ({type(e).__name__}); starting it again")
+            old = row.clear()
+        row = pl.concat([old.filter(pl.col("track") != track), row], how="diagonal_relaxed")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, parquet_bytes(row))
+    return row
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ class TestErrors:
             (["site", "serve", "--port", "99999"], "argument --port: must be a port number in 1..65535 (got '99999')"),
             (["site", "serve", "--port", "0"], "argument --port: must be a port number in 1..65535 (got '0')"),
             (["run", "pretrain", "--frob"], "unrecognized arguments: --frob"),
-            (["bench", "capture", "--steps", "3"], "`lab bench capture` takes no --steps (only pretrain, finetune do)"),
+            (["bench", "capture", "--steps", "3"], "`lab bench capture` takes no --steps (only finetune does)"),
         ],
     )
     def test_impossible_arguments_are_refused_in_one_line(self, argv, line, capsys, monkeypatch):
@@ -96,6 +96,8 @@ def test_smoke_run_writes_consistent_results(results_dir, capsys):
     spec = json.loads((folder / "loss.vl.json").read_text())
     assert len(next(iter(spec["datasets"].values()))) >= loss.height  # chart carries the Parquet's rows
     assert "ratio" in capsys.readouterr().out
+    timings = pl.read_parquet(results_dir / "smoke" / "timings.parquet")  # the main job's time per track
+    assert timings["track"].to_list() == ["pretrain"] and timings["wall_s"].item() >= summary["train_time_s"]
 
 
 def test_summary_statistics_match_the_log(results_dir):
@@ -114,8 +116,11 @@ class TestBench:
     """`lab bench <name>` runs the library benchmark through the track that owns its results."""
 
     def test_bench_pretrain(self, results_dir, capsys):
-        """The timed step count reaches the benchmark, which writes results/pretrain/benchmark.parquet."""
-        assert main(["bench", "pretrain", "--profile", "smoke", "--steps", "5"]) == 0
+        """The track's loop benchmark (run by `lab run pretrain`) writes results/pretrain/benchmark.parquet."""
+        from lab.profiles import get_profile
+        from lab.tracks.pretrain.run import benchmark
+
+        benchmark(get_profile("smoke"), steps=5)
         folder = results_dir / "smoke" / "pretrain"
         frame = pl.read_parquet(folder / "benchmark.parquet")
         assert frame["loop"][0].startswith("reference") and frame["ratio"][0] == 1.0  # the baseline against itself
@@ -151,9 +156,9 @@ class TestOSErrors:
     @pytest.fixture
     def written(self, results_dir, capsys):
         """A first benchmark's results, to check that a failing second run loses none of them."""
-        assert main(["bench", "pretrain", "--profile", "smoke", "--steps", "2"]) == 0
+        assert main(["bench", "finetune", "--profile", "smoke", "--steps", "1"]) == 0
         capsys.readouterr()
-        folder = results_dir / "smoke" / "pretrain"
+        folder = results_dir / "smoke" / "A_finetuning"
         return folder, self._snapshot(folder)
 
     def test_disk_full_while_writing(self, written, capsys, monkeypatch):
@@ -163,7 +168,7 @@ class TestOSErrors:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         monkeypatch.setattr(os, "fsync", full)  # where a full disk shows up in lab.io's atomic writes
-        status, err = _outcome(["bench", "pretrain", "--profile", "smoke", "--steps", "3"], capsys)
+        status, err = _outcome(["bench", "finetune", "--profile", "smoke", "--steps", "1"], capsys)
         assert status == 2 and err.count("\n") == 1 and "Traceback" not in err
         # the line names the file being written (lab.io adds the path that write/fsync errors lack)
         assert re.match(r"lab: error: /\S+: No space left on device: free some disk space and run the same", err)
@@ -179,7 +184,7 @@ class TestOSErrors:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
 
         monkeypatch.setattr(tempfile, "mkstemp", denied)
-        status, err = _outcome(["bench", "pretrain", "--profile", "smoke", "--steps", "3"], capsys)
+        status, err = _outcome(["bench", "finetune", "--profile", "smoke", "--steps", "1"], capsys)
         assert status == 2 and err.count("\n") == 1
         assert err.startswith("lab: error: /") and ": Permission denied: check that path's permissions" in err
         assert self._snapshot(folder) == before
@@ -189,7 +194,7 @@ class TestOSErrors:
         folder, before = written
         folder.chmod(0o555)
         try:
-            status, err = _outcome(["bench", "pretrain", "--profile", "smoke", "--steps", "3"], capsys)
+            status, err = _outcome(["bench", "finetune", "--profile", "smoke", "--steps", "1"], capsys)
         finally:
             folder.chmod(0o755)
         assert status == 2 and err.count("\n") == 1 and "Permission denied" in err

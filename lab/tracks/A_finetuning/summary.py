@@ -13,6 +13,17 @@ from lab.tracks.A_finetuning.config import RunSpec
 from lab.train.evaluation import PPL_WINDOW, PPL_WINDOWS
 from lab.train.lora import FinetuneConfig, schedule_steps
 
+# The numbers the speed suite compares before and after a change of how the track computes
+# (results/bench/headlines.parquet).
+HEADLINES = (
+    "main_exact_rate",
+    "main_format_rate",
+    "main_final_eval_loss",
+    "main_ppl_ratio",
+    "main_probes_retained",
+    "best_lr",
+)
+
 
 @dataclass(frozen=True)
 class FinetuneSummary(Summary):

@@ -14,6 +14,15 @@ from lab.results import Summary
 from lab.tracks.B_attention.config import AttentionConfig
 from lab.tracks.B_attention.frames import first_layer_over, layers_over
 
+# The numbers the speed suite compares before and after a change of how the track computes
+# (results/bench/headlines.parquet).
+HEADLINES = (
+    "mean_sink_share",
+    "top_induction_score",
+    "top_prev_score",
+    "mean_entropy_norm",
+)
+
 
 @dataclass(frozen=True)
 class AttentionSummary(Summary):

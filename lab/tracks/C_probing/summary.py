@@ -11,6 +11,15 @@ from lab.data.prompts import PROMPTS
 from lab.results import Summary
 from lab.tracks.C_probing.frames import FIRST, REST, invariants_max_error
 
+# The numbers the speed suite compares before and after a change of how the track computes
+# (results/bench/headlines.parquet).
+HEADLINES = (
+    "lens_kl_mid",
+    "ablation_mlp_l0_kl",
+    "ablation_attn_kl_mean",
+    "norm_post_max",
+)
+
 
 @dataclass(frozen=True)
 class ProbingSummary(Summary):

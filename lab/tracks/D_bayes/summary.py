@@ -12,6 +12,16 @@ from lab.tracks.D_bayes.config import PAPER_MAE, BayesTrackConfig
 from lab.tracks.D_bayes.frames import first_at, headline
 from lab.train.windtunnel import RunResult
 
+# The numbers the speed suite compares before and after a change of how the track computes
+# (results/bench/headlines.parquet).
+HEADLINES = (
+    "mae_mean",
+    "mae_std",
+    "mlp_mae",
+    "lstm_mae",
+    "verdicts_reproduced",
+)
+
 
 @dataclass(frozen=True)
 class BayesSummary(Summary):

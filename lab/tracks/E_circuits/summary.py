@@ -12,6 +12,16 @@ from lab.tracks.E_circuits.config import LEARNED, CircuitsConfig
 from lab.tracks.E_circuits.frames import learned_at
 from lab.train.lora import FinetuneConfig, FinetuneResult
 
+# The numbers the speed suite compares before and after a change of how the track computes
+# (results/bench/headlines.parquet).
+HEADLINES = (
+    "mapping_final_accuracy",
+    "spatial_final_accuracy",
+    "transcoder_fvu_mean",
+    "transcoder_dead_share_mean",
+    "attribution_s_median",
+)
+
 
 @dataclass(frozen=True)
 class CircuitsSummary(Summary):

@@ -12,6 +12,14 @@ from lab.results import Summary
 from lab.tracks.pretrain import frames
 from lab.train.pretraining import PretrainConfig, TrainResult
 
+# The numbers the speed suite compares before and after a change of how the track computes
+# (results/bench/headlines.parquet).
+HEADLINES = (
+    "final_val_loss",
+    "best_val_loss",
+    "tokens_per_s",
+)
+
 
 @dataclass(frozen=True)
 class PretrainSummary(Summary):
