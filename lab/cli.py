@@ -175,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
 
             if not args.before:
                 raise LabError("`lab bench headlines` compares with a commit: add --before <commit>")
-            print(headlines.run(_profile(args.profile), args.before))
+            from lab.tracks import headlines as fields_of
+
+            print(headlines.run(_profile(args.profile), args.before, fields_of()))
         elif args.cmd == "bench" and (args.which == "all" or args.which in _workloads()):
             from lab.bench import suite
 

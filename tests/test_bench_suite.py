@@ -109,6 +109,7 @@ class TestHeadlines:
 
     def test_compare_reports_each_headline_then_and_now(self, results_dir, monkeypatch):
         from lab.bench import headlines
+        from lab.tracks import headlines as fields_of
         from lab.tracks.pretrain.summary import HEADLINES
 
         folder = results_dir / "smoke" / "pretrain"
@@ -120,7 +121,7 @@ class TestHeadlines:
         monkeypatch.setattr(
             headlines, "committed_summary", lambda c, f: then if f == "results/smoke/pretrain" else None
         )
-        frame = headlines.compare(get_profile("smoke"), "abc")
+        frame = headlines.compare(get_profile("smoke"), "abc", fields_of())
         mine = frame.filter(pl.col("track") == "pretrain")
         assert mine["field"].to_list() == list(HEADLINES)
         assert mine["change"].to_list() == pytest.approx([-0.5, 0.0, 50.0])

@@ -7,7 +7,6 @@ beyond their noise: the "before" side is read from git, so the comparison can be
 
 from __future__ import annotations
 
-import importlib
 import io
 import subprocess
 import time
@@ -41,14 +40,12 @@ def committed_folder(profile: Profile, track: str) -> str:
     return "/".join((*parts, track))
 
 
-def compare(profile: Profile, before: str) -> pl.DataFrame:
-    """One row per (track, headline): its value at ``before`` and now, and the change."""
-    from lab.tracks import TRACKS
-
+def compare(profile: Profile, before: str, fields_of: dict[str, tuple[str, ...]]) -> pl.DataFrame:
+    """One row per (track, headline) of ``fields_of`` (track -> its headline fields, :func:`lab.tracks.headlines`):
+    its value at ``before`` and now, and the change."""
     root = results_root(profile.name)
     rows = []
-    for track in TRACKS:
-        fields = importlib.import_module(f"lab.tracks.{track}.summary").HEADLINES
+    for track, fields in fields_of.items():
         path = root / track / "summary.parquet"
         now = pl.read_parquet(path).row(0, named=True) if path.exists() else {}
         then = committed_summary(before, committed_folder(profile, track)) or {}
@@ -69,10 +66,10 @@ def compare(profile: Profile, before: str) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
-def run(profile: Profile, before: str) -> pl.DataFrame:
+def run(profile: Profile, before: str, fields_of: dict[str, tuple[str, ...]]) -> pl.DataFrame:
     """Compare and publish results/bench/headlines.parquet (the other files of results/bench/ are kept)."""
     t0 = time.perf_counter()
-    frame = compare(profile, before)
+    frame = compare(profile, before, fields_of)
     with result_set(FOLDER, profile.name):
         write_result(
             FOLDER,

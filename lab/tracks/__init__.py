@@ -29,3 +29,8 @@ def get_track(name: str) -> ModuleType:
     if name not in TRACKS:
         raise LabError(f"unknown track {name!r}: choose one of {', '.join(TRACKS)} (or 'all')")
     return importlib.import_module(TRACKS[name])
+
+
+def headlines() -> dict[str, tuple[str, ...]]:
+    """Each track's headline summary fields (``HEADLINES`` in its ``summary.py``), in track order."""
+    return {name: importlib.import_module(f"lab.tracks.{name}.summary").HEADLINES for name in TRACKS}
