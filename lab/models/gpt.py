@@ -7,6 +7,8 @@ module tree: ``hook_embed``, ``hook_pos_embed``, ``blocks.{l}.hook_resid_pre``, 
 reads the activation (returns None) or replaces it (returns a tensor): ``forward(idx, capture={names})`` reads them
 (detached CPU copies), :mod:`lab.interp.interventions` replaces them. Training uses the fused
 ``scaled_dot_product_attention``; a layer whose ``hook_pattern`` has a hook runs the eager (explicit softmax) path.
+Under bf16 autocast (``lab.train.pretraining``) the matmuls run in bf16 while the loss and, on cpu, the fused
+attention stay in float32 (that kernel's bf16 backward is several times slower than its float32 one on cpu).
 """
 
 from __future__ import annotations
@@ -104,6 +106,10 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             att = self.hook_pattern(att.masked_fill(~mask, float("-inf")).softmax(dim=-1))
             y = F.dropout(att, drop, self.training) @ v  # (B, nh, T, hs)
+        elif q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # float32 under bf16 autocast on cpu: this kernel's bf16 backward is ~4x slower there (B12 T64 hs32)
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=drop, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
         y = self.hook_z(y.transpose(1, 2)).contiguous().view(B, T, C)
@@ -203,7 +209,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_final(x))  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))  # fp32 under autocast
         return logits, loss, {}
 
     def _run_with_cache(
