@@ -1,7 +1,8 @@
 """The ``lab`` command.
 
-lab list                              tracks and profiles
-lab run pretrain [--profile cpu]      run one track (resumes an interrupted run; --fresh starts over)
+lab list [--profile cpu]              tracks: their results (commit, when, measured time), and the profiles
+lab run pretrain [--profile cpu]      run one track (resumes an interrupted run, reuses a finished one; --fresh
+                                      retrains); says what it reused, its headline numbers and where results went
 lab run all [--profile cpu]           every available track
 lab bench all                         the speed suite: every workload's fast path against today's baseline,
                                       written to results/bench/speed.parquet (`lab bench <workload>`: one row)
@@ -109,6 +110,112 @@ def _takes_steps(bench) -> bool:
     return "steps" in inspect.signature(bench).parameters
 
 
+# ----------------------------------------------------------------------------- lab run: what happened, and where
+
+SMALL_FILE = 1 << 20  # saved work up to this size is compared by content (a rewritten but identical config file)
+
+
+def _saved_work(track: str, profile: str) -> tuple[list[Path], dict[str, tuple]]:
+    """The track's own saved work (``.data/checkpoints/<profile>/<track>*``, ``.data/adapters/<profile>/<track>``)
+    and a fingerprint of every file there and in the profile's transcoders (which Track E builds when missing):
+    content for small files, size and modification time for large ones. Equal fingerprints before and after a run
+    mean the run wrote and deleted nothing there: it trained nothing."""
+    import hashlib
+
+    from lab import paths
+
+    checkpoints = paths.checkpoint_dir(profile, track).parent
+    own = sorted(checkpoints.glob(f"{track}*")) + [paths.adapter_dir(profile, track, "x").parent]
+    own = [f for f in own if f.is_dir() and any(p.is_file() for p in f.rglob("*"))]
+    prints: dict[str, tuple] = {}
+    for folder in [*own, paths.transcoder_dir(profile)]:
+        for path in folder.rglob("*") if folder.is_dir() else ():
+            if path.is_file():
+                st = path.stat()
+                small = st.st_size <= SMALL_FILE
+                prints[str(path)] = (
+                    (hashlib.sha256(path.read_bytes()).hexdigest(),)
+                    if small
+                    else (
+                        st.st_size,
+                        st.st_mtime_ns,
+                    )
+                )
+    return own, prints
+
+
+def _folders(folders: list[Path]) -> str:
+    """``.data/checkpoints/smoke/{pretrain, pretrain-learned}``: folders, their common parent written once."""
+    from lab.paths import shown
+
+    by_parent: dict[str, list[str]] = {}
+    for f in folders:
+        by_parent.setdefault(shown(f.parent), []).append(f.name)
+    return ", ".join(
+        f"{parent}/{names[0]}" if len(names) == 1 else f"{parent}/{{{', '.join(names)}}}"
+        for parent, names in by_parent.items()
+    )
+
+
+def _what_happened(track: str, profile: str, fresh: bool, before: tuple, after: tuple) -> tuple[bool, str]:
+    """``(reused, sentence)``: whether the run reused finished work and trained nothing, said for a person."""
+
+    (own_before, prints_before), (own_after, prints_after) = before, after
+    where = _folders(own_after or own_before)
+    again = f"`lab run {track}{'' if profile == 'cpu' else f' --profile {profile}'} --fresh`"
+    if fresh:
+        return False, f"retrained from scratch (--fresh); its work is saved in {where or 'no folder'}"
+    if not own_before and not own_after:
+        return False, f"{track} keeps no checkpoints: everything was computed again"
+    if own_before and prints_before == prints_after:
+        return True, (
+            f"already complete: nothing was retrained, the finished work saved in {where} was reused\n"
+            f"{again} retrains from scratch"
+        )
+    if not own_before:
+        return False, f"trained from scratch; its work is saved in {where} (a second run reuses it)"
+    return False, f"resumed: reused the work saved in {where} and trained what was missing\n{again} starts over"
+
+
+def _written(track: str, profile: str, since: float) -> list[str]:
+    """Where the run's results went: the folder and the files it wrote (from the track's manifest)."""
+    from datetime import datetime
+
+    from lab.paths import shown, track_results
+    from lab.results import MANIFEST, read_manifest
+
+    folder = track_results(track, profile)
+    manifest = read_manifest(folder / MANIFEST) if (folder / MANIFEST).exists() else {}
+    names = [
+        n
+        for n, r in sorted(manifest.items())
+        if datetime.fromisoformat(r.get("written_at", "1970-01-01T00:00:00+00:00")).timestamp() >= since - 1
+    ]
+    if not names:
+        return [f"results: none written to {shown(folder)}/"]
+    files = [f for n in names for f in manifest[n]["files"]]
+    charts = sum(f.endswith(".vl.json") for f in files)
+    return [
+        f"results: {shown(folder)}/ — {len(files) - charts} .parquet, {charts} charts (.vl.json), {MANIFEST}",
+        f"         {', '.join(names)}; every summary number is in summary.parquet",
+    ]
+
+
+def _report(name: str, profile: str, summary, wall: float, happened: str, written: list[str]) -> str:
+    """The few lines ``lab run`` ends a track with: time, what happened, the headline numbers, where results went."""
+    from lab.notebook import duration, headline_rows
+    from lab.tracks import headlines
+
+    rows = headline_rows(summary, headlines()[name])
+    width = max((len(q) for q, _, _ in rows), default=0)
+    value_width = max((len(v) for _, v, _ in rows), default=0)
+    lines = [f"== {name} done in {duration(wall)} (profile {profile}) =="]
+    lines += [f"   {line}" for line in happened.splitlines()]
+    lines += [f"   {q:<{width}}  {v:>{value_width}}  {m}".rstrip() for q, v, m in rows]
+    lines += [f"   {line}" for line in written]
+    return "\n".join(lines)
+
+
 def _run(args: argparse.Namespace) -> None:
     from lab.results import record_timing
     from lab.tracks import TRACKS, get_track
@@ -118,12 +225,69 @@ def _run(args: argparse.Namespace) -> None:
     modules = [get_track(n) for n in names]  # validate every name before any compute
     for name, mod in zip(names, modules, strict=True):
         print(f"== track {name} (profile {profile.name}) ==", flush=True)
+        before, started = _saved_work(name, profile.name), time.time()
         t0 = time.perf_counter()
         summary = mod.run(profile, fresh=args.fresh)
         wall = time.perf_counter() - t0
-        if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`, one process records
+        reused, happened = _what_happened(name, profile.name, args.fresh, before, _saved_work(name, profile.name))
+        # under `accelerate launch`, one process records; a run that reused everything is not the track's time
+        if int(os.environ.get("RANK", "0")) == 0 and not reused:
             record_timing(name, profile.name, wall)
-        print(f"== {name} done in {wall:.0f} s: {summary.line()}", flush=True)
+        print(_report(name, profile.name, summary, wall, happened, _written(name, profile.name, started)), flush=True)
+
+
+# ----------------------------------------------------------------------------- lab list
+
+
+def _list(profile: str) -> str:
+    """Each track's results for ``profile``: present or not, the commit and time that wrote them, and the time
+    ``lab run`` measured (results/timings.parquet); then the profiles."""
+    import polars as pl
+
+    from lab.notebook import duration
+    from lab.paths import results_root, shown, track_results
+    from lab.profiles import PROFILES
+    from lab.results import MANIFEST, TIMINGS, read_manifest
+    from lab.tracks import TRACKS
+
+    timings = {}
+    if (results_root(profile) / TIMINGS).exists():
+        try:
+            rows = pl.read_parquet(results_root(profile) / TIMINGS).to_dicts()
+            timings = {r["track"]: r for r in rows if r.get("profile", profile) == profile}
+        except Exception:  # a damaged table: the times are unknown, the results are still listed
+            timings = {}
+    header = f"{'track':<14} {'results':<24} {'commit':<14} {'written (UTC)':<17} measured time"
+    lines = [f"tracks, profile {profile} (results in {shown(results_root(profile))}/):", "  " + header]
+    for track in TRACKS:
+        folder = track_results(track, profile)
+        try:
+            manifest = read_manifest(folder / MANIFEST) if (folder / MANIFEST).exists() else {}
+        except LabError:
+            manifest = None
+        if manifest is None:
+            state, commit, when = "manifest unreadable", "", ""
+        elif not manifest:
+            state, commit, when = "none yet", "", ""
+        else:
+            missing = [f for r in manifest.values() for f in r["files"] if not (folder / f).exists()]
+            state = f"{len(manifest)} results" + (f", {len(missing)} files missing" if missing else "")
+            latest = max(manifest.values(), key=lambda r: r.get("written_at", ""))
+            full = str(latest.get("git_commit", "unknown"))
+            commit = full[:7] + ("+dirty" if full.endswith("+dirty") else "")
+            when = latest.get("written_at", "")[:16].replace("T", " ")
+        timing = timings.get(track)
+        measured = duration(timing["wall_s"]) if timing else "not measured"
+        if timing and timing.get("finished_at"):
+            measured += f" (finished {str(timing['finished_at'])[:10]})"
+        lines.append(f"  {track:<14} {state:<24} {commit:<14} {when:<17} {measured}")
+    absent = [t for t in TRACKS if not (track_results(t, profile) / MANIFEST).exists()]
+    if absent:
+        flag = "" if profile == "cpu" else f" --profile {profile}"
+        lines.append(f"  (make the missing ones with `lab run {absent[0]}{flag}`, or `lab run all{flag}`)")
+    lines.append("profiles:")
+    lines += [f"  {p.name:<6} {p.description}" for p in PROFILES.values()]
+    return "\n".join(lines)
 
 
 def _site(args: argparse.Namespace) -> None:
@@ -140,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ap = _Parser(prog="lab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="tracks and profiles")
+    ls = sub.add_parser("list", help="tracks, their results and measured times, and profiles")
+    ls.add_argument("--profile", default="cpu", help="whose results to list (default cpu: the committed ones)")
     r = sub.add_parser("run", help="run a track, or all")
     r.add_argument("track")
     r.add_argument("--profile", default="cpu")
@@ -162,12 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.cmd == "list":
-            from lab.profiles import PROFILES
-            from lab.tracks import TRACKS
+            from lab.profiles import get_profile
 
-            print("tracks:   " + ", ".join(TRACKS))
-            for p in PROFILES.values():
-                print(f"profile {p.name:<6} {p.description}")
+            print(_list(get_profile(args.profile).name))
         elif args.cmd == "run":
             _run(args)
         elif args.cmd == "bench" and args.which == "headlines":

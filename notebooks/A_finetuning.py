@@ -1,3 +1,8 @@
+# /// script
+# [tool.marimo.opengraph]
+# title = "A · Fine-tuning mechanics"
+# description = "LoRA sweeps on SmolLM2-135M: loss anatomy, Adam's moments, forgetting, QLoRA."
+# ///
 import marimo
 
 __generated_with = "0.25.2"
@@ -9,25 +14,32 @@ def _():
     import marimo as mo
 
     from lab.errors import LabError
-    from lab.notebook import or_exit, script_mode, script_profile
-    from lab.profiles import PROFILES, get_profile
+    from lab.notebook import headlines, or_exit, profile_picker, progress, script_mode, script_profile, table
+    from lab.profiles import get_profile
     from lab.results import read_result
     from lab.tracks.A_finetuning import charts, frames
     from lab.tracks.A_finetuning import run as track
-    from lab.tracks.A_finetuning.config import TRACK
+    from lab.tracks.A_finetuning.config import TRACK, config_for, plan
+    from lab.tracks.A_finetuning.summary import HEADLINES
 
     return (
+        HEADLINES,
         LabError,
-        PROFILES,
         TRACK,
         charts,
+        config_for,
         frames,
         get_profile,
+        headlines,
         mo,
         or_exit,
+        plan,
+        profile_picker,
+        progress,
         read_result,
         script_mode,
         script_profile,
+        table,
         track,
     )
 
@@ -58,27 +70,51 @@ def _(mo):
 
 
 @app.cell
-def _(PROFILES, mo, script_mode):
+def _(mo, profile_picker, script_mode):
     script, cli = script_mode(mo)
-    profile_ui = mo.ui.dropdown(options=[p for p in PROFILES if p != "gpu"], value="smoke", label="profile")
-    save_ui = mo.ui.checkbox(label="write results/ (overwrites the committed run)", value=False)
+    profile_ui, legend = profile_picker(
+        mo,
+        {
+            "cpu": "SmolLM2-135M-Instruct on the JSON-record task, 12 runs: about 45 minutes on 2 cores the first "
+            "time (finished runs are reused after that)",
+            "smoke": "a tiny random Llama on generated text: about half a minute; checks that the code runs, "
+            "its numbers mean nothing",
+        },
+    )
+    save_ui = mo.ui.checkbox(label="write results/ (replaces the profile's results)", value=False)
     fresh_ui = mo.ui.checkbox(label="fresh (retrain finished runs)", value=False)
-    train_ui = mo.ui.run_button(label="Run all experiments", kind="success")
-    controls = None if script else mo.hstack([profile_ui, save_ui, fresh_ui, train_ui], justify="start")
+    return cli, fresh_ui, legend, profile_ui, save_ui, script
+
+
+@app.cell
+def _(fresh_ui, legend, mo, profile_ui, save_ui, script):
+    train_ui = mo.ui.run_button(label=f"Run all experiments on {profile_ui.value}", kind="success")
+    controls = (
+        None
+        if script
+        else mo.vstack(
+            [mo.hstack([profile_ui, legend], justify="start", align="center", gap=1), save_ui, fresh_ui, train_ui]
+        )
+    )
     controls
-    return cli, fresh_ui, profile_ui, save_ui, script, train_ui
+    return (train_ui,)
 
 
 @app.cell
 def _(
+    HEADLINES,
     charts,
     cli,
+    config_for,
     frames,
     fresh_ui,
     get_profile,
+    headlines,
     mo,
     or_exit,
+    plan,
     profile_ui,
+    progress,
     save_ui,
     script,
     script_profile,
@@ -86,26 +122,34 @@ def _(
     train_ui,
 ):
     # Script: `python notebooks/A_finetuning.py -- --profile cpu` runs every experiment and writes results/.
-    # App/editor: press the button; the current run's loss curve updates while it trains.
-    mo.stop(
-        not script and not train_ui.value,
-        mo.md("Press **Run all experiments** (smoke: about half a minute; cpu: about half an hour)."),
-    )
+    # App/editor: press the button; a progress bar and the current run's loss curve update while it trains.
+    mo.stop(not script and not train_ui.value, mo.md("Choose a profile and press **Run all experiments**."))
     profile = script_profile("A_finetuning", cli) if script else get_profile(profile_ui.value)
+    runs = [s.name for s in plan(config_for(profile))]
 
     def show(name, step, total, log):
         if script or (step % 5 and step != total):
             return
+        which = f"run {name} ({runs.index(name) + 1} of {len(runs)}; finished runs are reused, not shown)"
         chart = charts.plot_live_curve(frames.live_curve(log))
-        mo.output.replace(mo.vstack([mo.md(f"run **{name}**: step {step}/{total}"), chart]))
+        mo.output.replace(mo.vstack([progress(mo, step, total, which), chart]))
 
     def _run():
         return track.run(
             profile, on_step=show, progress=script, write=script or save_ui.value, fresh=(not script) and fresh_ui.value
         )
 
+    if not script:
+        mo.output.replace(progress(mo, 0, 1, f"profile {profile.name}: loading the model, scoring the base model"))
     summary = or_exit("A_finetuning", _run) if script else _run()
-    mo.output.replace(mo.ui.table(summary.frame(), selection=None))
+    mo.output.replace(
+        mo.vstack(
+            [
+                mo.md(f"**Done** on `{profile.name}`: {summary.n_runs} runs. Headline numbers:"),
+                headlines(mo, summary, HEADLINES),
+            ]
+        )
+    )
     return
 
 
@@ -117,18 +161,35 @@ def _(cli, script):
 
 
 @app.cell
-def _(LabError, TRACK, mo, read_result, shown):
+def _(LabError, TRACK, mo, read_result, shown, table):
     def section(title, names_charts, text=""):
+        """A section: each result drawn by its chart function, or as a table of the columns a mapping names."""
         try:
             parts = [mo.md(f"## {title}\n\n{text}")]
-            for name, plot in names_charts:
+            for name, how in names_charts:
                 frame = read_result(TRACK, name, profile=shown)
-                parts.append(plot(frame) if plot else mo.ui.table(frame, selection=None))
+                parts.append(how(frame) if callable(how) else table(mo, frame, how, percent=("exact_lo", "exact_hi")))
             return mo.vstack(parts)
         except LabError as err:
             return mo.md(f"## {title}\n\nNo results yet: {err}")
 
     return (section,)
+
+
+@app.cell
+def _():
+    # The columns each table shows (every column is in the Parquet file, and in the table's download).
+    OUTCOMES = {
+        "run": "run",
+        "final_eval_loss": "final eval loss",
+        "format_rate": "valid JSON",
+        "exact_rate": "exact",
+        "exact_lo": "exact, 95 % from",
+        "exact_hi": "to",
+        "ppl_ratio": "perplexity ratio",
+        "probes_retained": "probes kept (of 12)",
+    }
+    return (OUTCOMES,)
 
 
 @app.cell
@@ -143,36 +204,42 @@ def _(charts, section):
 
 
 @app.cell
-def _(charts, section):
+def _(OUTCOMES, charts, section):
     section(
         "2. Learning-rate sweep",
         [
             ("lr_curves", lambda f: charts.plot_curves(f, "lr", "learning rate")),
             ("lr_outcomes", lambda f: charts.plot_outcomes(f, "lr", "learning rate")),
-            ("lr_outcomes", None),
+            ("lr_outcomes", {"lr": "learning rate", **OUTCOMES}),
         ],
     )
     return
 
 
 @app.cell
-def _(charts, section):
+def _(OUTCOMES, charts, section):
     section(
         "3. LoRA rank sweep",
         [
             ("rank_curves", lambda f: charts.plot_curves(f, "rank", "LoRA rank")),
             ("rank_outcomes", lambda f: charts.plot_outcomes(f, "rank", "LoRA rank")),
-            ("rank_outcomes", None),
+            ("rank_outcomes", {"rank": "LoRA rank", "trainable_params": "trainable parameters", **OUTCOMES}),
         ],
     )
     return
 
 
 @app.cell
-def _(charts, section):
+def _(OUTCOMES, charts, section):
     section(
         "4. Batch size × learning rate",
-        [("batch_lr", charts.plot_batch_lr), ("batch_outcomes", None)],
+        [
+            ("batch_lr", charts.plot_batch_lr),
+            (
+                "batch_outcomes",
+                {"batch_size": "batch", "lr": "learning rate", "rule": "LR rule", "steps": "steps", **OUTCOMES},
+            ),
+        ],
         "Left: LR scaled linearly with the batch size; right: LR kept at the main run's. Same examples seen.",
     )
     return
@@ -185,7 +252,17 @@ def _(charts, frames, section):
         [
             ("moments", lambda f: charts.plot_moments(frames.moments_by_layer(f))),
             ("moments_by_module", lambda f: charts.plot_moments_by_module(frames.moments_by_module(f))),
-            ("optimizer_memory", None),
+            (
+                "optimizer_memory",
+                {
+                    "setting": "setting",
+                    "optimizer": "optimizer",
+                    "trainable_params": "trainable parameters",
+                    "state_mb": "optimizer state (MB)",
+                    "bytes_per_param": "bytes per parameter",
+                    "state_vs_weights": "state / weights",
+                },
+            ),
         ],
     )
     return
@@ -197,10 +274,34 @@ def _(charts, frames, section):
         "6. Forgetting, and QLoRA",
         [
             ("runs", lambda f: charts.plot_forgetting(frames.forgetting_frame(f))),
-            ("probes", None),
-            ("qlora", None),
-            ("samples", None),
-            ("benchmark", None),
+            ("probes", {"run": "run", "prompt": "probe question", "answer": "answer", "retained": "same as base"}),
+            (
+                "qlora",
+                {
+                    "run": "run",
+                    "quant": "base weights",
+                    "weights_mb": "weights (MB)",
+                    "final_eval_loss": "final eval loss",
+                    "exact_rate": "exact",
+                    "ppl_ratio": "perplexity ratio",
+                    "tokens_per_s": "tokens/s",
+                    "train_time_s": "training time",
+                },
+            ),
+            (
+                "samples",
+                {
+                    "prompt": "prompt",
+                    "base_answer": "base model",
+                    "base_exact": "exact (base)",
+                    "finetuned_answer": "fine-tuned",
+                    "finetuned_exact": "exact (fine-tuned)",
+                },
+            ),
+            (
+                "benchmark",
+                {"mode": "instrumentation", "median_s": "median step time", "ratio": "ratio", "steps": "steps"},
+            ),
         ],
     )
     return

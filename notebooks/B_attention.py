@@ -1,3 +1,8 @@
+# /// script
+# [tool.marimo.opengraph]
+# title = "B · Where heads look"
+# description = "Your prompt, a layer and a head: attention patterns and every head's scores."
+# ///
 import marimo
 
 __generated_with = "0.25.2"
@@ -11,8 +16,8 @@ def _():
     from lab.data.prompts import PATTERN_PROMPT
     from lab.errors import LabError
     from lab.models.loading import load_model
-    from lab.notebook import or_exit, script_mode, script_profile
-    from lab.profiles import PROFILES, get_profile
+    from lab.notebook import or_exit, profile_picker, script_mode, script_profile
+    from lab.profiles import get_profile
     from lab.results import read_result
     from lab.tracks.B_attention import charts, frames
     from lab.tracks.B_attention import run as track
@@ -20,13 +25,13 @@ def _():
     return (
         LabError,
         PATTERN_PROMPT,
-        PROFILES,
         charts,
         frames,
         get_profile,
         load_model,
         mo,
         or_exit,
+        profile_picker,
         read_result,
         script_mode,
         script_profile,
@@ -58,11 +63,20 @@ def _(mo):
 
 
 @app.cell
-def _(PATTERN_PROMPT, PROFILES, mo, script_mode):
+def _(PATTERN_PROMPT, mo, profile_picker, script_mode):
     script, cli = script_mode(mo)
-    profile_ui = mo.ui.dropdown(options=[p for p in PROFILES if p != "gpu"], value="cpu", label="model profile")
+    profile_ui, legend = profile_picker(
+        mo,
+        {
+            "cpu": "SmolLM2-135M-Instruct, 30 layers × 9 heads: loads in about 10 s",
+            "smoke": "a tiny random Llama, 2 layers × 4 heads: the patterns of an untrained model",
+        },
+        text="model profile",
+    )
     prompt_ui = mo.ui.text_area(value=PATTERN_PROMPT, label="prompt", full_width=True, rows=2)
-    controls = None if script else mo.vstack([profile_ui, prompt_ui])
+    controls = (
+        None if script else mo.vstack([mo.hstack([profile_ui, legend], justify="start", align="center"), prompt_ui])
+    )
     controls
     return cli, profile_ui, prompt_ui, script
 
@@ -90,17 +104,25 @@ def _(get_profile, load_model, mo, profile_ui, script):
 
 
 @app.cell
-def _(LabError, frames, lm, mo, prompt_ui, script):
+def _(lm, mo, script):
     mo.stop(script)
-    try:
-        patterns, labels = frames.prompt_patterns(lm, prompt_ui.value)  # (L, H, T, T)
-    except LabError as err:
-        mo.stop(True, mo.md(f"**{err}**"))
-    n_layers, n_heads = patterns.shape[0], patterns.shape[1]
+    # The sliders depend on the model only, so they keep their place when the prompt changes.
+    n_layers, n_heads = lm.model.config.num_hidden_layers, lm.model.config.num_attention_heads
     layer_ui = mo.ui.slider(0, n_layers - 1, value=min(n_layers - 1, n_layers // 2), label="layer", show_value=True)
     head_ui = mo.ui.slider(0, n_heads - 1, value=0, label="head", show_value=True)
+    return head_ui, layer_ui
+
+
+@app.cell
+def _(LabError, frames, head_ui, layer_ui, lm, mo, prompt_ui, script):
+    mo.stop(script)
+    try:
+        with mo.status.spinner("capturing every head's attention on your prompt"):
+            patterns, labels = frames.prompt_patterns(lm, prompt_ui.value)  # (L, H, T, T)
+    except LabError as err:
+        mo.stop(True, mo.md(f"**{err}**"))
     mo.hstack([layer_ui, head_ui], justify="start")
-    return head_ui, labels, layer_ui, patterns
+    return labels, patterns
 
 
 @app.cell

@@ -1,3 +1,8 @@
+# /// script
+# [tool.marimo.opengraph]
+# title = "C · The residual stream"
+# description = "Your prompt: the logit lens, what attention and MLPs write, residual norms."
+# ///
 import marimo
 
 __generated_with = "0.25.2"
@@ -11,8 +16,8 @@ def _():
     from lab.data.prompts import PROMPTS
     from lab.errors import LabError
     from lab.models.loading import load_model
-    from lab.notebook import or_exit, script_mode, script_profile
-    from lab.profiles import PROFILES, get_profile
+    from lab.notebook import or_exit, profile_picker, script_mode, script_profile, table
+    from lab.profiles import get_profile
     from lab.results import read_result
     from lab.tracks.C_probing import charts, frames
     from lab.tracks.C_probing import run as track
@@ -20,16 +25,17 @@ def _():
     return (
         LabError,
         PROMPTS,
-        PROFILES,
         charts,
         frames,
         get_profile,
         load_model,
         mo,
         or_exit,
+        profile_picker,
         read_result,
         script_mode,
         script_profile,
+        table,
         track,
     )
 
@@ -58,11 +64,20 @@ def _(mo):
 
 
 @app.cell
-def _(PROMPTS, PROFILES, mo, script_mode):
+def _(PROMPTS, mo, profile_picker, script_mode):
     script, cli = script_mode(mo)
-    profile_ui = mo.ui.dropdown(options=[p for p in PROFILES if p != "gpu"], value="cpu", label="model profile")
+    profile_ui, legend = profile_picker(
+        mo,
+        {
+            "cpu": "SmolLM2-135M-Instruct, 30 layers: loads in about 10 s",
+            "smoke": "a tiny random Llama, 2 layers: the residual stream of an untrained model",
+        },
+        text="model profile",
+    )
     prompt_ui = mo.ui.text_area(value=PROMPTS[0], label="prompt", full_width=True, rows=2)
-    controls = None if script else mo.vstack([profile_ui, prompt_ui])
+    controls = (
+        None if script else mo.vstack([mo.hstack([profile_ui, legend], justify="start", align="center"), prompt_ui])
+    )
     controls
     return cli, profile_ui, prompt_ui, script
 
@@ -91,16 +106,24 @@ def _(get_profile, load_model, mo, profile_ui, script):
 
 
 @app.cell
-def _(LabError, frames, lm, mo, prompt_ui, script):
+def _(lm, mo, script):
+    mo.stop(script)
+    # The slider depends on the model only, so it keeps its place when the prompt changes.
+    n_layers = lm.model.config.num_hidden_layers
+    layer_ui = mo.ui.slider(0, n_layers - 1, value=n_layers // 2, label="layer (similarity map)", show_value=True)
+    return layer_ui, n_layers
+
+
+@app.cell
+def _(LabError, frames, layer_ui, lm, mo, prompt_ui, script):
     mo.stop(script)
     try:
-        one = frames.prompt_frames(lm, prompt_ui.value)
+        with mo.status.spinner("capturing the residual stream on your prompt"):
+            one = frames.prompt_frames(lm, prompt_ui.value)
     except LabError as err:
         mo.stop(True, mo.md(f"**{err}**"))
-    n_layers = one["n_layers"]
-    layer_ui = mo.ui.slider(0, n_layers - 1, value=n_layers // 2, label="layer (similarity map)", show_value=True)
     layer_ui
-    return layer_ui, n_layers, one
+    return (one,)
 
 
 @app.cell
@@ -124,7 +147,7 @@ def _(charts, frames, layer_ui, mo, n_layers, one, script):
 
 
 @app.cell
-def _(LabError, charts, mo, read_result):
+def _(LabError, charts, mo, read_result, table):
     # The committed cpu-profile run (what the site shows), read back from results/C_probing/.
     try:
         _summ = read_result("C_probing", "summary").row(0, named=True)
@@ -143,7 +166,17 @@ def _(LabError, charts, mo, read_result):
     after half the blocks: {_summ["lens_kl_mid"]:.2f} nats.
     """),
                 charts.lens_profile(_lens),
-                mo.ui.table(_bench, selection=None),
+                mo.md("**What capturing costs:** one forward pass over the six prompts, median of the repeats"),
+                table(
+                    mo,
+                    _bench,
+                    {
+                        "method": "method",
+                        "median_s": "median time",
+                        "ratio_to_hf_forward": "time / plain HF forward",
+                        "tokens": "tokens",
+                    },
+                ),
             ]
         )
     committed

@@ -1,3 +1,8 @@
+# /// script
+# [tool.marimo.opengraph]
+# title = "D · Bayesian wind tunnel"
+# description = "Train a small transformer on the bijection task; its entropy error vs the exact posterior."
+# ///
 import marimo
 
 __generated_with = "0.25.2"
@@ -9,8 +14,8 @@ def _():
     import marimo as mo
 
     from lab.errors import LabError
-    from lab.notebook import or_exit, script_mode, script_profile
-    from lab.profiles import PROFILES, get_profile
+    from lab.notebook import or_exit, profile_picker, progress, script_mode, script_profile, table
+    from lab.profiles import get_profile
     from lab.results import read_result
     from lab.tracks.D_bayes import charts, frames
     from lab.tracks.D_bayes import run as track
@@ -18,7 +23,6 @@ def _():
 
     return (
         LabError,
-        PROFILES,
         charts,
         config_for,
         custom_candidate,
@@ -26,9 +30,12 @@ def _():
         get_profile,
         mo,
         or_exit,
+        profile_picker,
+        progress,
         read_result,
         script_mode,
         script_profile,
+        table,
         track,
     )
 
@@ -62,9 +69,20 @@ def _(mo):
 
 
 @app.cell
-def _(PROFILES, mo, script_mode):
+def _(LabError, mo, profile_picker, read_result, script_mode):
     script, cli = script_mode(mo)
-    profile_ui = mo.ui.dropdown(options=[p for p in PROFILES if p != "gpu"], value="smoke", label="profile")
+    try:  # the committed run's pace, to say how long a run takes here
+        _s = read_result("D_bayes", "summary").row(0, named=True)
+        _pace = f": about {_s['train_s_mean'] / _s['steps'] * 1000:.0f} s per 1,000 steps at width 64 on 2 cores"
+    except LabError:
+        _pace = ""
+    profile_ui, legend = profile_picker(
+        mo,
+        {
+            "cpu": f"V = 20 values, as the paper{_pace}",
+            "smoke": "V = 6 values, a toy version: seconds; checks the code, not the paper's claim",
+        },
+    )
     layers_ui = mo.ui.slider(1, 4, value=2, label="layers", show_value=True)
     width_ui = mo.ui.dropdown(options=["16", "32", "64", "128"], value="64", label="width")
     lr_ui = mo.ui.dropdown(options=["3e-4", "1e-3", "3e-3"], value="1e-3", label="learning rate")
@@ -75,8 +93,10 @@ def _(PROFILES, mo, script_mode):
         if script
         else mo.vstack(
             [
-                mo.md("**Train your own** (V = 20 on the `cpu` profile, V = 6 on `smoke`; not written to results/):"),
-                mo.hstack([profile_ui, layers_ui, width_ui, lr_ui, steps_ui, train_ui], justify="start"),
+                mo.md("**Train your own** (not written to results/):"),
+                mo.hstack([profile_ui, legend], justify="start", align="center"),
+                mo.hstack([layers_ui, width_ui, lr_ui], justify="start", wrap=True),
+                mo.hstack([steps_ui, train_ui], justify="start", wrap=True),
             ]
         )
     )
@@ -106,6 +126,7 @@ def _(
     lr_ui,
     mo,
     profile_ui,
+    progress,
     script,
     steps_ui,
     track,
@@ -127,15 +148,19 @@ def _(
         mo.output.replace(
             mo.vstack(
                 [
-                    mo.md(
-                        f"step {row['step']} · entropy MAE **{row['mae_bits']:.4f}** bits · KL {row['kl_bits']:.4f} · "
-                        f"{row['train_s']:.0f} s"
+                    progress(
+                        mo,
+                        row["step"],
+                        steps_ui.value,
+                        f"entropy MAE {row['mae_bits']:.4f} bits · KL {row['kl_bits']:.4f} bits · "
+                        f"{row['train_s']:.0f} s on {profile_ui.value}",
                     ),
                     charts.curves(frames.curve_lines(frames.live_curve(_rows)), _refs),
                 ]
             )
         )
 
+    mo.output.replace(progress(mo, 0, steps_ui.value, f"profile {_p.name}: building the model"))
     try:
         track.train_custom(_p, _candidate, on_eval=_show)
     except LabError as err:
@@ -144,7 +169,7 @@ def _(
 
 
 @app.cell
-def _(LabError, charts, frames, mo, read_result):
+def _(LabError, charts, frames, mo, read_result, table):
     # The committed cpu-profile run (what the site shows), read back from results/D_bayes/.
     try:
         _summ = read_result("D_bayes", "summary").row(0, named=True)
@@ -164,12 +189,23 @@ def _(LabError, charts, frames, mo, read_result):
     (range {_summ["mae_min"]:.4f}–{_summ["mae_max"]:.4f}), {_summ["train_s_mean"] / 60:.1f} min of training
     per seed. The context-blind MLP: {_summ["mlp_mae"]:.3f} bits (analytic floor {_summ["floor_bits"]:.3f}).
     """),
-                mo.ui.table(_comparison, selection=None),
+                table(
+                    mo,
+                    _comparison,
+                    {
+                        "model": "model",
+                        "paper_mae_bits": "paper (bits)",
+                        "ours_mae_bits": "ours (bits)",
+                        "ours_spread": "ours, spread",
+                        "our_model": "our model",
+                        "paper_model": "the paper's model",
+                    },
+                ),
                 charts.curves(
                     frames.curve_lines(_curves), frames.reference_lines(_summ["target_mae"], _summ["floor_bits"])
                 ),
                 mo.md("**Claims, one by one:**"),
-                mo.ui.table(_verdicts, selection=None),
+                table(mo, _verdicts, {"claim": "claim", "paper": "paper", "ours": "ours", "verdict": "verdict"}),
             ]
         )
     committed

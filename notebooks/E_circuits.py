@@ -1,3 +1,8 @@
+# /// script
+# [tool.marimo.opengraph]
+# title = "E · Circuits of fine-tuning"
+# description = "Invented words, base vs fine-tuned; attribution graphs per training checkpoint."
+# ///
 import marimo
 
 __generated_with = "0.25.2"
@@ -9,23 +14,25 @@ def _():
     import marimo as mo
 
     from lab.errors import LabError
-    from lab.notebook import or_exit, script_mode, script_profile
-    from lab.profiles import PROFILES, get_profile
+    from lab.notebook import duration, or_exit, profile_picker, script_mode, script_profile, table
+    from lab.profiles import get_profile
     from lab.results import read_result
     from lab.tracks.E_circuits import charts, frames
     from lab.tracks.E_circuits import run as track
 
     return (
         LabError,
-        PROFILES,
         charts,
+        duration,
         frames,
         get_profile,
         mo,
         or_exit,
+        profile_picker,
         read_result,
         script_mode,
         script_profile,
+        table,
         track,
     )
 
@@ -55,9 +62,38 @@ def _(mo):
 
 
 @app.cell
-def _(PROFILES, mo, script_mode):
+def _(LabError, duration, mo, read_result):
+    # How long `lab run E_circuits` takes on cpu, from the committed run's own timings.
+    try:
+        _s = read_result("E_circuits", "summary").row(0, named=True)
+    except LabError:
+        cpu_cost = "about an hour on 2 CPU cores"
+    else:
+        _parts = {
+            "fine-tuning": _s["train_time_s"],
+            "transcoders": _s["transcoder_train_s"],
+            "attribution graphs": _s["attribution_s_total"],
+        }
+        cpu_cost = (
+            f"about {duration(sum(_parts.values()))} on 2 CPU cores ("
+            + ", ".join(f"{name} {duration(sec)}" for name, sec in _parts.items())
+            + ")"
+        )
+    return (cpu_cost,)
+
+
+@app.cell
+def _(cpu_cost, mo, profile_picker, script_mode):
     script, cli = script_mode(mo)
-    profile_ui = mo.ui.dropdown(options=[p for p in PROFILES if p != "gpu"], value="cpu", label="model profile")
+    profile_ui, legend = profile_picker(
+        mo,
+        {
+            "cpu": f"SmolLM2-135M-Instruct; its fine-tuned adapter comes from `lab run E_circuits`: {cpu_cost}",
+            "smoke": "a tiny random Llama; `lab run E_circuits --profile smoke` makes its adapter in seconds "
+            "(its numbers mean nothing)",
+        },
+        text="model profile",
+    )
     prompt_ui = mo.ui.text(
         value="Hugo was blarf the whole day. In one word, Hugo felt", label="prompt", full_width=True
     )
@@ -66,8 +102,8 @@ def _(PROFILES, mo, script_mode):
         if script
         else mo.vstack(
             [
-                mo.md("**Try a prompt** on the base model and on the final adapter (run the track first):"),
-                profile_ui,
+                mo.md("**Try a prompt** on the base model and on the track's final adapter:"),
+                mo.hstack([profile_ui, legend], justify="start", align="center"),
                 prompt_ui,
             ]
         )
@@ -87,15 +123,29 @@ def _(cli, mo, or_exit, script, script_profile, track):
 
 
 @app.cell
-def _(LabError, frames, get_profile, mo, profile_ui, prompt_ui, script, track):
+def _(LabError, cpu_cost, frames, get_profile, mo, profile_ui, prompt_ui, script, table, track):
     mo.stop(script)
 
     @mo.cache
     def models_for(name):
         return track.final_models(get_profile(name))
 
-    with mo.status.spinner(f"loading the {profile_ui.value} model and its final adapter"):
-        _base, _tuned = models_for(profile_ui.value)
+    _name = profile_ui.value
+    with mo.status.spinner(f"loading the {_name} model and its final adapter"):
+        _base, _tuned = models_for(_name)
+    if _tuned is None:
+        _cost = cpu_cost if _name == "cpu" else "seconds"
+        _first = mo.callout(
+            mo.md(
+                f"**No fine-tuned adapter for `{_name}` yet**, so only the base model is scored. Run the track "
+                f"first: `.venv/bin/lab run E_circuits{'' if _name == 'cpu' else ' --profile ' + _name}` "
+                f"({_cost}; it fine-tunes, then builds the transcoders and the attribution graphs), then reload "
+                "this page."
+            ),
+            kind="warn",
+        )
+    else:
+        _first = mo.md("")
     try:
         _scores = frames.concept_logprobs(_base.model, _tuned, _base.tokenizer, prompt_ui.value)
     except LabError as err:
@@ -103,11 +153,9 @@ def _(LabError, frames, get_profile, mo, profile_ui, prompt_ui, script, track):
     else:
         _out = mo.vstack(
             [
-                mo.md(
-                    "Log-probability of each concept as the next word"
-                    + ("" if _tuned is not None else " (no adapter yet: run the track on this profile)")
-                ),
-                mo.ui.table(_scores, selection=None),
+                _first,
+                mo.md("Log-probability of each concept as the next word (higher is likelier):"),
+                table(mo, _scores),
             ]
         )
     _out
@@ -134,7 +182,7 @@ def _(LabError, frames, mo, read_result, script):
 
 
 @app.cell
-def _(charts, frames, graph_edges, graph_nodes, graph_ui, graphs, mo):
+def _(charts, frames, graph_edges, graph_nodes, graph_ui, graphs, mo, table):
     mo.stop(graph_ui is None)
     _g = frames.graph_rows(graphs, graph_ui.value)
     _top = frames.top_features(graph_nodes, graph_ui.value)
@@ -149,18 +197,22 @@ def _(charts, frames, graph_edges, graph_nodes, graph_ui, graphs, mo):
             mo.md(
                 "Most influential features per checkpoint (L = layer, # = feature index in that layer's transcoder):"
             ),
-            mo.ui.table(_top, selection=None),
-            mo.ui.table(
-                _g.select(
-                    "checkpoint",
-                    "fraction",
-                    "target_prob",
-                    "n_kept_features",
-                    "error_share",
-                    "target_from_features",
-                    "replacement_score",
-                ),
-                selection=None,
+            table(
+                mo, _top, {"checkpoint": "checkpoint", "label": "feature", "pos": "position", "influence": "influence"}
+            ),
+            table(
+                mo,
+                _g,
+                {
+                    "checkpoint": "checkpoint",
+                    "fraction": "share of training",
+                    "target_prob": "p(target)",
+                    "n_kept_features": "features kept",
+                    "error_share": "error share",
+                    "target_from_features": "target logit from features",
+                    "replacement_score": "replacement score",
+                },
+                percent=("fraction",),
             ),
         ]
     )
@@ -168,7 +220,7 @@ def _(charts, frames, graph_edges, graph_nodes, graph_ui, graphs, mo):
 
 
 @app.cell
-def _(LabError, charts, mo, read_result):
+def _(LabError, charts, mo, read_result, table):
     # The committed cpu-profile run (what the site shows), read back from results/E_circuits/.
     try:
         _summ = read_result("E_circuits", "summary").row(0, named=True)
@@ -206,8 +258,40 @@ def _(LabError, charts, mo, read_result):
                         "**Early stopping:** where each rule stops, what it keeps, and that checkpoint's "
                         "held-out accuracy"
                     ),
-                    mo.ui.table(_stop, selection=None),
-                    mo.ui.table(read_result("E_circuits", "circuit_tests"), selection=None),
+                    table(
+                        mo,
+                        _stop,
+                        {
+                            "constraint_type": "constraint",
+                            "rule": "rule",
+                            "fraction": "stops at",
+                            "steps_trained": "steps trained",
+                            "kept_checkpoint": "checkpoint kept",
+                            "accuracy": "held-out accuracy",
+                            "val_loss": "validation loss",
+                        },
+                        percent=("fraction",),
+                    ),
+                    mo.md(
+                        "**Circuit statistics**: each row compares b with a as its comparison says (b minus a), "
+                        "paired over prompts; p from a sign-flip test:"
+                    ),
+                    table(
+                        mo,
+                        read_result("E_circuits", "circuit_tests"),
+                        {
+                            "constraint_type": "constraint",
+                            "metric": "metric",
+                            "comparison": "comparison",
+                            "a_mean": "a",
+                            "b_mean": "b",
+                            "diff_mean": "b − a",
+                            "diff_lo": "95 % from",
+                            "diff_hi": "to",
+                            "p_sign_flip": "p",
+                            "n": "prompts",
+                        },
+                    ),
                 ]
             )
         except LabError as err:

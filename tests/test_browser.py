@@ -1,4 +1,5 @@
-"""The built site in headless Chromium: pages render, charts draw, math typesets, nothing leaves localhost.
+"""The built site in headless Chromium: pages render, charts draw, math typesets, nothing leaves localhost; and the
+same site opened from disk (file://).
 
 Needs Debian's ``chromium`` (``./.ci/test`` installs it). Without it the test skips, unless
 ``LAB_REQUIRE_BROWSER=1`` (CI), where a missing browser is a failure.
@@ -83,12 +84,12 @@ def browser(site_url: tuple[str, Path]) -> Iterator[object]:
 
 
 def _pages(site: Path) -> list[str]:
-    """Every built page, as a URL path (``""``, ``"tracks/pretrain/"``, ...)."""
+    """Every built page, as a URL path (``"index.html"``, ``"tracks/pretrain.html"``, ...)."""
     out = []
-    for html in sorted(site.rglob("index.html")):
-        rel = html.parent.relative_to(site).as_posix()
-        if not rel.startswith("assets"):
-            out.append("" if rel == "." else rel + "/")
+    for html in sorted(site.rglob("*.html")):
+        rel = html.relative_to(site).as_posix()
+        if not rel.startswith("assets/") and rel != "404.html":
+            out.append(rel)
     return out
 
 
@@ -105,7 +106,7 @@ class TestSiteInBrowser:
         page.on("pageerror", lambda e: errors.append(str(e)))
         charts = math = 0
         pages = _pages(site)
-        assert {"", "tracks/pretrain/", "questions/", "blog/"} <= set(pages)
+        assert {"index.html", "tracks/pretrain.html", "questions.html", "blog/index.html"} <= set(pages)
         for path in pages:
             page.goto(base + path, wait_until="load")
             assert page.title().strip(), path
@@ -125,7 +126,7 @@ class TestSiteInBrowser:
         assert errors == []
         foreign = sorted({u for u in requests if urlparse(u).hostname not in LOCAL_HOSTS and not u.startswith("data:")})
         assert foreign == [], f"requests off localhost: {foreign}"
-        assert any(u.endswith(".vl.json") for u in requests)
+        assert not [u for u in requests if u.endswith(".vl.json")]  # every chart's spec is inlined in its page
 
     def test_charts_follow_dark_mode(self, browser: object, site_url: tuple[str, Path]) -> None:
         base, _ = site_url
@@ -133,7 +134,7 @@ class TestSiteInBrowser:
         page.goto(base, wait_until="networkidle")  # Material has fetched sitemap.xml: instant navigation is armed
         page.evaluate("window.__noReload = true")
         page.locator("a.md-footer__link--next").click()  # to Pretraining by Material's instant navigation
-        page.wait_for_url(lambda url: urlparse(url).path.endswith("/tracks/pretrain/"))
+        page.wait_for_url(lambda url: urlparse(url).path.endswith("/tracks/pretrain.html"))
         assert page.evaluate("window.__noReload === true")  # the charts below were drawn without a reload
         plot = page.locator(".lab-chart__plot").first
         plot.locator("svg").wait_for(state="attached", timeout=15_000)
@@ -147,3 +148,40 @@ class TestSiteInBrowser:
         )
         assert white_labels.count() > 0  # vega-embed's dark theme: light axis labels
         page.close()
+
+
+class TestSiteFromDisk:
+    """The built site opened as files (file://, no server): links open pages, charts draw from their inlined specs,
+    math typesets, and the one feature that needs a server, search, says so."""
+
+    def test_pages_work_from_file_urls(self, browser: object, site_url: tuple[str, Path]) -> None:
+        _, site = site_url
+        context = browser.new_context()
+        requests: list[str] = []
+        context.on("request", lambda r: requests.append(r.url))
+        errors: list[str] = []
+        page = context.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto((site / "index.html").as_uri(), wait_until="load")
+        page.locator("nav.md-nav a.md-nav__link[href$='tracks/pretrain.html']").first.click()  # a plain .html link
+        page.wait_for_url(lambda url: url.endswith("/tracks/pretrain.html"))
+        assert page.locator("article h1").count() == 1  # a page, not a folder listing
+        charts = math = 0
+        for path in ["tracks/pretrain.html", "tracks/D_bayes.html", "blog/2026/11/22/circuits-during-finetuning.html"]:
+            page.goto((site / path).as_uri(), wait_until="load")
+            plots = page.locator(".lab-chart__plot")
+            for i in range(plots.count()):
+                plots.nth(i).locator("svg").first.wait_for(state="attached", timeout=15_000)
+                assert "lab-chart__plot--error" not in (plots.nth(i).get_attribute("class") or "")
+                charts += 1
+            formulas = page.locator(".arithmatex")
+            for i in range(formulas.count()):
+                formulas.nth(i).locator(".katex").first.wait_for(state="attached", timeout=10_000)
+                math += 1
+        assert charts >= 5 and math >= 5, (charts, math)
+        search = page.locator("input.md-search__input")
+        assert search.is_disabled() and "lab site serve" in (search.get_attribute("placeholder") or "")
+        context.close()
+        assert errors == []
+        assert not [u for u in requests if not u.startswith(("file://", "data:"))], "requests off the disk"

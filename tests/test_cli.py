@@ -112,6 +112,92 @@ def test_summary_statistics_match_the_log(results_dir):
     assert s["grad_norm_last_tenth"] == pytest.approx((tail[9] + tail[10]) / 2)
 
 
+class TestRunReport:
+    """`lab run` says what it reused or trained, prints the headline numbers readably, and where results went."""
+
+    @staticmethod
+    def _run(capsys, *flags) -> str:
+        assert main(["run", "pretrain", "--profile", "smoke", *flags]) == 0
+        return capsys.readouterr().out
+
+    def test_a_finished_run_says_so_and_keeps_the_measured_time(self, results_dir, capsys):
+        first = self._run(capsys, "--fresh")
+        assert "retrained from scratch (--fresh)" in first
+        timing = pl.read_parquet(results_dir / "smoke" / "timings.parquet")
+        second = self._run(capsys)
+        summary = pl.read_parquet(results_dir / "smoke" / "pretrain" / "summary.parquet").row(0, named=True)
+        # the track's own record: training resumed at its last step, so no step was taken
+        assert summary["resumed_from"] == summary["iters"]
+        assert "already complete: nothing was retrained" in second
+        assert "`lab run pretrain --profile smoke --fresh` retrains from scratch" in second
+        # the time of the run that trained stays: a run that reused everything is not the track's time
+        assert pl.read_parquet(results_dir / "smoke" / "timings.parquet").equals(timing)
+
+    def test_a_partly_finished_run_says_what_it_trained(self, results_dir, capsys):
+        import shutil
+
+        from lab import paths
+
+        self._run(capsys)
+        shutil.rmtree(paths.checkpoint_dir("smoke", "pretrain-learned"))  # the ablation's run, as if interrupted
+        out = self._run(capsys)
+        assert "resumed: reused the work saved in" in out and "trained what was missing" in out
+        assert "already complete" not in out
+
+    def test_headlines_and_results_folder(self, results_dir, capsys):
+        from lab.tracks.pretrain.summary import HEADLINES
+
+        out = self._run(capsys)
+        folder = results_dir / "smoke" / "pretrain"
+        summary = pl.read_parquet(folder / "summary.parquet").row(0, named=True)
+        report = out[out.index("== pretrain done in ") :].splitlines()
+        assert len(report) < 12 and max(map(len, report)) < 160  # a few readable lines, not 600 characters
+        assert "final_val_loss=" not in out
+        rows = {parts[0]: parts[1] for x in report if len(parts := re.split(r"\s{2,}", x.strip())) >= 2}
+        for field in HEADLINES:  # each headline number printed to a few significant digits, under its label
+            printed = rows[field.replace("_per_s", "/s").replace("_", " ")]
+            assert float(printed.replace(",", "")) == pytest.approx(summary[field], rel=5e-3), (field, printed)
+        written = sorted(p.stem for p in folder.glob("*.parquet"))
+        assert f"results: {folder}/ — {len(written)} .parquet, " in out
+        assert ", ".join(written) in out  # every result the run wrote, by name
+
+    def test_a_track_without_checkpoints_says_it_recomputed(self):
+        from lab.cli import _what_happened
+
+        reused, line = _what_happened("C_probing", "smoke", False, ([], {}), ([], {}))
+        assert not reused and line == "C_probing keeps no checkpoints: everything was computed again"
+
+
+class TestList:
+    """`lab list`: each track's results (present or not), the commit that wrote them, when, the measured time."""
+
+    def test_results_commit_and_measured_time(self, results_dir, capsys):
+        assert main(["run", "pretrain", "--profile", "smoke", "--fresh"]) == 0
+        capsys.readouterr()
+        assert main(["list", "--profile", "smoke"]) == 0
+        out = capsys.readouterr().out
+        manifest = json.loads((results_dir / "smoke" / "pretrain" / "manifest.json").read_text())
+        row = next(x for x in out.splitlines() if x.strip().startswith("pretrain "))
+        commit = manifest["summary"]["git_commit"]
+        assert f"{len(manifest)} results" in row and commit[:7] in row
+        assert manifest["summary"]["written_at"][:10] in row
+        wall = pl.read_parquet(results_dir / "smoke" / "timings.parquet")["wall_s"].item()
+        assert f"{wall:.1f} s" in row or f"{wall:.0f} s" in row
+        for track in ("A_finetuning", "B_attention", "C_probing", "D_bayes", "E_circuits"):
+            other = next(x for x in out.splitlines() if x.strip().startswith(track + " "))
+            assert "none yet" in other and "not measured" in other
+        assert "`lab run A_finetuning --profile smoke`" in out
+        assert "profile smoke" in out and "smoke  tiny random models" in out
+
+    def test_no_timings_table(self, results_dir, capsys):
+        assert main(["run", "pretrain", "--profile", "smoke", "--fresh"]) == 0
+        (results_dir / "smoke" / "timings.parquet").unlink()
+        capsys.readouterr()
+        assert main(["list", "--profile", "smoke"]) == 0
+        row = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("pretrain "))
+        assert "results" in row and row.rstrip().endswith("not measured")
+
+
 class TestBench:
     """`lab bench <name>` runs the library benchmark through the track that owns its results."""
 
@@ -126,7 +212,8 @@ class TestBench:
         assert frame["loop"][0].startswith("reference") and frame["ratio"][0] == 1.0  # the baseline against itself
         assert frame["ratio"].to_list() == pytest.approx((frame["tokens_per_s"] / frame["tokens_per_s"][0]).to_list())
         assert json.loads((folder / "manifest.json").read_text())["benchmark"]["config"] == {"steps": 5, "warmup": 3}
-        assert "timed 5 steps after 3 warm-up steps" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "5 steps" in out and "3 warm-up steps" in out
 
     def test_bench_finetune(self, results_dir, capsys):
         """Two rows, logging off then on; the ratio is on / off of the medians; provenance holds the short run."""

@@ -1,6 +1,9 @@
-"""Build and serve the lab's static site (mkdocs-material; hooks in :mod:`lab.site_hooks`).
+"""Build and serve the lab's static site (mkdocs-material; macros in :mod:`lab.site.macros`, hooks in
+:mod:`lab.site.hooks`).
 
-``build_site()`` is what ``lab site build`` runs; ``serve_site()`` is ``lab site serve``.
+``build_site()`` is what ``lab site build`` runs; ``serve_site()`` is ``lab site serve``. The built ``site/`` also
+works opened from disk (``site/index.html``): plain ``.html`` links and charts inlined in their pages; only search
+needs the server.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from lab.errors import LabError
 from lab.paths import REPO_ROOT, results_root
@@ -46,31 +50,39 @@ class _Collect(logging.Handler):
             self.messages.append(msg)
 
 
-def build_site(site_dir: Path | None = None, strict: bool = True) -> Path:
+def build_site(site_dir: Path | None = None, strict: bool = True, **overrides: Any) -> Path:
     """Build the site into ``site_dir`` (default ``site/``); with ``strict`` any mkdocs warning fails.
+    ``overrides`` replace ``mkdocs.yml`` settings (``docs_dir=...``, ``nav=[...]``: tests build small sites).
 
     Raises:
         LabError: the JS bundles are missing, a result file fails its checks (one line per problem: see
-            :func:`lab.site.checks.check_results`), a result a page needs is missing, or mkdocs warned in strict
-            mode.
+            :func:`lab.site.checks.check_results`), a macro failed (a result a page needs is missing, a claim the
+            data contradicts, a caption that does not match its chart: one line each, naming the page), or mkdocs
+            warned in strict mode (an asset from another host included).
     """
     from mkdocs.commands.build import build
     from mkdocs.config import load_config
     from mkdocs.exceptions import MkDocsException
 
+    from lab.site import macros
+
     _check_vendor()
     _check_results()
     os.environ.setdefault("NO_MKDOCS_2_WARNING", "1")  # Material's end-of-life banner on every build
     site_dir = Path(site_dir) if site_dir is not None else REPO_ROOT / "site"
+    macros.ERRORS.clear()
     collect = _Collect()
     logger = logging.getLogger("mkdocs")
     logger.addHandler(collect)
     try:
-        config = load_config(config_file=str(CONFIG_FILE), strict=strict, site_dir=str(site_dir))
+        config = load_config(config_file=str(CONFIG_FILE), strict=strict, site_dir=str(site_dir), **overrides)
         build(config)
     except (MkDocsException, SystemExit) as e:
-        details = "; ".join(m for m in collect.messages if not m.startswith("Error reading page")) or str(e)
-        raise LabError(f"site build failed: {details}") from e
+        # A macro error is reported by the macros plugin with a traceback; its own line (macros.ERRORS) is the news.
+        details = "; ".join(macros.ERRORS) or "; ".join(
+            m for m in collect.messages if not m.startswith("Error reading page")
+        )
+        raise LabError(f"site build failed: {details or e}") from e
     finally:
         logger.removeHandler(collect)
     return site_dir

@@ -1,7 +1,8 @@
 """What the site build and ``lab questions`` check before they publish or cite a result file: no symbolic links,
 Parquet readable, Vega-Lite JSON parses and holds no NaN or Infinity, every file listed in its track's
 ``manifest.json`` with a matching sha256 (:func:`lab.results.write_result` records them). Each problem is one line
-naming the file and the fix."""
+naming the file and the fix. The one file outside a track folder, the run log ``results/timings.parquet``
+(:data:`lab.results.TIMINGS`, rewritten by every ``lab run``), has no manifest: it is only checked readable."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import polars as pl
 from lab.errors import LabError
 from lab.io import sha256_file
 from lab.paths import shown
-from lab.results import MANIFEST, read_manifest, rerun_command
+from lab.results import MANIFEST, TIMINGS, read_manifest, rerun_command
 
 RESULT_SUFFIXES = (".parquet", ".vl.json", MANIFEST)  # the files the site publishes and checks
 
@@ -47,6 +48,10 @@ def check_results(root: Path, *, skip: tuple[str, ...] = ()) -> list[str]:
                     "regular files only; delete the link"
                 )
         published = sorted(f for f in files if _published(f) and not (folder / f).is_symlink())
+        if folder == root and TIMINGS in published:  # the run log: readable, no manifest
+            published.remove(TIMINGS)
+            if problem := _check_file(folder / TIMINGS, None, against_manifest=False):
+                problems.append(problem)
         if published:
             problems += _check_folder(folder, published)
     return problems

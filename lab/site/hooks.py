@@ -1,4 +1,5 @@
-"""mkdocs hooks for the lab's site (loaded by ``hooks:`` in ``mkdocs.yml``).
+"""mkdocs hooks for the lab's site (loaded by ``hooks:`` in ``mkdocs.yml``); the macros that put results on pages
+are :mod:`lab.site.macros` (mkdocs-macros-plugin).
 
 What they do, in build order:
 
@@ -6,42 +7,34 @@ What they do, in build order:
   hand-written ``docs/**.md`` pages to the navigation.
 - ``on_files``: check the results (:func:`lab.site.checks.check_results`: no links, readable, finite, sha256 as
   the manifest records) and publish ``results/**`` (Parquet, ``.vl.json``, ``manifest.json``) under ``results/``,
-  render the repo-root ``QUESTIONS.md`` as ``questions.md`` and ``docs/**`` under ``docs/``.
-- ``on_page_markdown``: rewrite repo-relative links in those generated pages and expand the macros
-  that put results on pages, so that no number is ever typed by hand::
-
-      {{ chart("pretrain/loss", "Caption") }}               a Vega-Lite figure fetched from results/
-      {{ value("pretrain/summary", "final_val_loss", ".3f") }}  one cell of a Parquet file
-      {{ table("pretrain/samples", columns=["step", "text"], max_rows=5) }}
-      {{ provenance("pretrain/summary") }}                  config, commit, packages, hardware
-
-A result reference is ``"<track>/<name>"`` (cpu profile) or ``"<profile>/<track>/<name>"``, relative to
-:func:`lab.results.results_root` (so ``LAB_RESULTS_DIR`` works). Macros inside code spans, fenced
-code blocks and HTML comments are left alone. A missing result stops the build with the command that makes it.
+  with a CSV written beside each Parquet file (in the built site only) for readers without Parquet tools and a
+  ``.vl.js`` beside each chart (its spec as a script, which the chart macro's page loads: works from file://); render
+  the repo-root ``QUESTIONS.md`` as ``questions.md`` and ``docs/**`` under ``docs/``.
+- ``on_page_markdown`` (after the macros have rendered the page): rewrite repo-relative links in those generated
+  pages, and give the questions their anchors.
 """
 
 from __future__ import annotations
 
-import ast
-import html
 import json
 import posixpath
 import re
 from collections.abc import Callable
-from functools import lru_cache, wraps
+from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 from mkdocs.exceptions import PluginError
+from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File, Files
-from mkdocs.utils import get_relative_url
 
 from lab.errors import LabError
 from lab.paths import REPO_ROOT, results_root
-from lab.results import read_manifest
-from lab.site.checks import RESULT_SUFFIXES, check_result_file, check_results
+from lab.site.checks import RESULT_SUFFIXES, check_results
+from lab.site.macros import SPEC_SCRIPT_SUFFIX
 from lab.site.questions import read_log
+from lab.site.sources import read_frame_at
 
 VENDOR_FILES = (
     "vega.min.js",
@@ -58,220 +51,6 @@ DOCS_DIR = REPO_ROOT / "docs"  # hand-written prose, published under docs/
 
 # Repo-root files rendered as pages: site src_uri -> repo-relative path (filled by on_files).
 _GENERATED: dict[str, str] = {}
-
-
-# ----------------------------------------------------------------------------- results
-
-
-def _result_ref(ref: str) -> tuple[str, str, str]:
-    """``"pretrain/loss"`` -> ``("cpu", "pretrain", "loss")``; ``"gpu/A/x"`` -> ``("gpu", "A", "x")``."""
-    parts = ref.strip("/").split("/")
-    if len(parts) == 2:
-        return "cpu", parts[0], parts[1]
-    if len(parts) == 3:
-        return parts[0], parts[1], parts[2]
-    raise LabError(f"result reference {ref!r} should be 'track/name' or 'profile/track/name'")
-
-
-def _result_file(ref: str, suffix: str) -> Path:
-    profile, track, name = _result_ref(ref)
-    path = results_root(profile) / track / f"{name}{suffix}"
-    if not path.exists():
-        raise LabError(
-            f"{path} is missing (needed by the site): run `lab run {track} --profile {profile}` "
-            f"(or `python notebooks/{track}.py -- --profile {profile}`) to produce it"
-        )
-    return path
-
-
-def _site_path(ref: str, suffix: str) -> str:
-    """Site path of a result file, e.g. ``results/pretrain/loss.vl.json``."""
-    profile, track, name = _result_ref(ref)
-    prefix = "results" if profile == "cpu" else f"results/{profile}"
-    return f"{prefix}/{track}/{name}{suffix}"
-
-
-@lru_cache(maxsize=64)
-def _read_parquet(path: Path, mtime: float) -> pl.DataFrame:
-    try:
-        return pl.read_parquet(path)
-    except Exception:  # a damaged file: say which and how to fix it, not polars' traceback
-        raise LabError(check_result_file(path) or f"{path} is not readable Parquet") from None
-
-
-def read_frame(ref: str) -> pl.DataFrame:
-    """The Parquet frame behind a result reference."""
-    path = _result_file(ref, ".parquet")
-    return _read_parquet(path, path.stat().st_mtime)
-
-
-def read_provenance(ref: str) -> dict[str, Any]:
-    """The manifest entry of a result reference."""
-    profile, track, name = _result_ref(ref)
-    path = results_root(profile) / track / "manifest.json"
-    manifest = read_manifest(path) if path.exists() else {}
-    if name not in manifest:
-        raise LabError(f"{path} has no entry for {name!r}: run `lab run {track} --profile {profile}` to produce it")
-    return manifest[name]
-
-
-# ----------------------------------------------------------------------------- formatting
-
-
-def format_cell(value: Any, fmt: str | None = None) -> str:
-    """Format one value: ``fmt`` if given, else ints plainly and floats to 4 significant digits."""
-    if value is None:
-        return "—"
-    if fmt:
-        return format(value, fmt)
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
-    return str(value)
-
-
-_MD_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+\-.!|$~^])")
-
-
-def escape_markdown_cell(text: str) -> str:
-    """Make arbitrary text safe inside a Markdown table cell (pipes, newlines, HTML, math, emphasis)."""
-    text = html.escape(text, quote=False)
-    # Numeric character references, not backslashes: "\\(" would open arithmatex math.
-    text = _MD_SPECIALS.sub(lambda m: f"&#{ord(m.group(1))};", text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
-    return text.replace("\n", "<br>")
-
-
-# ----------------------------------------------------------------------------- macros
-
-
-def macro_chart(page_url: str, ref: str, caption: str = "") -> str:
-    """A ``<figure class="lab-chart">`` whose plot div names the spec URL relative to the page."""
-    _result_file(ref, ".vl.json")
-    spec_url = get_relative_url(_site_path(ref, ".vl.json"), page_url)
-    profile, track, _name = _result_ref(ref)
-    data = ""
-    try:
-        _result_file(ref, ".parquet")
-        data_url = get_relative_url(_site_path(ref, ".parquet"), page_url)
-        data = f' Data: <a href="{html.escape(data_url)}">{html.escape(posixpath.basename(data_url))}</a>.'
-    except LabError:
-        pass
-    return (
-        '<figure class="lab-chart">\n'
-        f'<div class="lab-chart__plot" data-spec="{html.escape(spec_url)}" '
-        f'role="img" aria-label="{html.escape(caption)}"></div>\n'
-        f"<figcaption>{html.escape(caption)}{data} Made by <code>lab run {track} --profile {profile}</code> "
-        f"(notebook <code>notebooks/{track}.py</code>).</figcaption>\n"
-        "</figure>\n"
-    )
-
-
-def macro_value(ref: str, column: str, fmt: str | None = None, row: int = -1) -> str:
-    """One cell of a result's Parquet: the last row (or ``row``) of ``column``, formatted."""
-    frame = read_frame(ref)
-    if column not in frame.columns:
-        raise LabError(f"result {ref!r} has no column {column!r} (columns: {', '.join(frame.columns)})")
-    if frame.height == 0:
-        raise LabError(f"result {ref!r} is empty: re-run `lab run {_result_ref(ref)[1]}`")
-    value = frame[column][row]
-    if value is None:
-        raise LabError(f"result {ref!r} column {column!r} row {row} is null")
-    try:
-        return format_cell(value, fmt)
-    except (ValueError, TypeError) as e:
-        raise LabError(f"value({ref!r}, {column!r}): format {fmt!r} does not fit {value!r}: {e}") from e
-
-
-def macro_table(
-    ref: str,
-    columns: list[str] | None = None,
-    max_rows: int | None = None,
-    formats: dict[str, str] | None = None,
-) -> str:
-    """A Markdown table of a result's Parquet (optionally some columns / the first ``max_rows`` rows)."""
-    frame = read_frame(ref)
-    columns = list(columns) if columns else frame.columns
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise LabError(f"result {ref!r} has no column(s) {missing} (columns: {', '.join(frame.columns)})")
-    frame = frame.select(columns)
-    if max_rows is not None:
-        frame = frame.head(max_rows)
-    formats = formats or {}
-    lines = [
-        "| " + " | ".join(escape_markdown_cell(c) for c in columns) + " |",
-        "| " + " | ".join("---:" if frame[c].dtype.is_numeric() else "---" for c in columns) + " |",
-    ]
-    for row in frame.iter_rows():
-        cells = [escape_markdown_cell(format_cell(v, formats.get(c))) for c, v in zip(columns, row, strict=True)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n\n" + "\n".join(lines) + "\n\n"
-
-
-def macro_provenance(ref: str) -> str:
-    """A collapsed admonition with the commit, profile, seed, wall time, packages and hardware of a result."""
-    rec = read_provenance(ref)
-    packages = ", ".join(f"{k} {v}" for k, v in (rec.get("packages") or {}).items())
-    hardware = ", ".join(f"{k}: {v}" for k, v in (rec.get("hardware") or {}).items())
-    wall = rec.get("wall_time_s")
-    items = [
-        ("git commit", f"`{rec.get('git_commit', 'unknown')}`"),
-        ("profile", f"`{rec.get('profile')}`"),
-        ("seed", f"`{rec.get('seed')}`"),
-        ("wall time", f"{wall:,.1f} s" if isinstance(wall, (int, float)) else "unknown"),
-        ("written at", str(rec.get("written_at", "unknown"))),
-        ("packages", packages or "unknown"),
-        ("hardware", hardware or "unknown"),
-    ]
-    body = [f"- **{k}:** {v}" for k, v in items]
-    config = json.dumps(rec.get("config", {}), indent=1, sort_keys=True)
-    body += ["", "```json", *config.splitlines(), "```"]
-    return (
-        f'\n\n??? info "Provenance of `{ref}`"\n' + "".join(f"    {line}\n" if line else "\n" for line in body) + "\n"
-    )
-
-
-MACROS = {"chart": macro_chart, "value": macro_value, "table": macro_table, "provenance": macro_provenance}
-
-# A code fence / code span / HTML comment (left alone) or a macro call ``{{ name(args) }}``.
-_MACRO_RE = re.compile(
-    r"(?P<code>^(?P<fence>[ \t]*(?:`{3,}|~{3,})).*?^(?P=fence)[ \t]*$|`[^`\n]+`|<!--.*?-->)"
-    r"|\{\{\s*(?P<name>[A-Za-z_]\w*)\s*\((?P<args>.*?)\)\s*\}\}",
-    re.DOTALL | re.MULTILINE,
-)
-
-
-def _parse_args(name: str, args: str) -> tuple[list[Any], dict[str, Any]]:
-    try:
-        call = ast.parse(f"f({args})", mode="eval").body
-        assert isinstance(call, ast.Call)
-        return [ast.literal_eval(a) for a in call.args], {
-            k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg
-        }
-    except (SyntaxError, ValueError, AssertionError) as e:
-        raise LabError(f"macro {name}({args}): arguments must be Python literals ({e})") from e
-
-
-def expand_macros(markdown: str, page_url: str) -> str:
-    """Expand every ``{{ chart|value|table|provenance(...) }}`` in ``markdown`` for the page at ``page_url``."""
-
-    def replace(m: re.Match[str]) -> str:
-        if m.group("code"):
-            return m.group("code")
-        name = m.group("name")
-        if name not in MACROS:
-            raise LabError(f"unknown macro {{{{ {name}(...) }}}}: use one of {', '.join(MACROS)}")
-        args, kwargs = _parse_args(name, m.group("args"))
-        if name == "chart":
-            args = [page_url, *args]
-        try:
-            return MACROS[name](*args, **kwargs)
-        except TypeError as e:
-            raise LabError(f"macro {name}({m.group('args')}): {e}") from e
-
-    return _MACRO_RE.sub(replace, markdown)
 
 
 # ----------------------------------------------------------------------------- repo pages
@@ -357,6 +136,27 @@ def on_config(config: Any) -> Any:
     return config
 
 
+def csv_text(path: Path) -> str:
+    """A published Parquet file as CSV (nested values as JSON text), for readers without Parquet tools."""
+    frame = read_frame_at(path)
+    nested = [c for c, dtype in frame.schema.items() if dtype.is_nested()]
+    frame = frame.with_columns(
+        pl.col(c).map_elements(lambda v: json.dumps(v.to_list() if isinstance(v, pl.Series) else v), pl.String)
+        for c in nested
+    )
+    return frame.write_csv()
+
+
+def spec_script(src: str, path: Path) -> str:
+    """The chart at site path ``src`` as a script that registers its spec in ``window.LabSpecs`` (a page can load a
+    script from disk; it cannot fetch JSON there)."""
+    key = json.dumps(src)
+    return (
+        f"window.LabSpecs = window.LabSpecs || {{}};\nwindow.LabSpecs[{key}] = {path.read_text()};\n"
+        f"if (window.labChartLoaded) window.labChartLoaded({key});\n"
+    )
+
+
 def published_results(base: Path) -> list[Path]:
     """The result files the site publishes: regular files with a result suffix under ``base``, less hidden entries
     (writers' temporaries and stages), links and the skipped profiles."""
@@ -386,7 +186,16 @@ def on_files(files: Files, config: Any) -> Files:
     if problems := check_results(base, skip=SKIPPED_PROFILES):
         raise LabError("; ".join(problems))
     for path in published_results(base):
-        add(File.generated(config, f"results/{path.relative_to(base).as_posix()}", abs_src_path=str(path)))
+        src = f"results/{path.relative_to(base).as_posix()}"
+        add(File.generated(config, src, abs_src_path=str(path)))
+        if path.suffix == ".parquet":
+            add(File.generated(config, src.removesuffix(".parquet") + ".csv", content=csv_text(path)))
+        elif path.name.endswith(".vl.json"):
+            add(
+                File.generated(
+                    config, src.removesuffix(".vl.json") + SPEC_SCRIPT_SUFFIX, content=spec_script(src, path)
+                )
+            )
 
     if QUESTIONS_FILE.exists():
         add(File.generated(config, QUESTIONS_SRC, content=read_log(QUESTIONS_FILE)))
@@ -399,15 +208,16 @@ def on_files(files: Files, config: Any) -> Files:
     return files
 
 
+@event_priority(-50)  # after mkdocs-macros-plugin: `{#q1}` anchors would read as Jinja comments
 @_as_plugin_error
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
-    """Rewrite repo links in generated pages, then expand result macros."""
+    """Rewrite repo links in generated pages (the macros have already been expanded)."""
     src = page.file.src_uri
     if src in _GENERATED:
         markdown = rewrite_repo_links(markdown, _GENERATED[src], src)
         if src == QUESTIONS_SRC:
             markdown = render_questions(markdown)
-    return expand_macros(markdown, page.url)
+    return markdown
 
 
 def on_serve(server: Any, config: Any, builder: Any) -> Any:
