@@ -26,14 +26,13 @@ from lab.interp.windtunnel import (
     logit_lens,
     random_vectors_abs_cos,
 )
-from lab.models.windtunnel import build_model, n_params
+from lab.models.windtunnel import build_model
 from lab.profiles import Profile
 from lab.results import result_set, write_result
 from lab.tracks.D_bayes import charts, frames
 from lab.tracks.D_bayes.config import TRACK, BayesTrackConfig, Candidate, config_for
 from lab.tracks.D_bayes.frames import Mechanisms
 from lab.tracks.D_bayes.summary import BayesSummary, summarize
-from lab.train.ensemble import RunSpec, train_runs
 from lab.train.windtunnel import RunResult, logits_of, train_run
 
 NOTEBOOK_RUNS = "D_bayes-notebook"  # the checkpoint folder of the notebook's own runs (never written to results/)
@@ -64,22 +63,21 @@ def device_for(profile: Profile) -> str:
 
 
 def train_all(cfg: BayesTrackConfig, root: Path, **common: Any) -> Trained:
-    """The headline on every seed, the controls sized to it, and the search candidates on the first seed, trained
-    side by side (:func:`lab.train.ensemble.train_runs`)."""
-    s0 = cfg.seeds[0]
-    match = n_params(build_model(cfg.headline.model, cfg.V))  # the controls are sized to the headline
-    head = [RunSpec(f"transformer-s{s}", cfg.headline.model, cfg.headline.train, s) for s in cfg.seeds]
-    controls = [RunSpec("mlp", cfg.mlp, cfg.controls_train, s0, match)]
-    if cfg.lstm:
-        controls.append(RunSpec("lstm", cfg.lstm, cfg.controls_train, s0, match))
+    """The headline on every seed, the controls sized to it, and the search candidates on the first seed."""
+
+    def train(name, spec, tc, seed, match=None):
+        return train_run(name, cfg.V, spec, tc, seed, root, match=match, **common)
+
+    head = [train(f"transformer-s{s}", cfg.headline.model, cfg.headline.train, s) for s in cfg.seeds]
+    match = head[0].n_params
+    mlp = train("mlp", cfg.mlp, cfg.controls_train, cfg.seeds[0], match)
+    lstm = train("lstm", cfg.lstm, cfg.controls_train, cfg.seeds[0], match) if cfg.lstm else None
     search = [
-        head[0] if c == cfg.headline else RunSpec(f"search-{i}", c.model, c.train, s0) for i, c in enumerate(cfg.search)
+        head[0] if c == cfg.headline else train(f"search-{i}", c.model, c.train, cfg.seeds[0])
+        for i, c in enumerate(cfg.search)
     ]
-    runs = train_runs(cfg.V, head + controls + search, root, **common)  # the headline's search run is head[0]'s
-    n, m = len(head), len(head) + len(controls)
-    finals = [("transformer", s, r) for s, r in zip(cfg.seeds, runs[:n], strict=True)]
-    finals += [(c.name, s0, r) for c, r in zip(controls, runs[n:m], strict=True)]
-    return Trained(runs[:n], finals, runs[m:])
+    finals = [("transformer", s, r) for s, r in zip(cfg.seeds, head, strict=True)] + [("mlp", cfg.seeds[0], mlp)]
+    return Trained(head, finals + ([("lstm", cfg.seeds[0], lstm)] if lstm else []), search)
 
 
 def run(profile: Profile, *, fresh: bool = False, write: bool = True, progress: bool = True) -> BayesSummary:
