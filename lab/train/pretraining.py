@@ -5,7 +5,7 @@ Everything random is driven by seeded generators whose states are checkpointed: 
 moments and the RNG states, written atomically; logs up to the checkpoint are written beside it as Parquet.
 
 The training step (:class:`TrainStep`) is nanoGPT's: the forward pass under bf16 autocast (``precision="bf16"``,
-opt-in until the cpu results are regenerated; float32 master weights, loss and, on cpu, attention kernel) and
+the default; float32 master weights, loss and, on cpu, attention kernel) and
 compiled with ``torch.compile`` when ``compile`` is set (eager, with a warning, where compiling fails), backward,
 global-norm clipping, fused AdamW.
 ``precision="fp32", compile=False`` is the plain float32 eager step. Evaluation and text samples always run the
@@ -73,8 +73,7 @@ class PretrainConfig:
     # number format of the training forward pass: "bf16" (autocast; fp32 weights, AdamW and loss) or "fp32". On
     # this 2-core CPU (avx512_bf16, no AMX), bf16 + compile is ~1.7x the fp32 eager step at the CPU recipe, and after
     # 2000 steps val loss is 1.8324 vs fp32's 1.8309 (another seed moves it by 0.011); tests/test_speed_pretrain.py.
-    # The default stays fp32 until the committed cpu results are regenerated with bf16 (issue 12).
-    precision: str = "fp32"
+    precision: str = "bf16"
     seed: int = 1337  # model init, batch sampling, dropout and samples
 
     def __post_init__(self) -> None:
