@@ -290,6 +290,21 @@ def _list(profile: str) -> str:
     return "\n".join(lines)
 
 
+def _rechart(which: str, profile: str) -> None:
+    """Redraw every chart of the track(s) from the Parquet files in results/ (no training, no model)."""
+    from lab.paths import shown, track_results
+    from lab.results import MANIFEST, rechart
+    from lab.tracks import TRACKS, get_track
+
+    names = list(TRACKS) if which == "all" else [get_track(which) and which]
+    for track in names:
+        if which == "all" and not (track_results(track, profile) / MANIFEST).exists():
+            print(f"{track}: no results on profile {profile}, skipped")
+            continue
+        redrawn = rechart(track, profile, get_track(track).CHARTS)
+        print(f"{track}: {len(redrawn)} charts redrawn in {shown(track_results(track, profile))}/")
+
+
 def _site(args: argparse.Namespace) -> None:
     from lab.site import build as site
 
@@ -316,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--profile", default="cpu")
     b.add_argument("--steps", type=_count, default=None, help="timed steps (finetune: default 6)")
     b.add_argument("--repeats", type=_count, default=5, help="speed suite: alternated calls per path (median)")
+    rc = sub.add_parser("rechart", help="redraw a track's charts from its results after changing chart code")
+    rc.add_argument("track", help="a track name, or all")
+    rc.add_argument("--profile", default="cpu")
     t = sub.add_parser("transcoders", help="per-layer transcoders for circuit-tracer (Track E)")
     t.add_argument("action", choices=["build"])
     t.add_argument("--profile", default="cpu")
@@ -359,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                 verb = "does" if len(takes.split(", ")) == 1 else "do"
                 raise LabError(f"`lab bench {args.which}` takes no --steps (only {takes} {verb}): drop it")
             bench(_profile(args.profile), **options)
+        elif args.cmd == "rechart":
+            _rechart(args.track, _profile(args.profile).name)
         elif args.cmd == "transcoders":
             from lab.tracks.E_circuits.run import build_transcoders
 

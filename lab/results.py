@@ -167,6 +167,51 @@ def write_result(
     return pq
 
 
+def rechart(track: str, profile: str, charts: dict[str, Callable[..., Any]], *, root: Path | None = None) -> list[str]:
+    """Rebuild each ``<name>.vl.json`` of ``charts`` (a track's ``CHARTS``: result name -> ``frame -> chart``) from
+    the committed ``<name>.parquet``, without re-running the track; the manifest's sha256 and sizes follow, and the
+    new files are published as one set (:func:`result_set`). A chart function with a ``needs`` attribute (names of
+    other results of the set) is called ``fn(frame, **{name: frame_of_name})``. Names without a Parquet file are
+    skipped. Every chart is built before anything is written, so a failing one leaves the set unchanged.
+
+    Returns:
+        The result names whose chart was rebuilt (changed or not).
+
+    Raises:
+        LabError: the track has no manifest, a chart holds NaN, or the folder cannot be written.
+    """
+    live = _track_folder(track, profile, root)
+    manifest = read_manifest(live / MANIFEST) if (live / MANIFEST).exists() else None
+    if manifest is None:
+        raise LabError(f"{shown(live / MANIFEST)} is missing: run `{rerun_command(live)}` first")
+    specs: dict[str, bytes] = {}
+    for name, fn in charts.items():
+        pq = live / f"{name}.parquet"
+        if not pq.exists() or name not in manifest:
+            continue
+        others = {n: pl.read_parquet(live / f"{n}.parquet") for n in getattr(fn, "needs", ())}
+        spec = fn(pl.read_parquet(pq), **others).to_dict()
+        try:  # as write_result writes it, byte for byte
+            specs[name] = json.dumps(spec, indent=1, allow_nan=False).encode("utf-8")
+        except ValueError:
+            raise LabError(
+                f"the chart of {track}/{name} contains NaN or infinity: filter them out in its plot function"
+            ) from None
+    with result_set(track, profile, root=root) as stage:
+        try:
+            for name, data in specs.items():
+                file = f"{name}.vl.json"
+                atomic_write_bytes(stage / file, data)
+                record = dict(manifest[name])
+                record["files"] = list(dict.fromkeys([*record["files"], file]))
+                record["sha256"] = {**record.get("sha256", {}), file: hashlib.sha256(data).hexdigest()}
+                record["bytes"] = {**record.get("bytes", {}), file: len(data)}
+                update_manifest(stage, name, record)
+        except OSError as e:
+            raise _write_error(e, live, stage=stage) from e
+    return list(specs)
+
+
 def update_manifest(folder: Path, name: str, record: dict[str, Any]) -> None:
     """Set ``manifest[name] = record`` in ``folder/manifest.json`` atomically (an unreadable manifest is started
     afresh: the files it listed are then unlisted, which :func:`lab.site.checks.check_results` reports)."""

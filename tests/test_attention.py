@@ -161,7 +161,9 @@ class TestFrames:
         assert df.height == 15 and set(df["head_label"]) == {"x"}
         row = df.filter((df["query"] == 4) & (df["key"] == 1)).row(0, named=True)
         assert row["weight"] == pytest.approx(float(p[1, 2, 4, 1]))
-        assert charts.patterns(df).to_dict()["facet"]["field"] == "head_label"
+        spec = charts.patterns(df).to_dict()
+        assert spec["params"][0]["bind"]["options"] == ["x"]
+        assert "datum.head_label == pattern" in [t.get("filter") for t in spec["transform"]]
 
     def test_head_frame_layer_profile_and_grid(self):
         s = att.head_scores(random_causal(8, L=3, H=2))
@@ -175,7 +177,7 @@ class TestFrames:
             (prof["metric"] == "induction") & (prof["summary"] == "max over heads") & (prof["layer"] == 0)
         )
         assert top["value"].item() == pytest.approx(float(s["induction"][0].max()))
-        assert len(charts.head_grid(df).to_dict()["hconcat"]) == 4
+        assert charts.head_grid(df).to_dict()["params"][0]["bind"]["options"] == list(charts.HEAD_METRICS)
         charts.layer_profile(prof).to_dict()
 
     def test_token_labels_are_unique(self):

@@ -6,8 +6,10 @@ A transcoder for layer ``l`` reads the MLP's input (the normalised residual stre
 with its ``TopK`` activation, so the modules that attribution uses are exactly the ones that were optimised.
 
 All layers train together from one stream of activations: each step runs the frozen base model on a batch of
-text (BOS + ``seq_len`` tokens; position 0 is left out, as circuit-tracer zeroes it) and takes one Adam step
-per layer on normalised MSE. Training happens in rescaled units (each layer's inputs and outputs divided by
+text (BOS + ``seq_len`` tokens; position 0 is left out, as circuit-tracer zeroes it; :mod:`lab.interp.harvest`,
+in bf16) and takes one Adam step per layer on normalised MSE, by default through the TopK-sparse step of
+:mod:`lab.interp.topk` (``TranscoderConfig.sparse``; ``sparse=False, precision="fp32"`` is the dense fp32
+reference, ~4x slower on this CPU). Training happens in rescaled units (each layer's inputs and outputs divided by
 their mean norm / sqrt(d_model), measured on the first batch), and the scales are folded into the weights
 before saving (``fold_scales``), so the saved transcoders read and write raw activations. Quality is measured
 on held-out text: fraction of variance unexplained (FVU), L0 (active features per token) and the share of features
@@ -35,11 +37,15 @@ import torch
 
 from lab.data.corpus import Corpus
 from lab.errors import LabError
+from lab.interp import topk
+from lab.interp.harvest import bf16_layer_weights, harvest_precision, mlp_activations, mlp_modules
 from lab.io import atomic_write_bytes, publish_dir
 from lab.models.loading import LoadedModel
 from lab.paths import shown
 from lab.state import damaged, load_safetensors, load_torch, read_json
 from lab.validation import Problems
+
+PRECISIONS = ("bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,13 @@ class TranscoderConfig:
     eval_seqs: int  # held-out sequences for FVU / L0
     checkpoints: int = 4  # resumable checkpoints during the build
     seed: int = 0  # initial weights and the choice of training sequences
+    # the training step (lab.interp.topk): gradients only through each token's k active features, fused Adam;
+    # False: circuit-tracer's dense forward with autograd and Adam's default loop (the fp32 reference)
+    sparse: bool = True
+    # "bf16": the training batches' harvesting forward and the encoder matmul that chooses the k features run in
+    # bf16 (the chosen activations are its scores; all after them is fp32); "fp32": both in fp32. Evaluation (FVU,
+    # L0, dead share) is fp32 always.
+    precision: str = "bf16"
 
     def __post_init__(self) -> None:
         checks = Problems(self)
@@ -67,6 +80,13 @@ class TranscoderConfig:
                 f"lower k or raise d_transcoder"
             )
         checks.number("lr", 0, open_low=True, hint="; Adam on transcoders typically uses 1e-3 to 1e-2")
+        if not isinstance(self.sparse, bool):
+            checks.add(f"sparse must be True or False (got {self.sparse!r})")
+        if checks.choice("precision", PRECISIONS) and self.sparse is False and self.precision != "fp32":
+            checks.add(
+                f"precision={self.precision!r} needs sparse=True: the dense step is the fp32 reference; "
+                f"use precision='fp32' with sparse=False"
+            )
         checks.raise_if_any("bad TranscoderConfig")
 
     @property
@@ -125,34 +145,6 @@ def token_sequences(
         start = rng.randrange(0, len(s) - seq_len)
         rows.append(torch.cat([torch.tensor([bos]), s[start : start + seq_len]]))
     return torch.stack(rows)
-
-
-def mlp_modules(model) -> list:
-    """Each decoder layer's MLP module (Llama / Qwen2 / Gemma2 layout: ``model.model.layers[i].mlp``)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise LabError(f"{type(model).__name__} has no model.layers[i].mlp: transcoders support Llama-style models")
-    return [layer.mlp for layer in layers]
-
-
-@torch.no_grad()
-def mlp_activations(model, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer, the MLP's input and output at every position but the first: two lists of (tokens, d_model)."""
-    ins: list[torch.Tensor] = []
-    outs: list[torch.Tensor] = []
-
-    def grab(_m, args, out):
-        ins.append(args[0][:, 1:].reshape(-1, args[0].shape[-1]).float())
-        outs.append(out[:, 1:].reshape(-1, out.shape[-1]).float())
-
-    handles = [m.register_forward_hook(grab) for m in mlp_modules(model)]
-    try:
-        model(input_ids=input_ids)
-    finally:
-        for h in handles:
-            h.remove()
-    return ins, outs
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -310,7 +302,8 @@ def build(
 
     gen = torch.Generator().manual_seed(cfg.seed)
     transcoders = [new_transcoder(d_model, cfg, layer, gen) for layer in range(n_layers)]
-    optimizers = [torch.optim.Adam(tc.parameters(), lr=cfg.lr) for tc in transcoders]
+    optimizers = topk.optimizers(transcoders, cfg.lr, sparse=cfg.sparse)
+    steps = [topk.loss_and_grads(tc, sparse=cfg.sparse, select=cfg.precision) for tc in transcoders]
     work = folder.with_name(folder.name + ".building")  # survives an interruption; publish_dir's temp does not
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "checkpoint.pt"
@@ -348,25 +341,26 @@ def build(
         disable=not progress,
         unit="step",
     )
-    for step in bar:
-        batch = train_ids[step * cfg.batch_seqs : (step + 1) * cfg.batch_seqs]
-        ins, outs = mlp_activations(model, batch)
-        lr = cfg.lr * min(1.0, (cfg.steps - step) / (0.2 * cfg.steps))  # linear decay over the last 20 %
-        losses = []
-        for tc, opt, x, y, (sx, sy) in zip(transcoders, optimizers, ins, outs, scales, strict=True):
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x, y = x / sx, y / sy
-            loss = ((tc(x) - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        mean_fvu = sum(losses) / len(losses)
-        curve.append({"step": step + 1, "train_fvu_mean": mean_fvu, "train_fvu_max": max(losses)})
-        bar.set_postfix(fvu=f"{mean_fvu:.3f}")
-        if (step + 1) % every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(ckpt, key, step + 1, transcoders, optimizers, scales, time.perf_counter() - t0)
+    harvest_s = 0.0
+    with bf16_layer_weights(model, cfg.precision):  # for the training batches only; evaluation harvests in fp32
+        for step in bar:
+            batch = train_ids[step * cfg.batch_seqs : (step + 1) * cfg.batch_seqs]
+            t_harvest = time.perf_counter()
+            with harvest_precision(cfg.precision):
+                ins, outs = mlp_activations(model, batch)
+            harvest_s += time.perf_counter() - t_harvest
+            lr = cfg.lr * min(1.0, (cfg.steps - step) / (0.2 * cfg.steps))  # linear decay over the last 20 %
+            # every layer's gradients of normalised MSE, then the Adam steps
+            losses = [fn(x / sx, y / sy) for fn, x, y, (sx, sy) in zip(steps, ins, outs, scales, strict=True)]
+            for opt in optimizers:
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                opt.step()
+            mean_fvu = sum(losses) / len(losses)
+            curve.append({"step": step + 1, "train_fvu_mean": mean_fvu, "train_fvu_max": max(losses)})
+            bar.set_postfix(fvu=f"{mean_fvu:.3f}")
+            if (step + 1) % every == 0 and step + 1 < cfg.steps:
+                _save_checkpoint(ckpt, key, step + 1, transcoders, optimizers, scales, time.perf_counter() - t0)
     train_s = time.perf_counter() - t0
 
     for tc, (sx, sy) in zip(transcoders, scales, strict=True):
@@ -394,6 +388,7 @@ def build(
         "source_weights": SOURCE_WEIGHTS,
         "data_s": data_s,
         "train_s": train_s,
+        "harvest_s": harvest_s,  # of train_s: harvesting the training batches (since the resume, if resumed)
         "eval_s": eval_s,
         "feature_input_hook": "mlp.hook_in",
         "feature_output_hook": "mlp.hook_out",

@@ -32,7 +32,7 @@ from mkdocs.structure.files import File, Files
 from lab.errors import LabError
 from lab.paths import REPO_ROOT, results_root
 from lab.site.checks import RESULT_SUFFIXES, check_results
-from lab.site.macros import SPEC_SCRIPT_SUFFIX
+from lab.site.macros import GRAPH_SCRIPT_SUFFIX, SPEC_SCRIPT_SUFFIX
 from lab.site.questions import read_log
 from lab.site.sources import read_frame_at
 
@@ -157,6 +157,12 @@ def spec_script(src: str, path: Path) -> str:
     )
 
 
+def graph_script(path: Path) -> str:
+    """A circuit-tracer graph JSON as a script that registers it for ``assets/graphs/lab-graphs.js``."""
+    key = json.dumps(path.stem)
+    return f"window.LabGraphs = window.LabGraphs || {{}};\nwindow.LabGraphs[{key}] = {path.read_text()};\n"
+
+
 def published_results(base: Path) -> list[Path]:
     """The result files the site publishes: regular files with a result suffix under ``base``, less hidden entries
     (writers' temporaries and stages), links and the skipped profiles."""
@@ -196,6 +202,10 @@ def on_files(files: Files, config: Any) -> Files:
                     config, src.removesuffix(".vl.json") + SPEC_SCRIPT_SUFFIX, content=spec_script(src, path)
                 )
             )
+
+    for path in sorted(base.glob("*/graphs/*.json")):  # attribution graphs, as scripts for the graph viewer
+        src = f"results/{path.relative_to(base).as_posix()}"
+        add(File.generated(config, src.removesuffix(".json") + GRAPH_SCRIPT_SUFFIX, content=graph_script(path)))
 
     if QUESTIONS_FILE.exists():
         add(File.generated(config, QUESTIONS_SRC, content=read_log(QUESTIONS_FILE)))

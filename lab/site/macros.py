@@ -9,6 +9,7 @@ lab/site/macros``) and calls :func:`define_env`, which registers::
     {{ table("pretrain/samples", columns={"step": "Step", "text": "Generated text"}, max_rows=5) }}
     {{ provenance("pretrain/summary") }}                      config, commit, packages, hardware
     {{ claim("pretrain/summary", "final_val_loss", "<", 1.88, fmt=".3f") }}   a headline, checked
+    {{ graphs("E_circuits", "Caption") }}                      the attribution-graph viewer over results/<track>/graphs
 
 References and the ``row`` / ``where`` / ``sort`` / ``data`` selection are :mod:`lab.site.sources`'s; number
 formats :mod:`lab.site.formatting`'s; claims :mod:`lab.site.claims`'s; a chart's caption is checked against the
@@ -29,12 +30,14 @@ from typing import Any
 from mkdocs.utils import get_relative_url
 
 from lab.errors import LabError
+from lab.paths import results_root
 from lab.site import sources
 from lab.site.captions import caption_problems
 from lab.site.claims import claim
 from lab.site.formatting import escape_markdown_cell, format_cell, human_header
 
 log = logging.getLogger("mkdocs.plugins.lab")
+GRAPH_SCRIPT_SUFFIX = ".graph.js"  # a graph as a script: window.LabGraphs["<slug>"] = {...circuit-tracer JSON...}
 SPEC_SCRIPT_SUFFIX = ".vl.js"  # a chart's spec as a script: window.LabSpecs["results/<track>/<name>.vl.json"] = {...}
 ERRORS: list[str] = []  # this build's macro errors, one line each (lab.site.build reports them)
 
@@ -54,6 +57,7 @@ class PageMacros:
             "table": self.table,
             "provenance": self.provenance,
             "claim": claim,
+            "graphs": self.graphs,
         }
         return {name: self._reported(name, fn) for name, fn in macros.items()}
 
@@ -101,6 +105,30 @@ class PageMacros:
             f'<script src="{html.escape(self._link_from_url(ref, SPEC_SCRIPT_SUFFIX))}"></script>\n'
             f"<figcaption>{html.escape(caption)} Data: {data}. Made by <code>lab run {track} --profile {profile}"
             f"</code> (notebook <code>notebooks/{track}.py</code>).</figcaption>\n"
+            "</figure>\n"
+        )
+
+    def graphs(self, track: str, caption: str = "") -> str:
+        """The attribution-graph viewer (``assets/graphs/lab-graphs.js``) over every circuit-tracer graph in
+        ``results/<track>/graphs/`` (``<prompt>-stage-<i>.json``; stage 0 is the base model), each loaded as the
+        script the hooks write beside it (``GRAPH_SCRIPT_SUFFIX``), with a picker."""
+        folder = results_root("cpu") / track / "graphs"
+        files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+        if not files:
+            raise LabError(f"{folder} holds no graphs: run `lab run {track}` to produce them")
+        entries = []
+        for f in files:
+            prompt, _, stage = f.stem.rpartition("-stage-")
+            when = "base model" if stage == "0" else f"fine-tune checkpoint {stage}"
+            src = get_relative_url(f"results/{track}/graphs/{f.stem}{GRAPH_SCRIPT_SUFFIX}", self.page()[1])
+            name = f"seed prompt {int(prompt[5:]) + 1}" if prompt.removeprefix("seed-").isdigit() else prompt
+            entries.append({"label": f"{name} · {when}", "key": f.stem, "src": src})
+        data = html.escape(json.dumps(entries), quote=True)
+        return (
+            '<figure class="lab-chart">\n'
+            f'<div class="lab-graph" data-graphs="{data}" role="img" aria-label="{html.escape(caption)}"></div>\n'
+            f"<figcaption>{html.escape(caption)} Data: circuit-tracer JSON in <code>results/{track}/graphs/</code>. "
+            f"Made by <code>lab run {track} --profile cpu</code>.</figcaption>\n"
             "</figure>\n"
         )
 

@@ -112,53 +112,64 @@ def run_key(V: int, spec: ModelSpec, cfg: TrainConfig, seed: int, match: int | N
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def train_run(
+def run_folder(
+    ckpt_root: Path, name: str, V: int, spec: ModelSpec, cfg: TrainConfig, seed: int, match: int | None
+) -> Path:
+    """Where a run is cached: ``<ckpt_root>/<name>-<run_key>``."""
+    return ckpt_root / f"{name}-{run_key(V, spec, cfg, seed, match)}"
+
+
+def load_cached(
+    name: str, folder: Path, model: nn.Module, on_eval: Callable[[dict], None] | None = None
+) -> RunResult | None:
+    """The finished run cached in ``folder``, its weights loaded into ``model``; None when there is none."""
+    if not (folder / "meta.json").exists():
+        return None
+    fix = f"delete {shown(folder)} (the run is trained again) or pass --fresh"
+    meta = read_json(folder / "meta.json", fix)
+    if not isinstance(meta, dict) or "train_time_s" not in meta:
+        raise damaged(folder / "meta.json", "it lacks train_time_s", fix)
+    weights = load_safetensors(folder / "model.safetensors", fix)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # the tied head is stored once, as the embedding
+        raise LabError(f"{shown(folder)} does not fit this model ({missing + unexpected}): {fix}")
+    log = read_parquet(folder / "log.parquet", fix)
+    if on_eval is not None:
+        for row in log.iter_rows(named=True):
+            on_eval(row)
+    return RunResult(name, model.eval(), log, n_params(model), meta["train_time_s"], True, folder)
+
+
+def full_forward_keys(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The baseline's training forward: every position, then the key positions' logits (B, V-1, 2V)."""
+    return logits_of(model, tokens)[:, 0::2]
+
+
+def fit(
     name: str,
+    model: nn.Module,
     V: int,
-    spec: ModelSpec,
     cfg: TrainConfig,
     seed: int,
-    ckpt_root: Path,
     *,
-    match: int | None = None,
-    fresh: bool = False,
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] = full_forward_keys,
+    device: str = "cpu",
     progress: bool = True,
     on_eval: Callable[[dict], None] | None = None,
-    device: str = "cpu",
-) -> RunResult:
-    """Train (or load the cached result of) one model on fresh wind-tunnel batches.
+    sharers: Callable[[], int] | None = None,
+    before_step: Callable[[], None] | None = None,
+    bar_position: int = 0,
+) -> tuple[pl.DataFrame, float]:
+    """Train ``model`` in place on its own fresh batches (generator seeded ``10_000 + seed``) with its own AdamW,
+    schedule and gradient clipping; returns (the log, seconds of training).
 
     Args:
-        name: Label of the run (e.g. ``"transformer-s0"``); also the cache folder's prefix.
-        V: Values per bijection (20 in the paper).
-        spec: Model kind and size.
-        cfg: Optimisation settings.
-        seed: Seeds the initialisation and the training batches (the evaluation set is fixed by ``cfg``).
-        ckpt_root: Folder holding the cache of finished runs.
-        match: Parameter count the controls (MLP, LSTM) are sized to when ``spec.d_hidden`` is 0.
-        fresh: Retrain even when a cached run exists.
-        progress: Show a tqdm bar.
-        on_eval: Called with each log row as it is produced (live charts).
-        device: Where to train ("cpu" or "cuda"); the returned model is always on the CPU.
+        forward: ``forward(model, tokens)`` -> logits at the key positions (B, V-1, 2V).
+        sharers: How many runs are training on this machine right now; each step's seconds are divided by it, so the
+            ``train_s`` of runs trained together add up to the time they took together. None: 1.
+        before_step: Called before every step (the ensemble stops its members through it).
+        bar_position: The tqdm bar's line, for runs training side by side.
     """
-    folder = ckpt_root / f"{name}-{run_key(V, spec, cfg, seed, match)}"
-    torch.manual_seed(seed)
-    model = build_model(spec, V, match=match)
-    if not fresh and (folder / "meta.json").exists():
-        fix = f"delete {shown(folder)} (the run is trained again) or pass --fresh"
-        meta = read_json(folder / "meta.json", fix)
-        if not isinstance(meta, dict) or "train_time_s" not in meta:
-            raise damaged(folder / "meta.json", "it lacks train_time_s", fix)
-        weights = load_safetensors(folder / "model.safetensors", fix)
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or set(missing) - {"lm_head.weight"}:  # the tied head is stored once, as the embedding
-            raise LabError(f"{shown(folder)} does not fit this model ({missing + unexpected}): {fix}")
-        log = read_parquet(folder / "log.parquet", fix)
-        if on_eval is not None:
-            for row in log.iter_rows(named=True):
-                on_eval(row)
-        return RunResult(name, model.eval(), log, n_params(model), meta["train_time_s"], True, folder)
-
     ev = eval_batch(V, cfg)
     if device != "cpu":
         ev = Batch(V, *(t.to(device) for t in (ev.tokens, ev.keys, ev.values, ev.targets)))
@@ -172,7 +183,7 @@ def train_run(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, desc=name, unit="step", leave=False)
+        bar = tqdm(total=cfg.steps, desc=name, unit="step", leave=False, position=bar_position)
 
     def log_eval(step: int, grad_norm: float) -> None:
         row = {
@@ -195,17 +206,19 @@ def train_run(
     model.train()
     log_eval(0, grad_norm)
     for step in range(cfg.steps):
+        if before_step is not None:
+            before_step()
         t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = cfg.lr_at(step)
         b = sample_batch(V, cfg.batch_size, gen)
-        logits = logits_of(model, b.tokens.to(device))[:, 0::2]  # (B, V-1, 2V): predictions at key positions
+        logits = forward(model, b.tokens.to(device))  # (B, V-1, 2V): predictions at key positions
         loss = F.cross_entropy(logits.reshape(-1, 2 * V), b.targets.to(device).reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         opt.step()
-        train_s += time.perf_counter() - t0
+        train_s += (time.perf_counter() - t0) / (1 if sharers is None else max(1, sharers()))
         losses.append(loss.item())
         if bar is not None:
             bar.update(1)
@@ -214,7 +227,22 @@ def train_run(
     if bar is not None:
         bar.close()
     model.eval().cpu()
-    log = pl.DataFrame(rows)
+    return pl.DataFrame(rows), train_s
+
+
+def save_run(
+    folder: Path,
+    name: str,
+    V: int,
+    spec: ModelSpec,
+    cfg: TrainConfig,
+    seed: int,
+    match: int | None,
+    model: nn.Module,
+    log: pl.DataFrame,
+    train_s: float,
+) -> RunResult:
+    """Publish a finished run (weights, log, metadata) as ``folder``, whole or not at all."""
     meta = {
         "name": name,
         "V": V,
@@ -233,3 +261,42 @@ def train_run(
         (work / "log.parquet").write_bytes(parquet_bytes(log))
         (work / "meta.json").write_text(json.dumps(meta, indent=1))
     return RunResult(name, model, log, n_params(model), train_s, False, folder)
+
+
+def train_run(
+    name: str,
+    V: int,
+    spec: ModelSpec,
+    cfg: TrainConfig,
+    seed: int,
+    ckpt_root: Path,
+    *,
+    match: int | None = None,
+    fresh: bool = False,
+    progress: bool = True,
+    on_eval: Callable[[dict], None] | None = None,
+    device: str = "cpu",
+) -> RunResult:
+    """Train (or load the cached result of) one model on fresh wind-tunnel batches, one model at a time with the
+    model's full forward (the baseline of ``lab.train.ensemble.train_runs``, and the notebook's path).
+
+    Args:
+        name: Label of the run (e.g. ``"transformer-s0"``); also the cache folder's prefix.
+        V: Values per bijection (20 in the paper).
+        spec: Model kind and size.
+        cfg: Optimisation settings.
+        seed: Seeds the initialisation and the training batches (the evaluation set is fixed by ``cfg``).
+        ckpt_root: Folder holding the cache of finished runs.
+        match: Parameter count the controls (MLP, LSTM) are sized to when ``spec.d_hidden`` is 0.
+        fresh: Retrain even when a cached run exists.
+        progress: Show a tqdm bar.
+        on_eval: Called with each log row as it is produced (live charts).
+        device: Where to train ("cpu" or "cuda"); the returned model is always on the CPU.
+    """
+    folder = run_folder(ckpt_root, name, V, spec, cfg, seed, match)
+    torch.manual_seed(seed)
+    model = build_model(spec, V, match=match)
+    if not fresh and (cached := load_cached(name, folder, model, on_eval)) is not None:
+        return cached
+    log, train_s = fit(name, model, V, cfg, seed, device=device, progress=progress, on_eval=on_eval)
+    return save_run(folder, name, V, spec, cfg, seed, match, model, log, train_s)

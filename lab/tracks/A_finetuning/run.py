@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -34,6 +35,20 @@ from lab.train.lora import FinetuneConfig, attach_lora, save_adapter, train_lora
 from lab.train.schedule import optimizer_state_bytes
 
 EVAL_FILE = "lab_eval.json"
+
+# Result name -> its chart, called on the frame read back from the result's Parquet file (lab.results.rechart
+# redraws them from the committed files).
+CHARTS: dict[str, Callable[[pl.DataFrame], Any]] = {
+    "runs": lambda f: charts.plot_forgetting(frames.forgetting_frame(f)),
+    "anatomy": charts.plot_anatomy,
+    "lr_curves": lambda f: charts.plot_curves(f, "lr", "learning rate"),
+    "lr_outcomes": lambda f: charts.plot_outcomes(f, "lr", "learning rate"),
+    "rank_curves": lambda f: charts.plot_curves(f, "rank", "LoRA rank"),
+    "rank_outcomes": lambda f: charts.plot_outcomes(f, "rank", "LoRA rank"),
+    "batch_lr": charts.plot_batch_lr,
+    "moments": lambda f: charts.plot_moments(frames.moments_by_layer(f)),
+    "moments_by_module": lambda f: charts.plot_moments_by_module(frames.moments_by_module(f)),
+}
 
 
 def run(
@@ -102,35 +117,23 @@ def write_results(
     answers: pl.DataFrame,
     prov: dict,
 ) -> None:
-    """Every table of the track but the summary, each with its chart where it has one."""
+    """Every table of the track but the summary, each with its chart (``CHARTS``) where it has one."""
 
-    def w(name: str, frame: pl.DataFrame, chart: Callable | None = None) -> None:
-        write_result(TRACK, name, frame, chart=chart, **prov)
+    def w(name: str, frame: pl.DataFrame) -> None:
+        write_result(TRACK, name, frame, chart=CHARTS.get(name), **prov)
 
     with result_set(TRACK, profile.name):  # joins run()'s set
-        w("runs", runs, lambda f: charts.plot_forgetting(frames.forgetting_frame(f)))
-        w("anatomy", anatomy, charts.plot_anatomy)
-        w(
-            "lr_curves",
-            frames.curves_frame(specs, results, "lr"),
-            lambda f: charts.plot_curves(f, "lr", "learning rate"),
-        )
-        w("lr_outcomes", frames.outcomes(runs, "lr", "lr"), lambda f: charts.plot_outcomes(f, "lr", "learning rate"))
-        w(
-            "rank_curves",
-            frames.curves_frame(specs, results, "rank"),
-            lambda f: charts.plot_curves(f, "rank", "LoRA rank"),
-        )
-        w(
-            "rank_outcomes",
-            frames.outcomes(runs, "rank", "rank"),
-            lambda f: charts.plot_outcomes(f, "rank", "LoRA rank"),
-        )
-        w("batch_lr", frames.curves_frame(specs, results, "batch"), charts.plot_batch_lr)
+        w("runs", runs)
+        w("anatomy", anatomy)
+        w("lr_curves", frames.curves_frame(specs, results, "lr"))
+        w("lr_outcomes", frames.outcomes(runs, "lr", "lr"))
+        w("rank_curves", frames.curves_frame(specs, results, "rank"))
+        w("rank_outcomes", frames.outcomes(runs, "rank", "rank"))
+        w("batch_lr", frames.curves_frame(specs, results, "batch"))
         w("batch_outcomes", frames.outcomes(runs, "batch", ["batch_size", "rule"]))
         moments = pl.DataFrame(results["main"]["log"]["moments"])
-        w("moments", moments, lambda f: charts.plot_moments(frames.moments_by_layer(f)))
-        w("moments_by_module", moments, lambda f: charts.plot_moments_by_module(frames.moments_by_module(f)))
+        w("moments", moments)
+        w("moments_by_module", moments)
         w("optimizer_memory", optimizer_memory(profile, cfg))
         w("qlora", frames.qlora_frame(runs))
         w("samples", frames.samples_frame(base, results["main"]))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -68,13 +69,13 @@ def run(
         "profile": profile.name,
     }
     with result_set(TRACK, profile.name):  # every table and the summary published together
-        write_result(TRACK, "heads", heads, chart=charts.heads, wall_time_s=sw_heads.seconds, **common)
+        write_result(TRACK, "heads", heads, chart=CHARTS["heads"], wall_time_s=sw_heads.seconds, **common)
         write_result(
-            TRACK, "layers", layer_profile(heads), chart=charts.layer_profile, wall_time_s=sw_heads.seconds, **common
+            TRACK, "layers", layer_profile(heads), chart=CHARTS["layers"], wall_time_s=sw_heads.seconds, **common
         )
         write_result(TRACK, "top_heads", frames.top_heads(heads), wall_time_s=sw_heads.seconds, **common)
-        write_result(TRACK, "patterns", examples, chart=charts.patterns, wall_time_s=sw_examples.seconds, **common)
-        write_result(TRACK, "memory", memory, chart=charts.memory, wall_time_s=sw_memory.seconds, **common)
+        write_result(TRACK, "patterns", examples, chart=CHARTS["patterns"], wall_time_s=sw_examples.seconds, **common)
+        write_result(TRACK, "memory", memory, chart=CHARTS["memory"], wall_time_s=sw_memory.seconds, **common)
         write_result(TRACK, "guard", guard, wall_time_s=sw_memory.seconds, **common)
         if finetuned is not None:
             write_finetuned(finetuned, common, adapter=adapter, source=source, seconds=ft_seconds)
@@ -99,7 +100,13 @@ def compare(profile: Profile, lm: LoadedModel, adapter: Path, source: str) -> tu
     }, sw.seconds
 
 
-CHARTS = {
+# Result name -> its chart, called on the frame read back from the result's Parquet file (lab.results.rechart
+# redraws them from the committed files).
+CHARTS: dict[str, Callable[[pl.DataFrame], Any]] = {
+    "heads": charts.heads,
+    "layers": charts.layer_profile,
+    "patterns": charts.patterns,
+    "memory": charts.memory,
     "finetune_heads": charts.head_shift,
     "finetune_heads_task": charts.head_shift,
     "finetune_patterns": charts.patterns,

@@ -4,7 +4,9 @@ results/C_probing/ -> the capture benchmark."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
+from typing import Any
 
 import polars as pl
 
@@ -17,6 +19,19 @@ from lab.results import Stopwatch, result_set, write_result
 from lab.tracks.C_probing import charts, frames
 from lab.tracks.C_probing.config import TRACK, config_for
 from lab.tracks.C_probing.summary import ProbingSummary, summarize
+
+# Result name -> its chart, called on the frame read back from the result's Parquet file (lab.results.rechart
+# redraws them from the committed files).
+CHARTS: dict[str, Callable[[pl.DataFrame], Any]] = {
+    "norms": charts.norms,
+    "contributions": charts.contribution_profile,
+    "contribution_tokens": charts.contribution_tokens,
+    "logit_lens": charts.logit_lens,
+    "lens_profile": charts.lens_profile,
+    "similarity": charts.similarity_profile,
+    "similarity_maps": charts.similarity_maps,
+    "ablation": charts.ablation,
+}
 
 
 def run(
@@ -39,26 +54,26 @@ def run(
         per_prompt = frames.analyse_prompts(lm, cfg, progress=progress)
     with Stopwatch() as sw_arch:
         archs = frames.architecture_table(seed=cfg.seed, tokens=cfg.architecture_tokens)
-    results = {  # name -> (frame, chart)
-        "norms": (frames.norms_by_layer(per_prompt["norms"]), charts.norms),
-        "contributions": (frames.contributions_by_layer(per_prompt["contrib"]), charts.contribution_profile),
-        "contribution_tokens": (frames.one_prompt(per_prompt["contrib"], cfg.lens_prompt), charts.contribution_tokens),
-        "logit_lens": (frames.one_prompt(per_prompt["lens"], cfg.lens_prompt), charts.logit_lens),
-        "lens_profile": (frames.lens_profile(per_prompt["lens"]), charts.lens_profile),
-        "lens_stable": (per_prompt["stable"], None),
-        "similarity": (frames.similarity_by_layer(per_prompt["sim"]), charts.similarity_profile),
-        "similarity_maps": (per_prompt["sim_maps"], charts.similarity_maps),
-        "ablation": (frames.ablation_by_layer(per_prompt["ablation"]), charts.ablation),
+    results = {  # name -> frame (charts: CHARTS)
+        "norms": frames.norms_by_layer(per_prompt["norms"]),
+        "contributions": frames.contributions_by_layer(per_prompt["contrib"]),
+        "contribution_tokens": frames.one_prompt(per_prompt["contrib"], cfg.lens_prompt),
+        "logit_lens": frames.one_prompt(per_prompt["lens"], cfg.lens_prompt),
+        "lens_profile": frames.lens_profile(per_prompt["lens"]),
+        "lens_stable": per_prompt["stable"],
+        "similarity": frames.similarity_by_layer(per_prompt["sim"]),
+        "similarity_maps": per_prompt["sim_maps"],
+        "ablation": frames.ablation_by_layer(per_prompt["ablation"]),
     }
     summary = summarize(
         lm.name,
         shape,
-        norms=results["norms"][0],
-        contributions=results["contributions"][0],
-        ablation=results["ablation"][0],
-        lens_profile=results["lens_profile"][0],
-        stable=results["lens_stable"][0],
-        similarity=results["similarity"][0],
+        norms=results["norms"],
+        contributions=results["contributions"],
+        ablation=results["ablation"],
+        lens_profile=results["lens_profile"],
+        stable=results["lens_stable"],
+        similarity=results["similarity"],
         architectures=archs,
         analysis_seconds=sw.seconds,
     )
@@ -70,8 +85,8 @@ def run(
         "profile": profile.name,
     }
     with result_set(TRACK, profile.name):  # the analyses, the summary and the benchmark published together
-        for name, (frame, chart) in results.items():
-            write_result(TRACK, name, frame, chart=chart, wall_time_s=sw.seconds, **common)
+        for name, frame in results.items():
+            write_result(TRACK, name, frame, chart=CHARTS.get(name), wall_time_s=sw.seconds, **common)
         write_result(
             TRACK,
             "architectures",

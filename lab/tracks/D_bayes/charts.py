@@ -1,34 +1,47 @@
-"""Track D's charts: each takes the frame(s) :mod:`lab.tracks.D_bayes.frames` made and only encodes them."""
+"""Track D's charts: each takes the frame(s) :mod:`lab.tracks.D_bayes.frames` made and only encodes them.
+Every chart is drawn to the page's column width (:func:`lab.plots.style`): panels are stacked, never side by side."""
 
 from __future__ import annotations
 
 import altair as alt
 import polars as pl
 
+from lab.plots import distinct, pick, stack, style
+
+_FADED = 0.12  # opacity of the runs the reader did not pick
+
 
 def curves(lines: pl.DataFrame, refs: pl.DataFrame) -> alt.LayerChart:
-    """Entropy MAE (log scale) against training step: our seeds and controls next to the authors' curve.
+    """Entropy MAE (log scale) against training step: our seeds and controls next to the authors' curve; the
+    reader can pick one run (a model and seed) to bring forward.
 
     Args:
         lines: :func:`~lab.tracks.D_bayes.frames.curve_lines` (the paper's curve has seed -1).
         refs: :func:`~lab.tracks.D_bayes.frames.reference_lines` (mae_bits, label).
     """
+    runs = sorted(distinct(lines, "run"))
+    run = pick("curve_run", ["all", *runs], label="run", labels=["all runs", *runs])
     base = alt.Chart(lines).encode(
         x=alt.X("step:Q", title="training step (log scale)", scale=alt.Scale(type="log")),
         y=alt.Y("mae_bits:Q", title="entropy MAE (bits, log scale)", scale=alt.Scale(type="log")),
-        color=alt.Color("model:N", title=None),
+        color=alt.Color("model:N", title=None, legend=alt.Legend(columns=1)),
         detail="run:N",
+        opacity=alt.condition("curve_run == 'all' || datum.run == curve_run", alt.value(0.9), alt.value(_FADED)),
         tooltip=["run:N", "step:Q", alt.Tooltip("mae_bits:Q", format=".4f"), alt.Tooltip("train_s:Q", format=".0f")],
     )
-    ours = base.transform_filter(alt.datum.seed >= 0).mark_line(strokeWidth=1.5, opacity=0.8)
+    ours = base.transform_filter(alt.datum.seed >= 0).mark_line(strokeWidth=1.5)
     paper = base.transform_filter(alt.datum.seed < 0).mark_line(point=True, strokeDash=[5, 3])
     rule = alt.Chart(refs).encode(y="mae_bits:Q")
-    return alt.layer(
-        ours,
-        paper,
-        rule.mark_rule(strokeDash=[2, 2], color="gray"),
-        rule.mark_text(align="left", dx=4, dy=-6, color="gray").encode(x=alt.value(0), text="label:N"),
-    ).properties(width="container", height=320)
+    return style(
+        alt.layer(
+            ours,
+            paper,
+            rule.mark_rule(strokeDash=[2, 2], color="gray"),
+            rule.mark_text(align="right", dy=-7, color="gray").encode(x=alt.value("width"), text="label:N"),
+        )
+        .add_params(run)
+        .properties(height=320)
+    )
 
 
 def calibration(mean: pl.DataFrame, exact: pl.DataFrame) -> alt.LayerChart:
@@ -36,6 +49,7 @@ def calibration(mean: pl.DataFrame, exact: pl.DataFrame) -> alt.LayerChart:
 
     Args ``mean`` and ``exact``: :func:`~lab.tracks.D_bayes.frames.calibration_by_position`.
     """
+    mean = mean.sort("model", "t")  # the aggregate's row order is not fixed: the spec must be
     lines = (
         alt.Chart(mean)
         .mark_line(point=True)
@@ -47,16 +61,16 @@ def calibration(mean: pl.DataFrame, exact: pl.DataFrame) -> alt.LayerChart:
         )
     )
     bayes = alt.Chart(exact).mark_line(strokeDash=[4, 4], color="gray").encode(x="t:Q", y="h_bayes:Q")
-    return alt.layer(bayes, lines).properties(width="container", height=280)
+    return style(alt.layer(bayes, lines).properties(height=280))
 
 
 def search(df: pl.DataFrame) -> alt.Chart:
     """Final entropy MAE of every search candidate, the headline highlighted."""
-    return (
+    return style(
         alt.Chart(df)
         .mark_bar()
         .encode(
-            y=alt.Y("config:N", title=None, sort="x"),
+            y=alt.Y("config:N", title=None, sort="x", axis=alt.Axis(labelLimit=200)),
             x=alt.X("mae_bits:Q", title="final entropy MAE (bits)"),
             color=alt.Color("headline:N", title="headline config"),
             tooltip=[
@@ -66,46 +80,51 @@ def search(df: pl.DataFrame) -> alt.Chart:
                 "n_params:Q",
             ],
         )
-        .properties(width="container", height=30 * max(3, df.height))
+        .properties(height=30 * max(3, df.height))
     )
 
 
-def keys(df: pl.DataFrame) -> alt.Chart:
-    """Mean |cos| between layer-0 token keys per head, trained against init, key and value tokens side by side."""
-    return (
+def keys(df: pl.DataFrame) -> alt.VConcatChart:
+    """Mean |cos| between layer-0 token keys per head, trained against init: key tokens (top), value tokens
+    (bottom)."""
+    df = df.sort("tokens", "state", "head", "seed")
+    base = (
         alt.Chart(df)
         .mark_bar()
         .encode(
-            x=alt.X("head:O", title="layer-0 head"),
+            x=alt.X("head:O", title="layer-0 head", axis=alt.Axis(labelAngle=0)),
             xOffset="state:N",
-            y=alt.Y("mean(mean_abs_cos):Q", title="mean |cos| between token keys"),
+            y=alt.Y("mean(mean_abs_cos):Q", title="mean |cos|"),
             color=alt.Color("state:N", title=None),
-            column=alt.Column("tokens:N", title=None),
             tooltip=["state:N", "tokens:N", "head:O", alt.Tooltip("mean(mean_abs_cos):Q", format=".3f")],
         )
-        .properties(width=220, height=220)
+        .properties(height=170)
     )
+    kinds = sorted(distinct(df, "tokens"))
+    return style(stack(*[base.transform_filter(alt.datum.tokens == k).properties(title=k) for k in kinds]))
 
 
-def routing(mass: pl.DataFrame) -> alt.Chart:
-    """Stacked attention mass per layer and head (:func:`~lab.tracks.D_bayes.frames.routing_mass`)."""
-    return (
+def routing(mass: pl.DataFrame) -> alt.VConcatChart:
+    """Stacked attention mass per head, one panel per layer (:func:`~lab.tracks.D_bayes.frames.routing_mass`)."""
+    mass = mass.sort("layer", "head", "target")  # the aggregate's row order is not fixed: the spec must be
+    base = (
         alt.Chart(mass)
         .mark_bar()
         .encode(
-            x=alt.X("head:O", title="head"),
+            x=alt.X("head:O", title="head", axis=alt.Axis(labelAngle=0)),
             y=alt.Y("mass:Q", title="attention from key positions", stack="zero"),
             color=alt.Color("target:N", title=None),
-            column=alt.Column("layer:O", title="layer"),
             tooltip=["layer:O", "head:O", "target:N", alt.Tooltip("mass:Q", format=".3f")],
         )
-        .properties(width=160, height=200)
+        .properties(height=160)
     )
+    layers = sorted(distinct(mass, "layer"))
+    return style(stack(*[base.transform_filter(alt.datum.layer == n).properties(title=f"layer {n}") for n in layers]))
 
 
 def pca(points: pl.DataFrame) -> alt.Chart:
     """Final states on their first two principal components, coloured by the exact posterior entropy."""
-    return (
+    return style(
         alt.Chart(points)
         .mark_circle(size=14, opacity=0.6)
         .encode(
@@ -114,18 +133,18 @@ def pca(points: pl.DataFrame) -> alt.Chart:
             color=alt.Color("h_bayes:Q", title="H_Bayes (bits)", scale=alt.Scale(scheme="viridis")),
             tooltip=["t:Q", alt.Tooltip("h_bayes:Q", format=".2f"), alt.Tooltip("h_model:Q", format=".2f")],
         )
-        .properties(width="container", height=300)
+        .properties(height=300)
     )
 
 
 def lens(df: pl.DataFrame) -> alt.Chart:
     """Logit-lens KL to the posterior after each sublayer, one line per seed, sublayers in stage order."""
     labels = df.sort("stage")["label"].unique(maintain_order=True).to_list()
-    return (
+    return style(
         alt.Chart(df)
         .mark_line(point=True)
         .encode(
-            x=alt.X("label:N", title="residual stream after", sort=labels),
+            x=alt.X("label:N", title="residual stream after", sort=labels, axis=alt.Axis(labelAngle=-45)),
             y=alt.Y(
                 "kl_bits:Q", title="KL(posterior ‖ logit lens), bits", scale=alt.Scale(type="symlog", constant=0.01)
             ),
@@ -137,7 +156,7 @@ def lens(df: pl.DataFrame) -> alt.Chart:
                 alt.Tooltip("mae_bits:Q", format=".4f"),
             ],
         )
-        .properties(width="container", height=260)
+        .properties(height=260)
     )
 
 
@@ -171,4 +190,4 @@ def ablations(components: pl.DataFrame, intact: pl.DataFrame) -> alt.LayerChart:
         .mark_rule(color="gray", strokeDash=[4, 3])
         .encode(x="mean(mae_bits):Q", tooltip=[alt.Tooltip("mean(mae_bits):Q", title="intact model", format=".4f")])
     )
-    return alt.layer(bars, rule).properties(width="container", height=26 * components["component"].n_unique() + 40)
+    return style(alt.layer(bars, rule).properties(height=26 * components["component"].n_unique() + 40))

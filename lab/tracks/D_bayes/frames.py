@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
-import torch
 
 from lab.tracks.D_bayes.config import (
     PAPER_CURVE,
@@ -180,7 +179,6 @@ def search_frame(cfg: BayesTrackConfig, results: list[RunResult]) -> pl.DataFram
     return pl.DataFrame(rows)
 
 
-@torch.no_grad()
 # ----------------------------------------------------------------------------- mechanisms
 
 

@@ -26,13 +26,15 @@ from lab.interp.windtunnel import (
     logit_lens,
     random_vectors_abs_cos,
 )
-from lab.models.windtunnel import build_model
+from lab.models.windtunnel import build_model, n_params
+from lab.plots import chart_for, needs
 from lab.profiles import Profile
 from lab.results import result_set, write_result
 from lab.tracks.D_bayes import charts, frames
 from lab.tracks.D_bayes.config import TRACK, BayesTrackConfig, Candidate, config_for
 from lab.tracks.D_bayes.frames import Mechanisms
 from lab.tracks.D_bayes.summary import BayesSummary, summarize
+from lab.train.ensemble import RunSpec, train_runs
 from lab.train.windtunnel import RunResult, logits_of, train_run
 
 NOTEBOOK_RUNS = "D_bayes-notebook"  # the checkpoint folder of the notebook's own runs (never written to results/)
@@ -63,21 +65,22 @@ def device_for(profile: Profile) -> str:
 
 
 def train_all(cfg: BayesTrackConfig, root: Path, **common: Any) -> Trained:
-    """The headline on every seed, the controls sized to it, and the search candidates on the first seed."""
-
-    def train(name, spec, tc, seed, match=None):
-        return train_run(name, cfg.V, spec, tc, seed, root, match=match, **common)
-
-    head = [train(f"transformer-s{s}", cfg.headline.model, cfg.headline.train, s) for s in cfg.seeds]
-    match = head[0].n_params
-    mlp = train("mlp", cfg.mlp, cfg.controls_train, cfg.seeds[0], match)
-    lstm = train("lstm", cfg.lstm, cfg.controls_train, cfg.seeds[0], match) if cfg.lstm else None
+    """The headline on every seed, the controls sized to it, and the search candidates on the first seed, trained
+    side by side (:func:`lab.train.ensemble.train_runs`)."""
+    s0 = cfg.seeds[0]
+    match = n_params(build_model(cfg.headline.model, cfg.V))  # the controls are sized to the headline
+    head = [RunSpec(f"transformer-s{s}", cfg.headline.model, cfg.headline.train, s) for s in cfg.seeds]
+    controls = [RunSpec("mlp", cfg.mlp, cfg.controls_train, s0, match)]
+    if cfg.lstm:
+        controls.append(RunSpec("lstm", cfg.lstm, cfg.controls_train, s0, match))
     search = [
-        head[0] if c == cfg.headline else train(f"search-{i}", c.model, c.train, cfg.seeds[0])
-        for i, c in enumerate(cfg.search)
+        head[0] if c == cfg.headline else RunSpec(f"search-{i}", c.model, c.train, s0) for i, c in enumerate(cfg.search)
     ]
-    finals = [("transformer", s, r) for s, r in zip(cfg.seeds, head, strict=True)] + [("mlp", cfg.seeds[0], mlp)]
-    return Trained(head, finals + ([("lstm", cfg.seeds[0], lstm)] if lstm else []), search)
+    runs = train_runs(cfg.V, head + controls + search, root, **common)  # the headline's search run is head[0]'s
+    n, m = len(head), len(head) + len(controls)
+    finals = [("transformer", s, r) for s, r in zip(cfg.seeds, runs[:n], strict=True)]
+    finals += [(c.name, s0, r) for c, r in zip(controls, runs[n:m], strict=True)]
+    return Trained(runs[:n], finals, runs[m:])
 
 
 def run(profile: Profile, *, fresh: bool = False, write: bool = True, progress: bool = True) -> BayesSummary:
@@ -132,27 +135,35 @@ def run(profile: Profile, *, fresh: bool = False, write: bool = True, progress: 
         "mech_summary": frames.mech_summary(mech),
     }
     record = dict(config=cfg.record(device), seed=cfg.seeds[0], profile=profile.name)
-    chart_of = chart_makers(cfg.target_mae, floor)
+    written = {"summary": summary.frame(), **tables}  # the curves chart reads the summary's target and floor
     with result_set(TRACK, profile.name):  # every table and the summary published together
         for name, table in tables.items():
-            write_result(TRACK, name, table, chart=chart_of.get(name), wall_time_s=summary.wall_time_s, **record)
+            chart = chart_for(CHARTS, name, written.__getitem__)
+            write_result(TRACK, name, table, chart=chart, wall_time_s=summary.wall_time_s, **record)
         summary = replace(summary, wall_time_s=time.perf_counter() - t_start)
         write_result(TRACK, "summary", summary.frame(), wall_time_s=summary.wall_time_s, **record)
     return summary
 
 
-def chart_makers(target: float, floor: float) -> dict[str, Callable[[pl.DataFrame], Any]]:
-    """Result name -> its chart, drawn from the frame read back from the Parquet file."""
-    return {
-        "curves": lambda f: charts.curves(frames.curve_lines(f), frames.reference_lines(target, floor)),
-        "calibration": lambda f: charts.calibration(*frames.calibration_by_position(f)),
-        "search": charts.search,
-        "key_orthogonality": charts.keys,
-        "routing": lambda f: charts.routing(frames.routing_mass(f)),
-        "pca_points": charts.pca,
-        "logit_lens": charts.lens,
-        "ablations": lambda f: charts.ablations(*frames.ablated_components(f)),
-    }
+@needs("summary")
+def _curves(curves: pl.DataFrame, summary: pl.DataFrame) -> Any:
+    """Our curves and the paper's, with the summary's target and context-blind floor as rules."""
+    s = summary.row(0, named=True)
+    return charts.curves(frames.curve_lines(curves), frames.reference_lines(s["target_mae"], s["floor_bits"]))
+
+
+# Result name -> its chart, called on the frame read back from the result's Parquet file (lab.results.rechart
+# redraws them from the committed files).
+CHARTS: dict[str, Callable[..., Any]] = {
+    "curves": _curves,
+    "calibration": lambda f: charts.calibration(*frames.calibration_by_position(f)),
+    "search": charts.search,
+    "key_orthogonality": charts.keys,
+    "routing": lambda f: charts.routing(frames.routing_mass(f)),
+    "pca_points": charts.pca,
+    "logit_lens": charts.lens,
+    "ablations": lambda f: charts.ablations(*frames.ablated_components(f)),
+}
 
 
 def train_custom(profile: Profile, candidate: Candidate, *, on_eval: Callable[[dict], None]) -> RunResult:

@@ -1,9 +1,12 @@
-"""Track E's charts: each takes a frame as written (or a view from ``frames``) and only encodes it."""
+"""Track E's charts: each takes a frame as written (or a view from ``frames``) and only encodes it. Every chart is
+drawn to the page's column width (:func:`lab.plots.style`): panels are stacked, never side by side."""
 
 from __future__ import annotations
 
 import altair as alt
 import polars as pl
+
+from lab.plots import distinct, pick, stack, style
 
 _SHARE_OF_TRAINING = dict(title="share of training", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1]))
 
@@ -35,7 +38,7 @@ def plot_checkpoints(df: pl.DataFrame) -> alt.VConcatChart:
                 alt.Tooltip("mean_margin:Q", format=".2f"),
             ],
         )
-        .properties(width=420, height=180)
+        .properties(height=180)
     )
     loss = (
         base.mark_line(point=True)
@@ -43,14 +46,14 @@ def plot_checkpoints(df: pl.DataFrame) -> alt.VConcatChart:
             y=alt.Y("val_loss:Q", title="validation loss (nats/token)", scale=alt.Scale(zero=False)),
             tooltip=["constraint_type:N", "step:Q", alt.Tooltip("val_loss:Q", format=".3f")],
         )
-        .properties(width=420, height=180)
+        .properties(height=180)
     )
-    return alt.vconcat(acc, loss)
+    return style(stack(acc, loss))
 
 
 def plot_loss(df: pl.DataFrame) -> alt.Chart:
     """Training loss per step (``loss``)."""
-    return (
+    return style(
         alt.Chart(df)
         .mark_line()
         .encode(
@@ -58,7 +61,7 @@ def plot_loss(df: pl.DataFrame) -> alt.Chart:
             y=alt.Y("loss:Q", title="training loss (nats/token)", scale=alt.Scale(zero=False)),
             tooltip=["step:Q", alt.Tooltip("loss:Q", format=".3f"), alt.Tooltip("lr:Q", format=".1e")],
         )
-        .properties(width=420, height=200)
+        .properties(height=200)
     )
 
 
@@ -76,7 +79,7 @@ def plot_transcoders(df: pl.DataFrame) -> alt.VConcatChart:
                 alt.Tooltip("dead_share:Q", format=".1%"),
             ],
         )
-        .properties(width=420, height=160)
+        .properties(height=160)
     )
     d = (
         base.mark_bar(color="#999")
@@ -84,9 +87,9 @@ def plot_transcoders(df: pl.DataFrame) -> alt.VConcatChart:
             y=alt.Y("dead_share:Q", title="never-active features", axis=alt.Axis(format="%")),
             tooltip=["layer:O", alt.Tooltip("dead_share:Q", format=".1%")],
         )
-        .properties(width=420, height=100)
+        .properties(height=100)
     )
-    return alt.vconcat(f, d)
+    return style(stack(f, d))
 
 
 def plot_circuit_stats(df: pl.DataFrame) -> alt.VConcatChart:
@@ -111,15 +114,19 @@ def plot_circuit_stats(df: pl.DataFrame) -> alt.VConcatChart:
             ],
         )
         band = base.mark_errorbar().encode(y=alt.Y("lo:Q", title=title), y2="hi:Q")
-        charts.append((line + band).properties(width=420, height=130))
-    return alt.vconcat(*charts)
+        charts.append((line + band).properties(height=130))
+    return style(stack(*charts))
 
 
-def plot_graph(drawing: pl.DataFrame) -> alt.FacetChart:
-    """One prompt's pruned attribution graph per checkpoint (``frames.graph_drawing``), drawn offline: token
-    position across, layer up (0 = token embeddings, top = the target logit); features sized by influence on the
-    target, edges red when positive and blue when negative."""
-    base = alt.Chart(drawing)
+def plot_graph(drawing: pl.DataFrame) -> alt.LayerChart:
+    """One prompt's pruned attribution graph (``frames.graph_drawing``) at one checkpoint, the reader picking which
+    (the base model first), drawn offline: token position across, layer up (0 = token embeddings, top = the target
+    logit); features sized by influence on the target, edges red when positive and blue when negative."""
+    fractions = sorted(distinct(drawing, "fraction"))
+    checkpoint = pick(
+        "graph_checkpoint", fractions, label="share of training", labels=[f"{f:.0%}" for f in fractions], radio=True
+    )
+    base = alt.Chart(drawing).transform_filter("datum.fraction == graph_checkpoint")
     e = (
         base.transform_filter("datum.kind == 'edge'")
         .mark_rule(opacity=0.35)
@@ -143,8 +150,4 @@ def plot_graph(drawing: pl.DataFrame) -> alt.FacetChart:
             tooltip=["label:N", "kind:N", "layer:Q", "pos:Q", alt.Tooltip("influence:Q", format=".3f")],
         )
     )
-    return (
-        alt.layer(e, n)
-        .properties(width=230, height=260)
-        .facet(column=alt.Column("fraction:Q", title="share of training", header=alt.Header(format=".0%")))
-    )
+    return style(alt.layer(e, n).add_params(checkpoint).properties(height=320))

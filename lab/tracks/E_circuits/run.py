@@ -14,9 +14,11 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import torch
@@ -27,6 +29,7 @@ from lab.data.corpus import load_corpus
 from lab.errors import LabError
 from lab.interp import circuits, transcoders
 from lab.models.loading import LoadedModel, load_hub_model, load_model
+from lab.plots import chart_for, needs
 from lab.profiles import Profile
 from lab.results import result_set, write_result
 from lab.tracks.E_circuits import charts, config, frames
@@ -268,11 +271,20 @@ def provenance_config(cfg: CircuitsConfig, ft: FinetuneConfig, tc_meta: dict) ->
     }
 
 
-CHARTS = {
+@needs("graph_edges")
+def _graph(nodes: pl.DataFrame, graph_edges: pl.DataFrame) -> Any:
+    """One prompt's graph per checkpoint (the edges are written before the nodes)."""
+    return charts.plot_graph(frames.graph_drawing(nodes, graph_edges))
+
+
+# Result name -> its chart, called on the frame read back from the result's Parquet file (lab.results.rechart
+# redraws them from the committed files).
+CHARTS: dict[str, Callable[..., Any]] = {
     "checkpoints": charts.plot_checkpoints,
     "loss": charts.plot_loss,
     "transcoders": charts.plot_transcoders,
     "circuit_stats": charts.plot_circuit_stats,
+    "graph_nodes": _graph,
 }
 
 
@@ -289,11 +301,11 @@ def write_results(
     kw = dict(config=provenance, seed=seed, profile=profile.name, wall_time_s=wall_time_s)
     with result_set(TRACK, profile.name) as folder:  # the stage: results written so far can be read back from it
 
-        def graph_chart(nodes: pl.DataFrame):  # one prompt's graph per checkpoint; the edges are written first
-            return charts.plot_graph(frames.graph_drawing(nodes, pl.read_parquet(folder / "graph_edges.parquet")))
+        def read(name: str) -> pl.DataFrame:
+            return pl.read_parquet(folder / f"{name}.parquet")
 
         for name, frame in results.items():
-            write_result(TRACK, name, frame, chart=graph_chart if name == "graph_nodes" else CHARTS.get(name), **kw)
+            write_result(TRACK, name, frame, chart=chart_for(CHARTS, name, read), **kw)
         (folder / "graphs").mkdir()  # replaces the previous graphs/ whole
         for f in json_files:
             shutil.copy(f, folder / "graphs" / f.name)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -19,6 +20,14 @@ from lab.tracks.pretrain import charts, frames
 from lab.tracks.pretrain.config import TRACK, config_for
 from lab.tracks.pretrain.summary import PretrainSummary, summarize
 from lab.train.pretraining import PretrainConfig, TrainLog, TrainResult, train_gpt
+
+# Result name -> its chart, called on the frame read back from the result's Parquet file (lab.results.rechart
+# redraws them from the committed files).
+CHARTS: dict[str, Callable[[pl.DataFrame], Any]] = {
+    "loss": charts.plot_loss,
+    "log": charts.plot_log,
+    "ablation": charts.plot_ablation,
+}
 
 
 def run(
@@ -59,8 +68,8 @@ def run(
     }
     common = dict(config=config, seed=cfg.seed, profile=profile.name, wall_time_s=res.wall_time_s)
     with result_set(TRACK, profile.name):  # published together: these, the ablation and the benchmark
-        write_result(TRACK, "loss", frames.loss_frame(res.log), chart=charts.plot_loss, **common)
-        write_result(TRACK, "log", steps, chart=charts.plot_log, **common)
+        write_result(TRACK, "loss", frames.loss_frame(res.log), chart=CHARTS["loss"], **common)
+        write_result(TRACK, "log", steps, chart=CHARTS["log"], **common)
         write_result(TRACK, "samples", samples, **common)
         write_result(TRACK, "summary", summary.frame(), **common)
         if cfg.pos_emb == "rope":
@@ -92,7 +101,7 @@ def ablation(
         wall_time_s=learned.wall_time_s,
     )
     with result_set(TRACK, profile.name):  # joins run()'s set
-        write_result(TRACK, "ablation", frames.ablation_frame(logs), chart=charts.plot_ablation, **common)
+        write_result(TRACK, "ablation", frames.ablation_frame(logs), chart=CHARTS["ablation"], **common)
         one_row_each = frames.ablation_summary_frame(logs, cfg.max_iters, cfg.grad_clip)
         write_result(TRACK, "ablation_summary", one_row_each, **common)
 
