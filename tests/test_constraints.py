@@ -97,6 +97,8 @@ class TestScoring:
         assert df.height == 3
         for row, p in zip(df.iter_rows(named=True), prompts, strict=True):
             alts = [C.continuation_logprob(lm.model, lm.tokenizer, p.prompt, " " + a) for a in p.alternatives]
-            assert row["logprob_best_alternative"] == pytest.approx(max(alts))
-            assert row["correct"] == (row["logprob_target"] > max(alts))
-            assert math.isclose(row["margin"], row["logprob_target"] - max(alts), abs_tol=1e-9)
+            # batched scoring equals the one-at-a-time log-probs to float rounding
+            assert row["logprob_best_alternative"] == pytest.approx(max(alts), abs=1e-5)
+            assert row["correct"] == (row["logprob_target"] > row["logprob_best_alternative"])
+            assert row["margin"] == row["logprob_target"] - row["logprob_best_alternative"]
+            assert math.isclose(row["margin"], row["logprob_target"] - max(alts), abs_tol=1e-4)

@@ -204,12 +204,28 @@ def continuation_logprob(model, tokenizer, prompt: str, continuation: str) -> fl
     return logp.gather(1, c_ids[0].to(model.device)[:, None]).sum().item()
 
 
-def score_prompts(model, tokenizer, prompts: list[HeldOutPrompt] | None = None) -> pl.DataFrame:
-    """Per prompt: log-prob of the right concept (with a leading space) vs each alternative, and whether it wins."""
+def score_prompts(
+    model, tokenizer, prompts: list[HeldOutPrompt] | None = None, *, batched: bool = True
+) -> pl.DataFrame:
+    """Per prompt: log-prob of the right concept (with a leading space) vs each alternative, and whether it wins.
+
+    ``batched``: every prompt and continuation scored in left-padded batches that reuse each prompt's KV cache
+    (``lab.train.evaluation.continuation_logprobs``; equal to the one-at-a-time :func:`continuation_logprob`, the
+    ``batched=False`` path, to float rounding)."""
+    prompts = prompts or held_out_prompts()
+    options = [[" " + tp.target] + [" " + a for a in tp.alternatives] for tp in prompts]
+    if batched:
+        from lab.train.evaluation import continuation_logprobs
+
+        scores = continuation_logprobs(model, tokenizer, [tp.prompt for tp in prompts], options)
+    else:
+        scores = [
+            [continuation_logprob(model, tokenizer, tp.prompt, c) for c in o]
+            for tp, o in zip(prompts, options, strict=True)
+        ]
     rows = []
-    for tp in prompts or held_out_prompts():
-        target = continuation_logprob(model, tokenizer, tp.prompt, " " + tp.target)
-        best_alt = max(continuation_logprob(model, tokenizer, tp.prompt, " " + a) for a in tp.alternatives)
+    for tp, (target, *alts) in zip(prompts, scores, strict=True):
+        best_alt = max(alts)
         rows.append(
             {
                 "constraint_type": tp.constraint_type,

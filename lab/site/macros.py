@@ -9,7 +9,7 @@ lab/site/macros``) and calls :func:`define_env`, which registers::
     {{ table("pretrain/samples", columns={"step": "Step", "text": "Generated text"}, max_rows=5) }}
     {{ provenance("pretrain/summary") }}                      config, commit, packages, hardware
     {{ claim("pretrain/summary", "final_val_loss", "<", 1.88, fmt=".3f") }}   a headline, checked
-    {{ graphs("E_circuits", "Caption") }}                      the attribution-graph viewer over results/<track>/graphs
+    {{ graphs("<track>", "Caption") }}                         the attribution-graph viewer over results/<track>/graphs
 
 References and the ``row`` / ``where`` / ``sort`` / ``data`` selection are :mod:`lab.site.sources`'s; number
 formats :mod:`lab.site.formatting`'s; claims :mod:`lab.site.claims`'s; a chart's caption is checked against the

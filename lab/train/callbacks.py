@@ -1,6 +1,7 @@
 """What a LoRA run records through transformers' ``Trainer`` callbacks: per-step loss, grad norm (pre-clip), LR,
 tokens/s and peak memory; eval losses; Adam's moments per layer, module and LoRA matrix; checkpoints at fixed
-fractions of training, a progress bar, and a test-only interrupt."""
+fractions of training, a progress bar, and a test-only interrupt; the bf16 training step's autocast
+(:mod:`lab.train.precision`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from lab.errors import LabError
 from lab.io import atomic_write_text
 from lab.paths import shown
 from lab.state import check_trainer_checkpoint, damaged, read_json
+from lab.train.precision import labelled_positions
 
 LOG_FILE = "lab_log.json"  # our per-step logs, written into every checkpoint folder
 CONFIG_FILE = "lab_config.json"  # the run's FinetuneConfig, beside its checkpoint-N folders
@@ -169,7 +171,21 @@ def _trainer_classes():
     from transformers import Trainer, TrainerCallback
 
     class LabTrainer(Trainer):
-        """``Trainer`` that also records each step's unrounded loss and token count."""
+        """``Trainer`` that also records each step's unrounded loss and token count. With ``lab_autocast`` set (the
+        bf16 path, :mod:`lab.train.precision`) training forwards and backwards run under autocast (evaluations in
+        fp32) and every loss is computed from the logits of the labelled positions only."""
+
+        lab_autocast: torch.dtype | None = None
+
+        def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+            if self.lab_autocast is not None and self.model.training:
+                return torch.autocast(self.args.device.type, dtype=self.lab_autocast, cache_enabled=cache_enabled)
+            return super().autocast_smart_context_manager(cache_enabled)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.lab_autocast is not None and "labels" in inputs:
+                inputs = labelled_positions(inputs)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             mask = inputs.get("attention_mask")
@@ -284,3 +300,19 @@ def _trainer_classes():
                 self.log.evals.append({"step": state.global_step, "eval_loss": float(logs["eval_loss"])})
 
     return LabTrainer, StepLogger, MomentLogger, SaveAtFractions, Progress, Interrupt, EvalAt
+
+
+def eval_first(ref: dict):
+    """A callback that evaluates once when training begins, after ``Trainer`` has prepared (DDP-wrapped) the model.
+
+    Not ``trainer.evaluate()`` before ``train()``: that prepares the model for inference only and marks it
+    prepared, so ``train()`` would not wrap it in DDP and under ``accelerate launch`` every process would train
+    alone on its shard of the data.
+    """
+    from transformers import TrainerCallback
+
+    class EvalFirst(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            ref["trainer"].evaluate()
+
+    return EvalFirst()

@@ -10,6 +10,9 @@ several GPUs with ``accelerate launch``. What it records, per optimisation step,
 - eval loss on the held-out task examples at ``n_evals`` evenly spaced steps (and before the first step);
 - Adam's first/second moments per layer, module and LoRA matrix (:class:`MomentLogger`).
 
+The training step runs in bf16 autocast over fp32 weights by default, eval losses in fp32
+(:mod:`lab.train.precision`); ``precision="fp32"`` is the all-fp32 reference path.
+
 Checkpoints (the LoRA adapter as safetensors, optimizer, scheduler, RNG states, and our logs) are written at
 25/50/75/100 % of training; a run that finds a checkpoint of the same config resumes from the latest one.
 Bad hyper-parameters raise :class:`LabError` before any compute: when the :class:`FinetuneConfig` is made, or in
@@ -37,7 +40,8 @@ from lab.models.loading import LoadedModel, load_model
 from lab.paths import shown
 from lab.profiles import Profile
 from lab.state import damaged
-from lab.train.callbacks import CONFIG_FILE, RunLog, _trainer_classes, resume_point
+from lab.train.callbacks import CONFIG_FILE, RunLog, _trainer_classes, eval_first, resume_point
+from lab.train.precision import PRECISIONS, autocast_dtype, nf4_compute_dtype, training_numerics
 from lab.validation import Problems
 
 # transformers' lr_scheduler_type names that need no lr_scheduler_kwargs (cosine_with_min_lr, warmup_stable_decay
@@ -65,9 +69,7 @@ class FinetuneConfig:
 
     lr: float = 2e-4  # peak learning rate (after warmup)
     rank: int = 8  # LoRA rank r
-    alpha_per_rank: float = (
-        2.0  # lora_alpha = alpha_per_rank * rank, so the LoRA scale alpha/r is the same at every rank
-    )
+    alpha_per_rank: float = 2.0  # lora_alpha = alpha_per_rank * rank: the LoRA scale alpha/r is the same at every r
     dropout: float = 0.0  # LoRA dropout
     target_modules: tuple[str, ...] = ALL_LINEAR  # names of the linear layers that get adapters
     batch_size: int = 8  # examples per optimisation step (per device)
@@ -84,6 +86,7 @@ class FinetuneConfig:
     n_test: int = 30  # held-out examples (unseen names and cities)
     max_new_tokens: int = 40  # greedy answer length when scoring
     seed: int = 0  # task generation, LoRA initialisation, data order
+    precision: str = "bf16"  # "bf16": autocast training step, fp32 weights and eval loss (lab.train.precision)
 
     def __post_init__(self) -> None:
         checks = Problems(self)
@@ -112,6 +115,7 @@ class FinetuneConfig:
             hint=": the step log records the gradient norm that clipping measures; 1.0 is the usual value",
         )
         checks.choice("quant", ("none", "nf4"))
+        checks.choice("precision", PRECISIONS, hint=': "fp32" is the slower reference path')
         checks.raise_if_any("bad fine-tuning config")
 
 
@@ -156,8 +160,11 @@ def validate(cfg: FinetuneConfig, model, train: list[dict], evals: list[dict]) -
         raise LabError("bad fine-tuning setup: " + "; ".join(problems))
 
 
-def quantize_nf4(loaded: LoadedModel, folder: Path | None = None) -> LoadedModel:
-    """The same model with its linear layers in 4-bit NormalFloat (bitsandbytes ``Linear4bit``), compute in fp32.
+def quantize_nf4(
+    loaded: LoadedModel, folder: Path | None = None, compute_dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """The same model with its linear layers in 4-bit NormalFloat (bitsandbytes ``Linear4bit``), computing in
+    ``compute_dtype``.
 
     Goes through ``save_pretrained`` + ``from_pretrained(quantization_config=...)``, the standard QLoRA path.
     """
@@ -165,7 +172,7 @@ def quantize_nf4(loaded: LoadedModel, folder: Path | None = None) -> LoadedModel
 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         loaded.model.save_pretrained(tmp, safe_serialization=True)
         device_map = "auto" if torch.cuda.is_available() else "cpu"
@@ -239,9 +246,10 @@ def collate(pad_id: int):
     return fn
 
 
-def schedule_steps(n_train: int, cfg: FinetuneConfig) -> tuple[int, set[int], int, set[int]]:
-    """(total steps, checkpoint steps at 25/50/75/100 %, eval interval, moment-snapshot steps)."""
-    total = math.ceil(n_train / cfg.batch_size) * cfg.epochs
+def schedule_steps(n_train: int, cfg: FinetuneConfig, world: int = 1) -> tuple[int, set[int], int, set[int]]:
+    """(total steps, checkpoint steps at 25/50/75/100 %, eval interval, moment-snapshot steps) with ``world``
+    processes each taking every ``world``-th batch of ``cfg.batch_size`` examples (accelerate's sharding)."""
+    total = math.ceil(math.ceil(n_train / cfg.batch_size) / world) * cfg.epochs
     saves = {max(1, round(total * q / 4)) for q in (1, 2, 3, 4)}
     eval_every = max(1, math.ceil(total / max(1, cfg.n_evals)))
     every = cfg.moments_every or eval_every
@@ -261,17 +269,6 @@ class FinetuneResult:
     trainer_time_s: float  # this process's time inside Trainer.train (steps, logging, evals, checkpoints)
     resumed_from: int | None
     output_dir: Path
-
-
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict]):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.rows[i]
 
 
 def train_lora(
@@ -327,17 +324,19 @@ def train_lora(
     latest, saved_log = resume_point(output_dir, cfg_json) if resume else (None, None)
     from accelerate import PartialState
 
-    if PartialState().is_main_process:  # under `accelerate launch`, one process prepares the folder
+    # cpu=True: on a CPU-only torchrun process a bare PartialState() is non-distributed (every rank "main")
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.is_main_process:  # under `accelerate launch`, one process prepares the folder
         if latest is None and output_dir.exists():
             shutil.rmtree(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output_dir / CONFIG_FILE, cfg_json)
-    PartialState().wait_for_everyone()
+    state.wait_for_everyone()
 
     quantize = cfg.quant == "nf4" and not getattr(loaded.model, "is_loaded_in_4bit", False)
-    base = quantize_nf4(loaded, output_dir) if quantize else loaded
+    base = quantize_nf4(loaded, output_dir, nf4_compute_dtype(cfg.precision)) if quantize else loaded
     model = attach_lora(base.model, cfg)
-    total, save_at, eval_every, moments_at = schedule_steps(len(train_rows), cfg)
+    total, save_at, eval_every, moments_at = schedule_steps(len(train_rows), cfg, state.num_processes)
     log = saved_log if saved_log is not None else RunLog()
 
     cuda = torch.cuda.is_available()
@@ -367,6 +366,7 @@ def train_lora(
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=True,
+        prediction_loss_only=cfg.precision == "bf16",  # evaluations keep the loss only, not every logit
     )
     LabTrainer, StepLogger, MomentLogger, SaveAtFractions, Progress, Interrupt, EvalAt = _trainer_classes()
     ref: dict = {}
@@ -379,22 +379,24 @@ def train_lora(
         callbacks.append(Progress(desc))
     if interrupt_after is not None:
         callbacks.append(Interrupt(interrupt_after))
+    if do_eval and latest is None:  # eval loss before the first step (EvalAt records it as step 0)
+        callbacks.append(eval_first(ref))
     trainer = LabTrainer(
         model=model,
         args=args,
-        train_dataset=_Rows(train_rows),
-        eval_dataset=_Rows(eval_rows) if do_eval else None,
+        train_dataset=train_rows,  # a list is a map-style dataset
+        eval_dataset=eval_rows if do_eval else None,
         data_collator=collate(pad_token_id(tok)),
         callbacks=callbacks,
     )
     ref["trainer"] = trainer
+    trainer.lab_autocast = autocast_dtype(cfg.precision)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    if do_eval and latest is None:
-        trainer.evaluate()  # eval loss before the first step (EvalAt records it as step 0)
-    t_train = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(latest) if latest is not None else None)
-    trainer_time = time.perf_counter() - t_train
+    with training_numerics(model, cfg.precision):
+        t_train = time.perf_counter()
+        trainer.train(resume_from_checkpoint=str(latest) if latest is not None else None)
+        trainer_time = time.perf_counter() - t_train
     model.eval()
     return FinetuneResult(
         model=model,

@@ -35,6 +35,7 @@ from lab.results import result_set, write_result
 from lab.tracks.E_circuits import charts, config, frames
 from lab.tracks.E_circuits.config import CircuitsConfig
 from lab.tracks.E_circuits.summary import CircuitsSummary, summarize
+from lab.train.evaluation import labelled_token_loss
 from lab.train.lora import FinetuneConfig, fresh_base, load_adapter, train_lora
 
 TRACK = config.TRACK
@@ -149,7 +150,7 @@ def score_stages(
             scored.with_columns(checkpoint=pl.lit(i), step=pl.lit(step), fraction=pl.lit(step / total))
         )
         loss_rows += [
-            {"checkpoint": i, "constraint_type": c, "val_loss": constraints.mean_token_loss(model, rows)}
+            {"checkpoint": i, "constraint_type": c, "val_loss": labelled_token_loss(model, rows)}
             for c, rows in val_by_type.items()
         ]
     return pl.concat(prompt_frames), pl.DataFrame(loss_rows)
