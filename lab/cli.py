@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--profile", default="cpu")
     r.add_argument("--fresh", action="store_true", help="ignore checkpoints of an interrupted run")
     b = sub.add_parser("bench", help="benchmarks")
-    b.add_argument("which", choices=["all", *_workloads(), *BENCHMARKS, "headlines"])
+    b.add_argument("which", choices=["all", *_workloads(), *BENCHMARKS, "headlines", "cost"])
     b.add_argument("--before", default=None, help="headlines: the commit whose committed results to compare with")
     b.add_argument("--profile", default="cpu")
     b.add_argument("--steps", type=_count, default=None, help="timed steps (finetune: default 6)")
@@ -358,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
             from lab.tracks import headlines as fields_of
 
             print(headlines.run(_profile(args.profile), args.before, fields_of()))
+        elif args.cmd == "bench" and args.which == "cost":
+            from lab.bench import cost_report
+
+            cost_report.run(_profile(args.profile))
         elif args.cmd == "bench" and (args.which == "all" or args.which in _workloads()):
             from lab.bench import suite
 

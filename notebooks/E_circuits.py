@@ -67,7 +67,7 @@ def _(LabError, duration, mo, read_result):
     try:
         _s = read_result("E_circuits", "summary").row(0, named=True)
     except LabError:
-        cpu_cost = "about an hour on 2 CPU cores"
+        cpu_cost = "about 25 minutes on 2 CPU cores"
     else:
         _parts = {
             "fine-tuning": _s["train_time_s"],

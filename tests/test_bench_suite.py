@@ -128,3 +128,20 @@ class TestHeadlines:
         assert mine["relative_change"].to_list() == pytest.approx([-0.2, 0.0, 1.0])
         assert mine["same"].to_list() == [False, True, False]
         assert frame.filter(pl.col("track") != "pretrain")["after"].null_count() == frame.height - 3
+
+    def test_main_job_lists_each_tracks_time_in_track_order_and_their_sum(self, results_dir):
+        from lab.bench import headlines
+
+        results.record_timing("C_probing", "smoke", 30.0)
+        results.record_timing("pretrain", "smoke", 12.0)
+        results.record_timing("pretrain", "smoke", 10.0)  # the last run of a track counts
+        job = headlines.main_job(get_profile("smoke"), ["pretrain", "A_finetuning", "C_probing"])
+        assert job["track"].to_list() == ["pretrain", "C_probing", "all tracks"]
+        assert job["wall_s"].to_list() == [10.0, 30.0, 40.0]
+        assert job["minutes"].to_list() == pytest.approx([10 / 60, 0.5, 40 / 60])
+
+    def test_main_job_without_timings_names_the_command(self, results_dir):
+        from lab.bench import headlines
+
+        with pytest.raises(LabError, match="lab run all --profile smoke"):
+            headlines.main_job(get_profile("smoke"), ["pretrain"])

@@ -14,15 +14,15 @@ browser is a failure.
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from browsing import CHROMIUM_ARGS, QuietHandler, chromium
 
 pytestmark = pytest.mark.browser
 
@@ -30,7 +30,6 @@ WIDTHS = {"desktop": (1280, 900), "phone": (390, 844)}
 MIN_SCALE = 0.95  # a chart shown below this share of its drawn size was shrunk to fit
 MIN_TEXT_PX = 10.0
 SLACK_PX = 1.0  # sub-pixel rounding at the column's edges
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 
 # Per chart: its drawn size, the size shown, the column's edges, the smallest text shown, the inputs' edges.
 MEASURE = """
@@ -116,25 +115,10 @@ def measure_site(browser: object, base: str, site: Path, width: int, height: int
     return problems + [f"page error: {e}" for e in errors], rows
 
 
-def _chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        reason = "Debian chromium is not installed (apt-get install chromium; ./.ci/test does it)"
-        if os.environ.get("LAB_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"LAB_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
-    return path
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-
 @contextmanager
 def served(folder: Path) -> Iterator[str]:
     """``folder`` served on 127.0.0.1 from a thread: yields its base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -146,7 +130,7 @@ def served(folder: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    executable = _chromium()
+    executable = chromium()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

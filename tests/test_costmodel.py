@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import asdict
 
 import numpy as np
@@ -151,9 +152,16 @@ class TestProjection:
 def test_smoke_run_measures_what_it_must_hold(results_dir):
     """On smoke, every fp32 forward's measured peak holds at least its fp32 logits tensor, and each validation row is
     the fitted model's prediction for a held-out measurement."""
+    from lab.bench import cost_report
+    from lab.paths import results_root
     from lab.profiles import get_profile
 
-    out = cm.run(get_profile("smoke"))
+    out = cost_report.run(get_profile("smoke"))  # `lab bench cost`: publishes what it returns
+    for name, frame in out.items():
+        assert pl.read_parquet(results_root("smoke") / "bench" / f"{name}.parquet").equals(frame)
+    chart = json.loads((results_root("smoke") / "bench" / "cost_validation.vl.json").read_text())
+    drawn = sum(len(rows) for rows in chart["datasets"].values() if rows and "rel_error" in rows[0])
+    assert drawn == out["cost_validation"].height  # every held-out point is on the chart
     m = out["cost_measurements"]
     fwd = m.filter((pl.col("workload") == "forward") & (pl.col("precision") == "fp32"))
     assert fwd.height and (fwd["memory_bytes"] >= fwd["batch"] * fwd["seq"] * fwd["vocab"] * 4).all()

@@ -3,6 +3,9 @@ committed at ``COMMIT`` beside the ones in the working tree, written to ``result
 
 This is how a change of how the tracks compute (the speed suite's fast paths) shows that the results did not move
 beyond their noise: the "before" side is read from git, so the comparison can be remade at any later commit.
+
+It also publishes ``results/bench/main_job.parquet``: each track's last measured wall time on the profile (from
+``results/timings.parquet``, which ``lab run`` writes) in track order, and their sum as the row ``all tracks``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import polars as pl
 from lab.errors import LabError
 from lab.paths import DEFAULT_PROFILE, REPO_ROOT, results_root
 from lab.profiles import Profile
-from lab.results import result_set, write_result
+from lab.results import TIMINGS, result_set, write_result
 
 FOLDER = "bench"
 
@@ -66,18 +69,39 @@ def compare(profile: Profile, before: str, fields_of: dict[str, tuple[str, ...]]
     return pl.DataFrame(rows)
 
 
+def main_job(profile: Profile, tracks: list[str]) -> pl.DataFrame:
+    """``track, wall_s, minutes, commit, finished_at`` per track of ``tracks`` that has a timing on ``profile``,
+    then ``all tracks`` (the sum; its commit is the list of the tracks' commits)."""
+    path = results_root(profile.name) / TIMINGS
+    if not path.exists():
+        raise LabError(f"{path} is missing: `lab run all --profile {profile.name}` records each track's time there")
+    t = pl.read_parquet(path).filter(pl.col("profile") == profile.name)
+    order = {n: i for i, n in enumerate(tracks)}
+    t = t.filter(pl.col("track").is_in(tracks)).sort(pl.col("track").replace_strict(order))
+    total = pl.DataFrame(
+        {
+            "track": ["all tracks"],
+            "wall_s": [float(t["wall_s"].sum())],
+            "commit": [", ".join(dict.fromkeys(c[:7] for c in t["commit"]))],
+            "finished_at": [t["finished_at"].max()],
+        }
+    )
+    frame = pl.concat([t.select("track", "wall_s", "commit", "finished_at"), total], how="vertical_relaxed")
+    frame = frame.with_columns(minutes=pl.col("wall_s") / 60)
+    return frame.select("track", "wall_s", "minutes", "commit", "finished_at")
+
+
 def run(profile: Profile, before: str, fields_of: dict[str, tuple[str, ...]]) -> pl.DataFrame:
-    """Compare and publish results/bench/headlines.parquet (the other files of results/bench/ are kept)."""
+    """Compare and publish results/bench/headlines.parquet and main_job.parquet (the other files of results/bench/
+    are kept)."""
     t0 = time.perf_counter()
     frame = compare(profile, before, fields_of)
+    job = main_job(profile, list(fields_of))
+    record = dict(seed=None, profile=profile.name)
     with result_set(FOLDER, profile.name):
-        write_result(
-            FOLDER,
-            "headlines",
-            frame,
-            config={"before": before},
-            seed=None,
-            profile=profile.name,
-            wall_time_s=time.perf_counter() - t0,
-        )
+        wall = time.perf_counter() - t0
+        write_result(FOLDER, "headlines", frame, config={"before": before}, wall_time_s=wall, **record)
+        write_result(FOLDER, "main_job", job, config={"tracks": list(fields_of)}, wall_time_s=0.0, **record)
+    for r in job.iter_rows(named=True):
+        print(f"main job: {r['track']:<14} {r['minutes']:6.1f} min  ({r['commit']})")
     return frame

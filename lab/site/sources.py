@@ -39,6 +39,11 @@ def result_file(ref: str, suffix: str) -> Path:
     """The file of a result (``.parquet`` or ``.vl.json``); :class:`LabError` with the command when it is missing."""
     profile, track, name = result_ref(ref)
     path = results_root(profile) / track / f"{name}{suffix}"
+    if not path.exists() and track == "bench":
+        raise LabError(
+            f"{path} is missing (needed by the site): `lab bench all`, `lab bench cost` and "
+            f"`lab bench headlines --before <commit>` (each with --profile {profile}) produce results/bench/"
+        )
     if not path.exists():
         raise LabError(
             f"{path} is missing (needed by the site): run `lab run {track} --profile {profile}` "
