@@ -75,7 +75,7 @@ def _(mo, profile_picker, script_mode):
     profile_ui, legend = profile_picker(
         mo,
         {
-            "cpu": "SmolLM2-135M-Instruct on the JSON-record task, 12 runs: about 45 minutes on 2 cores the first "
+            "cpu": "SmolLM2-135M-Instruct on the JSON-record task, 12 runs: about 30 minutes on 2 cores the first "
             "time (finished runs are reused after that)",
             "smoke": "a tiny random Llama on generated text: about half a minute; checks that the code runs, "
             "its numbers mean nothing",

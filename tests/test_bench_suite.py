@@ -127,6 +127,7 @@ class TestHeadlines:
         assert mine["change"].to_list() == pytest.approx([-0.5, 0.0, 50.0])
         assert mine["relative_change"].to_list() == pytest.approx([-0.2, 0.0, 1.0])
         assert mine["same"].to_list() == [False, True, False]
+        assert mine["before_value"].to_list() == [2.5, 1.5, 50.0] and mine["after_value"].to_list() == [2.0, 1.5, 100.0]
         assert frame.filter(pl.col("track") != "pretrain")["after"].null_count() == frame.height - 3
 
     def test_main_job_lists_each_tracks_time_in_track_order_and_their_sum(self, results_dir):

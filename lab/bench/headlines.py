@@ -61,6 +61,8 @@ def compare(profile: Profile, before: str, fields_of: dict[str, tuple[str, ...]]
                     "field": field,
                     "before": None if a is None else str(a),
                     "after": None if b is None else str(b),
+                    "before_value": float(a) if numeric else None,  # the same, as numbers where both are
+                    "after_value": float(b) if numeric else None,
                     "change": float(b) - float(a) if numeric else None,
                     "relative_change": (float(b) - float(a)) / abs(float(a)) if numeric and a else None,
                     "same": a == b,
