@@ -136,3 +136,29 @@ def test_bench_runs_on_smoke_and_the_paths_agree():
     """``lab bench wind`` on smoke: both paths time, and measure() checks their final MAEs agree (else it raises)."""
     m = measure(get_profile("smoke"), repeats=1)
     assert m.workload == "wind" and len(m.baseline_s) == len(m.fast_s) == 1
+
+
+def test_a_plain_script_without_a_main_guard_can_train_side_by_side(tmp_path):
+    """multiprocessing imports ``__main__`` again in its forkserver and workers; train_runs hides it, so a script
+    that calls it at top level (no ``if __name__ == "__main__":``) trains once instead of re-running itself."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "plain.py"
+    script.write_text(
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from lab.train.ensemble import RunSpec, train_runs\n"
+        "from lab.models.windtunnel import ModelSpec\n"
+        "from lab.train.windtunnel import TrainConfig\n"
+        "cfg = TrainConfig(steps=5, batch_size=8, lr=3e-3, warmup=1, eval_every=5, eval_sequences=16)\n"
+        "spec = ModelSpec('transformer', n_layer=1, n_head=2, d_model=16)\n"
+        "runs = [RunSpec(f'r{s}', spec, cfg, s) for s in (0, 1)]\n"
+        "out = train_runs(6, runs, Path(sys.argv[1]), progress=False)\n"
+        "print('trained', len(out), 'runs')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "runs")], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("trained 2 runs") == 1  # the script body ran once, in this process only

@@ -31,7 +31,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
+from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +161,25 @@ def _train_one(folder: Path, r: RunSpec, V: int, position: int, progress: bool, 
     return save_run(folder, r.name, V, r.spec, r.cfg, r.seed, r.match, model, log, train_s)
 
 
+@contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """While workers start, hide the caller's ``__main__`` from multiprocessing, which would otherwise import it again
+    in the forkserver and in every worker: a plain script that calls :func:`train_runs` without an
+    ``if __name__ == "__main__":`` guard would then run itself in each of them. The workers need nothing from it
+    (what they run lives in this module)."""
+    main = sys.modules.get("__main__")
+    saved = {k: getattr(main, k) for k in ("__file__", "__spec__") if hasattr(main, k)}
+    try:
+        if main is not None:
+            main.__spec__ = None
+            if "__file__" in saved:
+                del main.__file__
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(main, k, v)
+
+
 def _side_by_side(V: int, todo: dict[Path, tuple[RunSpec, torch.nn.Module]], progress: bool) -> dict[Path, RunResult]:
     """Train every run in ``todo`` at once, one worker process each, one intra-op thread per run."""
     ctx = multiprocessing.get_context("forkserver")
@@ -166,10 +188,11 @@ def _side_by_side(V: int, todo: dict[Path, tuple[RunSpec, torch.nn.Module]], pro
     fail = os.environ.get(TEST_FAIL)  # read here: the forkserver's workers have the environment it started with
     pool = ProcessPoolExecutor(len(todo), mp_context=ctx, initializer=_init_worker, initargs=(training, stop))
     try:
-        futures = {
-            pool.submit(_train_one, folder, r, V, i, progress, fail): folder
-            for i, (folder, (r, _)) in enumerate(todo.items())
-        }
+        with _main_module_hidden():  # the forkserver and the workers start on the first submits
+            futures = {
+                pool.submit(_train_one, folder, r, V, i, progress, fail): folder
+                for i, (folder, (r, _)) in enumerate(todo.items())
+            }
         wait(futures, return_when=FIRST_EXCEPTION)
         stop.set()  # a no-op when every run finished; else the others stop at their next step
         wait(futures)
