@@ -296,7 +296,9 @@ def _rechart(which: str, profile: str) -> None:
     from lab.results import MANIFEST, rechart
     from lab.tracks import TRACKS, get_track
 
-    names = list(TRACKS) if which == "all" else [get_track(which) and which]
+    if which != "all":
+        get_track(which)  # an unknown name lists the tracks
+    names = list(TRACKS) if which == "all" else [which]
     for track in names:
         if which == "all" and not (track_results(track, profile) / MANIFEST).exists():
             print(f"{track}: no results on profile {profile}, skipped")

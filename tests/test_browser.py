@@ -67,6 +67,18 @@ def _pages(site: Path) -> list[str]:
     return out
 
 
+def _rendered(page) -> tuple[int, int]:
+    """Wait for every chart of the page to be drawn (without an error) and every formula typeset; their counts."""
+    plots = page.locator(".lab-chart__plot")
+    for i in range(plots.count()):
+        plots.nth(i).locator("svg, canvas").first.wait_for(state="attached", timeout=15_000)
+        assert "lab-chart__plot--error" not in (plots.nth(i).get_attribute("class") or "")
+    formulas = page.locator(".arithmatex")
+    for i in range(formulas.count()):
+        formulas.nth(i).locator(".katex").first.wait_for(state="attached", timeout=10_000)
+    return plots.count(), formulas.count()
+
+
 class TestSiteInBrowser:
     """Every built page in headless Chromium."""
 
@@ -86,15 +98,8 @@ class TestSiteInBrowser:
             assert page.title().strip(), path
             # The blog's listing pages (blog/, its archive and categories) put their h1 in a header, not an article.
             assert page.locator("article h1, .md-content__inner > header h1").count() >= 1, path
-            plots = page.locator(".lab-chart__plot")
-            for i in range(plots.count()):
-                plots.nth(i).locator("svg, canvas").first.wait_for(state="attached", timeout=15_000)
-                assert "lab-chart__plot--error" not in (plots.nth(i).get_attribute("class") or "")
-                charts += 1
-            formulas = page.locator(".arithmatex")
-            for i in range(formulas.count()):
-                formulas.nth(i).locator(".katex").first.wait_for(state="attached", timeout=10_000)
-                math += 1
+            drawn, typeset = _rendered(page)
+            charts, math = charts + drawn, math + typeset
         context.close()
         assert charts >= 2 and math >= 1, (charts, math)
         assert errors == []
@@ -144,15 +149,8 @@ class TestSiteFromDisk:
         charts = math = 0
         for path in ["tracks/pretrain.html", "tracks/D_bayes.html", "blog/2026/11/22/circuits-during-finetuning.html"]:
             page.goto((site / path).as_uri(), wait_until="load")
-            plots = page.locator(".lab-chart__plot")
-            for i in range(plots.count()):
-                plots.nth(i).locator("svg").first.wait_for(state="attached", timeout=15_000)
-                assert "lab-chart__plot--error" not in (plots.nth(i).get_attribute("class") or "")
-                charts += 1
-            formulas = page.locator(".arithmatex")
-            for i in range(formulas.count()):
-                formulas.nth(i).locator(".katex").first.wait_for(state="attached", timeout=10_000)
-                math += 1
+            drawn, typeset = _rendered(page)
+            charts, math = charts + drawn, math + typeset
         assert charts >= 5 and math >= 5, (charts, math)
         search = page.locator("input.md-search__input")
         assert search.is_disabled() and "lab site serve" in (search.get_attribute("placeholder") or "")
