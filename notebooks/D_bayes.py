@@ -212,5 +212,56 @@ def _(LabError, charts, frames, mo, read_result, table):
     return
 
 
+@app.cell
+def _(LabError, charts, mo, read_result, table):
+    # The scale ladder, the authors' table row for row, the HMM wind tunnel and Paper II (committed cpu run).
+    try:
+        _scale = read_result("D_bayes", "scale")
+        _by_size = read_result("D_bayes", "scale_verdicts")
+        _table = read_result("D_bayes", "paper_table")
+        _hmm = read_result("D_bayes", "hmm_positions")
+        _em = read_result("D_bayes", "paper2_curves")
+    except LabError as err:
+        companions = mo.md(f"No committed scale-ladder results yet: {err}")
+    else:
+        companions = mo.vstack(
+            [
+                mo.md("## The paper's table, row for row"),
+                table(
+                    mo,
+                    _table,
+                    {
+                        "setting": "setting",
+                        "model": "model",
+                        "metric": "metric",
+                        "paper": "paper",
+                        "ours": "ours",
+                        "our_model": "our model",
+                    },
+                ),
+                mo.md("## Each claim at every size of the ladder"),
+                charts.scale(_scale),
+                table(
+                    mo,
+                    _by_size,
+                    {
+                        "claim": "claim",
+                        "size": "size",
+                        "n_params": "parameters",
+                        "verdict": "verdict",
+                        "trend": "with size",
+                    },
+                    page_size=12,
+                ),
+                mo.md("## HMM filtering: KL to the exact posterior by position"),
+                charts.hmm_positions(_hmm),
+                mo.md("## Paper II: one head, SGD against the EM-like schedule"),
+                charts.paper2(_em),
+            ]
+        )
+    companions
+    return
+
+
 if __name__ == "__main__":
     app.run()

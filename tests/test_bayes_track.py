@@ -203,8 +203,10 @@ class TestTrack:
 
     def test_second_run_reuses_every_training_run(self, results):
         summary, again, _ = results
-        assert again.cached_runs == 3 + 2 + 1  # seeds, MLP + LSTM, the extra search config
+        # seeds, MLP, the LSTM at each of its 2 learning rates, the extra search config, the ladder's other rung x 2
+        assert again.cached_runs == 3 + 1 + 2 + 1 + 2
         assert again.mae_mean == summary.mae_mean
+        assert again.hmm_train_s == summary.hmm_train_s and again.hmm_kl_bits == summary.hmm_kl_bits  # HMM cached
 
     def test_gpu_profile_refuses_without_cuda(self, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -32,11 +32,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-from collections.abc import Iterator
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -53,6 +54,9 @@ class RunSpec:
     cfg: TrainConfig
     seed: int
     match: int | None = None  # parameter count the controls are sized to when spec.d_hidden is 0
+
+
+T = TypeVar("T")
 
 
 class _Stopped(Exception):
@@ -178,6 +182,22 @@ def _main_module_hidden() -> Iterator[None]:
     finally:
         for k, v in saved.items():
             setattr(main, k, v)
+
+
+@contextmanager
+def side_job(fn: Callable[..., T], *args: Any) -> Iterator[Future[T]]:
+    """Run ``fn(*args)`` in one more worker process (from the same forkserver, one intra-op thread) while the caller
+    goes on, e.g. to :func:`train_runs`; yields its future and waits for it on leaving (``fn`` must be importable,
+    its arguments and result picklable)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,))
+    try:
+        with _main_module_hidden():
+            future = pool.submit(fn, *args)
+        yield future
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _side_by_side(V: int, todo: dict[Path, tuple[RunSpec, torch.nn.Module]], progress: bool) -> dict[Path, RunResult]:

@@ -126,11 +126,12 @@ def get_batch(data: torch.Tensor, block: int, batch: int, gen: torch.Generator) 
     return win[:, :-1], win[:, 1:]
 
 
-def training_forward(model: GPT, compile: bool) -> Callable:
+def training_forward(model: Callable, compile: bool) -> Callable:
     """The callable the training step runs: ``torch.compile(model)`` when ``compile`` (falling back to ``model``
     itself, with a warning, if the first call fails to compile: no C++ compiler, an unsupported platform), else
-    ``model``. Hook points keep working on ``model``; compile is for training only. (torch._dynamo's
-    ``suppress_errors`` does the same fallback, but for every compiled function in the process.)"""
+    ``model`` (a module or any function of tensors). Hook points keep working on ``model``; compile is for training
+    only. (torch._dynamo's ``suppress_errors`` does the same fallback, but for every compiled function in the
+    process.)"""
     if not compile:
         return model
     compiled = torch.compile(model)

@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import polars as pl
@@ -27,8 +28,11 @@ from lab.io import parquet_bytes, publish_dir
 from lab.models.windtunnel import ModelSpec, build_model, n_params
 from lab.paths import shown
 from lab.state import damaged, load_safetensors, read_json, read_parquet
+from lab.train.pretraining import autocast, training_forward
 from lab.train.schedule import adamw, lr_at
 from lab.validation import Problems
+
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,12 @@ class TrainConfig:
     eval_every: int = 250
     eval_sequences: int = 2048
     eval_seed: int = 20_251_227  # one fixed evaluation set shared by every run, seed and model
+    # the training forward pass: "bf16" autocast (fp32 weights, AdamW, loss and evaluation) or "fp32"; compiled with
+    # torch.compile when `compile` (eager where compiling fails). On this 2-core CPU bf16 + compile steps a 2-layer
+    # width-64 model ~2.1x faster than fp32 eager and a 6-layer width-128 one ~1.9x (one thread each; compiling
+    # alone is slower at width 128); the first step pays ~20-35 s of compiling.
+    precision: str = "fp32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         checks = Problems(self)
@@ -58,6 +68,10 @@ class TrainConfig:
         checks.number("weight_decay", 0)
         checks.number("beta2", 0, 1, open_high=True)
         checks.number("grad_clip", 0, open_low=True)
+        if self.precision not in PRECISIONS:
+            checks.add(f"precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
+        if not isinstance(self.compile, bool):
+            checks.add(f"compile must be True or False (got {self.compile!r})")
         checks.raise_if_any("bad wind-tunnel training config")
 
     def lr_at(self, step: int) -> float:
@@ -175,6 +189,7 @@ def fit(
         ev = Batch(V, *(t.to(device) for t in (ev.tokens, ev.keys, ev.values, ev.targets)))
         model.to(device)
     gen = torch.Generator().manual_seed(10_000 + seed)
+    step_forward = training_forward(partial(forward, model), cfg.compile)
     opt = adamw(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
     rows: list[dict] = []
     losses: list[float] = []
@@ -212,8 +227,9 @@ def fit(
         for g in opt.param_groups:
             g["lr"] = cfg.lr_at(step)
         b = sample_batch(V, cfg.batch_size, gen)
-        logits = forward(model, b.tokens.to(device))  # (B, V-1, 2V): predictions at key positions
-        loss = F.cross_entropy(logits.reshape(-1, 2 * V), b.targets.to(device).reshape(-1))
+        with autocast(cfg.precision, device):
+            logits = step_forward(b.tokens.to(device))  # (B, V-1, 2V): predictions at key positions
+        loss = F.cross_entropy(logits.float().reshape(-1, 2 * V), b.targets.to(device).reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))

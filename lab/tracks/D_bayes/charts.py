@@ -191,3 +191,51 @@ def ablations(components: pl.DataFrame, intact: pl.DataFrame) -> alt.LayerChart:
         .encode(x="mean(mae_bits):Q", tooltip=[alt.Tooltip("mean(mae_bits):Q", title="intact model", format=".4f")])
     )
     return style(alt.layer(bars, rule).properties(height=26 * components["component"].n_unique() + 40))
+
+
+def scale(df: pl.DataFrame) -> alt.LayerChart:
+    """The scale ladder: final entropy MAE of every run against its parameter count (both log scales), one colour
+    per depth, the mean over seeds as a line."""
+    base = alt.Chart(df).encode(
+        x=alt.X("n_params:Q", title="parameters (log scale)", scale=alt.Scale(type="log")),
+        y=alt.Y("mae_bits:Q", title="final entropy MAE (bits, log scale)", scale=alt.Scale(type="log")),
+    )
+    points = base.mark_point(filled=True, size=60).encode(
+        color=alt.Color("n_layer:O", title="layers"),
+        tooltip=["size:N", "seed:Q", "n_params:Q", "steps:Q", alt.Tooltip("mae_bits:Q", format=".4f")],
+    )
+    mean = base.mark_line(color="gray", strokeDash=[4, 3]).encode(y="mean(mae_bits):Q")
+    return style(alt.layer(mean, points).properties(height=260))
+
+
+def hmm_positions(df: pl.DataFrame) -> alt.LayerChart:
+    """KL to the exact filtering posterior at each observation position, the training length marked."""
+    trained = int(df.filter(pl.col("trained_length"))["t"].max())
+    line = (
+        alt.Chart(df)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("t:Q", title="observation position t"),
+            y=alt.Y("kl_bits:Q", title="KL to the exact posterior (bits, log scale)", scale=alt.Scale(type="log")),
+            color=alt.Color("trained_length:N", title="position trained", scale=alt.Scale(domain=[True, False])),
+            tooltip=["t:Q", alt.Tooltip("kl_bits:Q", format=".5f"), alt.Tooltip("mae_bits:Q", format=".5f")],
+        )
+    )
+    rule = alt.Chart(pl.DataFrame({"t": [trained + 0.5]})).mark_rule(strokeDash=[2, 2], color="gray").encode(x="t:Q")
+    return style(alt.layer(line, rule).properties(height=260))
+
+
+def paper2(df: pl.DataFrame) -> alt.Chart:
+    """Paper II: training loss of the single head under SGD and the EM-like schedule, one line per seed."""
+    return style(
+        alt.Chart(df)
+        .mark_line(strokeWidth=1.2)
+        .encode(
+            x=alt.X("step:Q", title="gradient step"),
+            y=alt.Y("loss:Q", title="training loss (nats)", scale=alt.Scale(zero=False)),
+            color=alt.Color("method:N", title=None),
+            detail="seed:N",
+            tooltip=["method:N", "seed:Q", "step:Q", alt.Tooltip("loss:Q", format=".4f")],
+        )
+        .properties(height=260)
+    )

@@ -61,6 +61,19 @@ class BayesSummary(Summary):
     cached_runs: int  # training runs loaded from the cache instead of trained
     total_train_s: float  # training seconds of every run (cached ones count their original time)
     verdicts_reproduced: int  # claims of the verdicts table judged "reproduced"
+    ladder_sizes: int  # rungs of the scale ladder (0: none)
+    ladder_params_min: int  # its smallest and largest parameter counts
+    ladder_params_max: int
+    ladder_deep_sizes: int  # rungs with 4 layers or more
+    lstm_lr: float  # the learning rate the LSTM's sweep chose (NaN without an LSTM)
+    hmm_kl_bits: float  # the HMM run at the end of training, KL to the posterior at the training length (NaN: none)
+    hmm_mae_bits: float  # ... entropy MAE there
+    hmm_long_kl_bits: float  # ... KL at the extrapolated length
+    hmm_long_mae_bits: float
+    hmm_params: int
+    hmm_train_s: float
+    em_steps_mean: float  # Paper II: steps for the EM-like schedule to reach SGD's final loss, mean over seeds
+    em_speedup_mean: float  # ... SGD's steps over those, mean over seeds
 
 
 def summarize(
@@ -73,6 +86,7 @@ def summarize(
     floor: float,
     analysis_s: float,
     wall_time_s: float,
+    extras: dict[str, float | int],
 ) -> BayesSummary:
     """The summary row.
 
@@ -85,6 +99,7 @@ def summarize(
         floor: The analytic floor (bits).
         analysis_s: Seconds of analysis.
         wall_time_s: Seconds of this invocation so far.
+        extras: The ladder's, LSTM sweep's, HMM's and Paper II's fields (:func:`companion_fields`).
     """
     h = headline(seeds)
     model, train = cfg.headline.model, cfg.headline.train
@@ -124,4 +139,35 @@ def summarize(
         cached_runs=int(seeds["cached"].sum()) + sum(r.cached for r in extra),
         total_train_s=float(seeds["train_s"].sum()) + sum(r.train_time_s for r in extra),
         verdicts_reproduced=int((verdicts["verdict"] == "reproduced").sum()),
+        **extras,
     )
+
+
+def companion_fields(
+    scale: pl.DataFrame | None,
+    lstm_sweep: pl.DataFrame | None,
+    hmm: RunResult | None,
+    em: pl.DataFrame | None,
+) -> dict[str, float | int]:
+    """The summary's fields of the scale ladder, the LSTM sweep, the HMM run and Paper II (NaN / 0 where skipped)."""
+    nan = float("nan")
+    sizes = (
+        scale.group_by("size").agg(pl.col("n_params").first(), pl.col("n_layer").first()) if scale is not None else None
+    )
+    last = hmm.log.row(-1, named=True) if hmm is not None else {}
+    chosen = lstm_sweep.filter(pl.col("chosen")) if lstm_sweep is not None and lstm_sweep.height else None
+    return {
+        "ladder_sizes": sizes.height if sizes is not None else 0,
+        "ladder_params_min": int(sizes["n_params"].min()) if sizes is not None else 0,
+        "ladder_params_max": int(sizes["n_params"].max()) if sizes is not None else 0,
+        "ladder_deep_sizes": int((sizes["n_layer"] >= 4).sum()) if sizes is not None else 0,
+        "lstm_lr": float(chosen["lr"][0]) if chosen is not None else nan,
+        "hmm_kl_bits": last.get("kl_bits", nan),
+        "hmm_mae_bits": last.get("mae_bits", nan),
+        "hmm_long_kl_bits": last.get("long_kl_bits", nan),
+        "hmm_long_mae_bits": last.get("long_mae_bits", nan),
+        "hmm_params": hmm.n_params if hmm is not None else 0,
+        "hmm_train_s": hmm.train_time_s if hmm is not None else nan,
+        "em_steps_mean": float(em["em_steps_to_sgd_final"].mean()) if em is not None else nan,
+        "em_speedup_mean": float(em["speedup"].mean()) if em is not None else nan,
+    }
