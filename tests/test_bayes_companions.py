@@ -166,7 +166,7 @@ def test_ladder_frames_judge_each_claim_at_every_size(tmp_path):
     cfg = config_for(get_profile("smoke"))
     assert cfg.ladder[0].model.n_layer == 1
     from lab.data.windtunnel import sample_batch
-    from lab.interp.windtunnel_claims import Rung, ladder_frames
+    from lab.interp.windtunnel_claims import Rung, ladder_frames, verdict_grid
     from lab.train.windtunnel import train_run
 
     runs = [
@@ -187,3 +187,7 @@ def test_ladder_frames_judge_each_claim_at_every_size(tmp_path):
     sharp = verdicts.filter(pl.col("key") == "sharpening").sort("n_params")
     assert sharp["verdict"][0] == NOT_TESTABLE and sharp["verdict"][1] != NOT_TESTABLE
     assert verdicts.height == 6 * len(cfg.ladder)
+    grid = verdict_grid(verdicts)  # one row per claim, a column per size, smallest first
+    assert grid.columns == ["claim", *(c.label for c in cfg.ladder), "trend"] and grid.height == 6
+    for row in verdicts.iter_rows(named=True):
+        assert grid.filter(pl.col("claim") == row["claim"])[row["size"]].item() == row["verdict"]

@@ -162,3 +162,24 @@ def test_a_plain_script_without_a_main_guard_can_train_side_by_side(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("trained 2 runs") == 1  # the script body ran once, in this process only
+
+
+class TestPrecision:
+    def test_bf16_training_follows_the_fp32_run_and_evaluates_in_fp32(self, tmp_path):
+        # bf16 autocast changes the forward's rounding, not the recipe: the first step's loss is the fp32 one to
+        # bf16 precision (8 bits of mantissa), and every logged metric is evaluate() of the returned weights
+        torch.set_num_threads(1)
+        fp32 = train_run("p", V, TF, replace(CFG, steps=10), 0, tmp_path / "a", progress=False)
+        bf16 = train_run("p", V, TF, replace(CFG, steps=10, precision="bf16"), 0, tmp_path / "b", progress=False)
+        assert bf16.log["train_loss"][1] == pytest.approx(fp32.log["train_loss"][1], rel=2e-2)
+        assert bf16.log["train_loss"][1] != fp32.log["train_loss"][1]  # the autocast did take effect
+        ev = evaluate(bf16.model, eval_batch(V, CFG))
+        assert bf16.log["mae_bits"][-1] == ev["mae_bits"]
+
+    def test_an_unknown_precision_is_one_clear_error(self):
+        from lab.errors import LabError
+
+        with pytest.raises(LabError, match="precision must be one of fp32, bf16"):
+            replace(CFG, precision="fp16")
+        with pytest.raises(LabError, match="compile must be True or False"):
+            replace(CFG, compile="yes")

@@ -269,3 +269,15 @@ def scale_verdicts(scale: pl.DataFrame, floor: float, paper: dict[str, float]) -
                 }
             )
     return pl.DataFrame(rows)
+
+
+def verdict_grid(verdicts: pl.DataFrame) -> pl.DataFrame:
+    """:func:`scale_verdicts` as one row per claim: its verdict at each size (a column per size, smallest first)
+    and its trend."""
+    sizes = verdicts.sort("n_params")["size"].unique(maintain_order=True).to_list()
+    grid = verdicts.pivot(on="size", index="claim", values="verdict", aggregate_function="first")
+    trend_of = verdicts.group_by("claim", maintain_order=True).agg(pl.col("trend").first())
+    order = verdicts.select("claim").unique(maintain_order=True)
+    return (
+        order.join(grid, on="claim", how="left").join(trend_of, on="claim", how="left").select("claim", *sizes, "trend")
+    )

@@ -20,7 +20,7 @@ from lab import paths
 from lab.data.hmm import sample_hmm_batch
 from lab.data.windtunnel import Batch, bayes_entropy_bits, n_pairs, posterior_metrics, sample_batch, value_log_probs
 from lab.interp.windtunnel import random_vectors_abs_cos
-from lab.interp.windtunnel_claims import Mechanisms, Rung, as_mechanisms, ladder_frames, measure
+from lab.interp.windtunnel_claims import Mechanisms, Rung, as_mechanisms, ladder_frames, measure, verdict_grid
 from lab.models.windtunnel import build_model, n_params
 from lab.plots import chart_for, needs
 from lab.profiles import Profile
@@ -176,7 +176,9 @@ def run(profile: Profile, *, fresh: bool = False, write: bool = True, progress: 
         ),
     }
     if ladder:
-        tables.update(scale=ladder[0], scale_layers=ladder[1], scale_verdicts=ladder[2])
+        tables.update(
+            scale=ladder[0], scale_layers=ladder[1], scale_verdicts=ladder[2], scale_grid=verdict_grid(ladder[2])
+        )
     if sweep is not None:
         tables["lstm_sweep"] = sweep
     if hmm is not None:
