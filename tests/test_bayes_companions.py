@@ -139,6 +139,10 @@ class TestPaperII:
         faster = train_head(cfg, 1, cfg.value_lr)
         assert faster[-1] < train_head(cfg, 1, cfg.lr)[-1]  # a larger value step lowers the loss sooner
 
+    def test_speedup_is_sgd_steps_over_the_mean_steps_and_a_miss_counts_sgds(self):
+        rows = pl.DataFrame({"sgd_steps": [1000, 1000, 1000], "em_steps_to_sgd_final": [400, 500, None]})
+        assert speedup(rows) == pytest.approx(1000 / ((400 + 500 + 1000) / 3))
+
 
 class TestLadderTrend:
     @pytest.mark.parametrize(

@@ -142,3 +142,10 @@ def em_vs_sgd(cfg: EMConfig, seeds: tuple[int, ...]) -> tuple[pl.DataFrame, pl.D
                 if i % cfg.log_every == 0 or i == cfg.steps
             ]
     return pl.DataFrame(rows), pl.DataFrame(curves)
+
+
+def speedup(per_seed: pl.DataFrame) -> float:
+    """The speed-up as the authors compute it from :func:`em_vs_sgd`'s per-seed rows: SGD's steps over the EM-like
+    schedule's mean steps to SGD's final loss (a seed that never gets there counts SGD's steps)."""
+    steps = per_seed["em_steps_to_sgd_final"].fill_null(per_seed["sgd_steps"])
+    return float(per_seed["sgd_steps"][0] / steps.mean())

@@ -29,6 +29,7 @@ from lab.tracks.D_bayes.config import (
     PAPER_PC1_MIN,
     BayesTrackConfig,
 )
+from lab.train.em_attention import speedup
 from lab.train.windtunnel import RunResult
 
 # ----------------------------------------------------------------------------- training
@@ -234,7 +235,7 @@ def paper_table(
         ("HMM extrapolated to K=50", "Transformer", "KL to the posterior, bits", PAPER_HMM_LONG, PAPER_HMM_MODEL,
          hmm["long_kl_bits"] if hmm else None, "same run, positions 21-50 never trained"),
         ("EM-like update vs SGD", "one attention head", "speed-up, x", PAPER_EM_SPEEDUP, "8-symbol sticky chain",
-         float(em["speedup"].mean()) if em is not None else None,
+         speedup(em) if em is not None else None,
          f"mean over {em.height} seeds" if em is not None else "not run"),
     ]  # fmt: skip
     return pl.DataFrame(
