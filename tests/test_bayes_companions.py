@@ -32,6 +32,7 @@ from lab.train.em_attention import (
     head_loss,
     init_head,
     make_task,
+    speedup,
     sticky_chain,
     train_head,
 )
