@@ -228,7 +228,7 @@ def trend(verdicts: list[str], values: list[float], paper: float | None, labels:
     if any(held):
         first = held.index(True)
         if all(held[first:]):
-            return f"holds from {labels[first]} up" if first else "holds at every size tried"
+            return f"holds from {labels[first]} up"  # first > 0: all-held returned above
         return "holds at some sizes, not monotonically with size"
     if paper is not None and len(values) > 1:
         gaps = [abs(v - paper) for v in values]
