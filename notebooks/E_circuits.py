@@ -170,22 +170,26 @@ def _(LabError, frames, mo, read_result, script):
         graph_nodes = read_result("E_circuits", "graph_nodes")
         graph_edges = read_result("E_circuits", "graph_edges")
         graphs = read_result("E_circuits", "graphs")
+        try:  # top-activating held-out contexts of the published graphs' features
+            feature_labels = read_result("E_circuits", "feature_labels")
+        except LabError:
+            feature_labels = None
     except LabError as err:
-        graph_ui = None
+        graph_ui, feature_labels = None, None
         _out = mo.md(f"No committed graphs yet: {err}")
     else:
         _ids = frames.prompt_ids(graphs)
         graph_ui = mo.ui.dropdown(options=_ids, value=_ids[0], label="attribution graph of")
         _out = graph_ui
     _out
-    return graph_edges, graph_nodes, graph_ui, graphs
+    return feature_labels, graph_edges, graph_nodes, graph_ui, graphs
 
 
 @app.cell
-def _(charts, frames, graph_edges, graph_nodes, graph_ui, graphs, mo, table):
+def _(charts, feature_labels, frames, graph_edges, graph_nodes, graph_ui, graphs, mo, table):
     mo.stop(graph_ui is None)
     _g = frames.graph_rows(graphs, graph_ui.value)
-    _top = frames.top_features(graph_nodes, graph_ui.value)
+    _top = frames.top_features(graph_nodes, graph_ui.value, labels=feature_labels)
     mo.vstack(
         [
             mo.md(
@@ -195,10 +199,15 @@ def _(charts, frames, graph_edges, graph_nodes, graph_ui, graphs, mo, table):
             ),
             charts.plot_graph(frames.graph_drawing(graph_nodes, graph_edges, graph_ui.value)),
             mo.md(
-                "Most influential features per checkpoint (L = layer, # = feature index in that layer's transcoder):"
+                "Most influential features per checkpoint (L = layer, # = feature index in that layer's "
+                "transcoder); *fires on*: the tokens it fires on most in held-out text, *context*: its strongest "
+                "held-out context (the firing token in brackets; published graphs' features only):"
             ),
             table(
-                mo, _top, {"checkpoint": "checkpoint", "label": "feature", "pos": "position", "influence": "influence"}
+                mo,
+                _top,
+                {"checkpoint": "checkpoint", "label": "feature", "pos": "position", "influence": "influence"}
+                | ({"fires_on": "fires on", "context": "context"} if "fires_on" in _top.columns else {}),
             ),
             table(
                 mo,

@@ -39,40 +39,26 @@ def tc_folder(lm, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def traced(lm, tc_folder, tmp_path_factory):
-    """Graphs of PROMPT followed at ' moon'. Two terms of the logit sit outside every node: the transcoders'
-    constant ``b_dec`` and the MLP output at the BOS position (circuit-tracer zeroes position 0's features and
-    errors). Zeroing ``b_dec`` and every MLP's ``down_proj`` removes both, so the nodes must explain the logit
-    exactly; the features still fire (their input is unchanged) and the errors carry ``0 - reconstruction``."""
-    import copy
-
+    """Graphs of PROMPT followed at ' moon' (the completeness identity is tests/test_graph_checks.py's)."""
     root = tmp_path_factory.mktemp("circ")
     tcs, _ = T.load_transcoders(tc_folder)
-    with torch.no_grad():
-        for tc in tcs:
-            tc.b_dec.zero_()
-    model = copy.deepcopy(lm.model)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mlp.down_proj.weight.zero_()
-    folder = C.export_model(model, lm.tokenizer, root / "model")
+    folder = C.export_model(lm.model, lm.tokenizer, root / "model")
     assert sorted(p.name for p in root.iterdir()) == ["model"]  # published whole, no temp sibling left
     rm = C.replacement_model(folder, tcs)
     target = lm.tokenizer(" moon", add_special_tokens=False)["input_ids"][0]
     rec, graph = C.trace(rm, PROMPT, target_id=target, max_feature_nodes=100)
     rec2, _ = C.trace(rm, PROMPT, target_id=target, max_feature_nodes=100)
-    return rec, rec2, graph, target, model
+    return rec, rec2, graph, target, lm.model
 
 
-def test_direct_attributions_add_up_to_the_demeaned_logit(lm, traced):
+def test_the_record_follows_the_target_with_the_models_probability(lm, traced):
     rec, _, _, target, model = traced
     ids = torch.tensor([rec["input_tokens"]])
     assert rec["input_tokens"][0] == lm.tokenizer.bos_token_id  # circuit-tracer prepended the BOS
     assert rec["n_selected_features"] > 0 and rec["target_from_errors"] != 0
     with torch.no_grad():
         logits = model(ids).logits[0, -1].double()
-    total = rec["target_from_features"] + rec["target_from_errors"] + rec["target_from_tokens"]
     assert rec["target_id"] == target
-    assert total == pytest.approx(float(logits[target] - logits.mean()), abs=1e-4)
     assert rec["target_prob"] == pytest.approx(float(logits.softmax(-1)[target]), rel=1e-4)
 
 
@@ -123,13 +109,20 @@ def test_trace_prompts_writes_each_missing_record_once(lm, tc_folder, tmp_path):
         return lm.model, lm.tokenizer
 
     out, model_dir = tmp_path / "out", tmp_path / "model"
-    kw = dict(max_feature_nodes=100, json_for={"a"}, json_suffix="-x", on_traced=lambda: ticks.append(1))
+    kw = dict(
+        max_feature_nodes=100, json_for={"a"}, json_suffix="-x", on_traced=lambda: ticks.append(1), check_for={"a"}
+    )
     assert C.trace_prompts(load, tcs, prompts, out, model_dir, **kw) == 2 and len(loads) == 1 and len(ticks) == 2
     replacement = C.replacement_model(model_dir, tcs)
     for pr in prompts:
         rec = C.read_record(out, pr["prompt_id"])
         direct, _ = C.trace(replacement, pr["text"], target_id=pr["target_id"], max_feature_nodes=100)
-        assert rec.pop("attribution_s") > 0
+        assert rec.pop("attribution_s") > 0 and rec.pop("checks_s") > 0
+        accounting = rec.pop("accounting")  # every graph's, adding up (tests/test_graph_checks.py has the identity)
+        assert accounting["selected_features"] == pytest.approx(direct["target_from_features"], abs=1e-5)
+        assert abs(accounting["residual"]) < 1e-4
+        checks = rec.pop("interventions", [])  # only where asked: the 8 strongest features at scales 0 and 2
+        assert [r["scale"] for r in checks] == ([0.0] * 8 + [2.0] * 8 if pr["prompt_id"] == "a" else [])
         assert rec.pop("tokens") == [lm.tokenizer.decode([t]) for t in direct["input_tokens"]]
         assert rec == json.loads(json.dumps(direct))  # the same graph, as JSON
     assert sorted(f.name for f in (out / "json").iterdir()) == ["a-x.json", "graph-metadata.json"]  # + its index

@@ -21,7 +21,7 @@ from lab.profiles import get_profile
 from lab.tracks.E_circuits.config import config_for
 
 CFG = config_for(get_profile("smoke")).transcoders  # the smoke recipe: sparse, bf16 (the defaults)
-REFERENCE = {"sparse": False, "precision": "fp32"}  # the dense fp32 step the lab had
+REFERENCE = {"sparse": False, "precision": "fp32", "auxk_alpha": 0.0}  # the dense fp32 step (it has no AuxK)
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +29,17 @@ def lm():
     return load_tiny_model("llama", seed=0)
 
 
-def random_transcoder(d_model: int, n_features: int, k: int, seed: int = 0):
-    """``new_transcoder``'s initialisation with random biases, so that every gradient term is exercised."""
-    cfg = replace(CFG, d_transcoder=n_features, k=k)
+def random_transcoder(d_model: int, n_features: int, k: int, seed: int = 0, skip: bool = False):
+    """``new_transcoder``'s initialisation with random biases (and skip weights), so that every gradient term is
+    exercised."""
+    cfg = replace(CFG, d_transcoder=n_features, k=k, skip=skip)
     gen = torch.Generator().manual_seed(seed)
     tc = T.new_transcoder(d_model, cfg, 0, gen)
     with torch.no_grad():
         tc.b_enc.normal_(0, 0.3, generator=gen)
         tc.b_dec.normal_(0, 0.3, generator=gen)
+        if skip:
+            tc.W_skip.normal_(0, 0.1, generator=gen)
     return tc
 
 
@@ -64,6 +67,57 @@ class TestSparseStep:
         for (name, a), b in zip(dense.named_parameters(), sparse.parameters(), strict=True):
             assert a.grad.abs().max() > 0, name  # not trivially equal
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6 * float(a.grad.abs().max()), msg=name)
+
+    def test_skip_connection_loss_and_gradients_are_the_dense_ones(self):
+        """circuit-tracer's skip transcoder (its forward adds x @ W_skip.T): the sparse step's fp32 loss and every
+        gradient, W_skip's included, are autograd's."""
+        x, y = batch(40, 16)
+        dense, sparse = random_transcoder(16, 96, 8, skip=True), random_transcoder(16, 96, 8, skip=True)
+        loss = topk.dense_loss_and_grads(dense, x, y)
+        assert topk.loss_and_grads(sparse, sparse=True, select="fp32")(x, y) == pytest.approx(loss, rel=1e-6)
+        for (name, a), b in zip(dense.named_parameters(), sparse.parameters(), strict=True):
+            assert a.grad.abs().max() > 0, name
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6 * float(a.grad.abs().max()), msg=name)
+
+    @pytest.mark.parametrize("aux_tokens", [None, 20])
+    def test_auxk_gradients_are_autograd_of_the_papers_loss(self, aux_tokens):
+        """AuxK written densely from its definition (Gao et al. 2024, B.1): the dead features' top d_model/2
+        pre-activations decode the main residual e (a constant); loss += alpha * min(dead / k_aux, 1) *
+        |e_hat - e|^2 / sum |y - mean y|^2. The sparse step's gradients are autograd's of that total."""
+        d, n, k, alpha, tokens = 16, 96, 8, 0.25, 40
+        x, y = batch(tokens, d)
+        ref, fast = random_transcoder(d, n, k, skip=True), random_transcoder(d, n, k, skip=True)
+        dead = torch.zeros(n, dtype=torch.bool)
+        dead[torch.randperm(n, generator=torch.Generator().manual_seed(3))[:30]] = True  # 30 dead > k_aux = 8
+        step = topk.loss_and_grads(
+            fast, sparse=True, select="fp32", auxk_alpha=alpha, dead_tokens=100, aux_tokens=aux_tokens
+        )
+        step.since_fired[dead] = 100
+        step(x, y)
+
+        rows = torch.arange(tokens) if aux_tokens is None else torch.linspace(0, tokens - 1, aux_tokens).round().long()
+        pre = x @ ref.W_enc.T + ref.b_enc
+        top = pre.topk(k, dim=1)
+        acts = torch.zeros_like(pre).scatter(1, top.indices, top.values)
+        y_hat = acts @ ref.W_dec + ref.b_dec + x @ ref.W_skip.T
+        total = ((y - y.mean(0)) ** 2).sum()
+        k_aux = d // 2
+        aux_pre = pre[rows].masked_fill(~dead, float("-inf")).topk(k_aux, dim=1)
+        aux_acts = torch.zeros(len(rows), n).scatter(1, aux_pre.indices, aux_pre.values)
+        e = (y - y_hat).detach()[rows]
+        aux = alpha * min(30 / k_aux, 1.0) * ((aux_acts @ ref.W_dec - e) ** 2).sum() / total
+        (((y_hat - y) ** 2).sum() / total + aux).backward()
+        assert step.last_aux == pytest.approx(aux.item(), rel=1e-5) and aux.item() > 0
+        for (name, a), b in zip(ref.named_parameters(), fast.parameters(), strict=True):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6 * float(a.grad.abs().max()), msg=name)
+
+    def test_the_dead_clock_counts_tokens_since_each_feature_fired(self):
+        x, y = batch(10, 16)
+        step = topk.loss_and_grads(random_transcoder(16, 96, 8), sparse=True, select="fp32", auxk_alpha=0.1)
+        step(x, y)
+        step(x, y)
+        fired = (step.tc.encode(x) != 0).any(0)
+        assert torch.equal(step.since_fired, torch.where(fired, 0, 20))  # same batch twice: never-fired ones at 20
 
     @pytest.mark.parametrize(("n", "k"), [(96, 8), (2304, 32), (97, 5), (64, 64), (512, 1)])
     def test_two_stage_topk_chooses_torch_topks_features(self, n, k):
@@ -107,8 +161,8 @@ def test_short_builds_reach_the_reference_quality(lm, tmp_path):
         name: T.build(cfg, lm, tmp_path / name, corpus=smoke_corpus(), fresh=True, progress=False)["layers"]
         for name, cfg in {
             "reference": replace(CFG, **REFERENCE),
-            "sparse fp32": replace(CFG, precision="fp32"),
-            "sparse bf16": CFG,
+            "sparse fp32": replace(CFG, precision="fp32", auxk_alpha=0.0),
+            "sparse bf16": replace(CFG, auxk_alpha=0.0),
         }.items()
     }
     for ref, exact, fast in zip(*metas.values(), strict=True):

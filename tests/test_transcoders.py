@@ -13,6 +13,7 @@ import torch
 
 from lab.data.corpus import smoke_corpus
 from lab.errors import LabError
+from lab.interp import quality as Q
 from lab.interp import transcoders as T
 from lab.interp.capture import capture
 from lab.interp.names import act_name
@@ -48,12 +49,15 @@ def test_mlp_activations_are_the_mlp_input_and_the_residual_update(lm):
         assert torch.equal(outs[layer], cache[act_name("mlp_out", layer)][0, 1:])  # position 0 left out
 
 
-def test_fold_scales_makes_the_raw_transcoder_exactly_the_scaled_one():
+@pytest.mark.parametrize("skip", [False, True])
+def test_fold_scales_makes_the_raw_transcoder_exactly_the_scaled_one(skip):
     gen = torch.Generator().manual_seed(0)
-    tc = T.new_transcoder(16, CFG, 0, gen)
+    tc = T.new_transcoder(16, replace(CFG, skip=skip), 0, gen)
     with torch.no_grad():
         tc.b_enc.normal_(generator=gen)
         tc.b_dec.normal_(generator=gen)
+        if skip:
+            tc.W_skip.normal_(generator=gen)
     x = torch.randn(50, 16, generator=gen) * 7.0
     sx, sy = T.unit_scale(x), 3.5
     with torch.no_grad():
@@ -67,9 +71,9 @@ def test_fold_scales_makes_the_raw_transcoder_exactly_the_scaled_one():
 
 def test_fvu_identities():
     y = torch.randn(100, 8)
-    assert T.fvu(y, y) == 0.0
-    assert T.fvu(y, y.mean(0).expand_as(y)) == pytest.approx(1.0)
-    assert T.fvu(y, torch.zeros_like(y)) == pytest.approx(float((y**2).sum() / ((y - y.mean(0)) ** 2).sum()))
+    assert Q.fvu(y, y) == 0.0
+    assert Q.fvu(y, y.mean(0).expand_as(y)) == pytest.approx(1.0)
+    assert Q.fvu(y, torch.zeros_like(y)) == pytest.approx(float((y**2).sum() / ((y - y.mean(0)) ** 2).sum()))
 
 
 def test_build_learns_and_reports_what_the_saved_transcoders_do(lm, built):
@@ -86,9 +90,20 @@ def test_build_learns_and_reports_what_the_saved_transcoders_do(lm, built):
     _, val = T.training_texts(lm.tokenizer, smoke_corpus())
     ids = T.token_sequences(lm.tokenizer, val, cfg.seq_len, cfg.eval_seqs, cfg.seed + 1)
     ins, outs = T.mlp_activations(lm.model, ids)
-    again = T.evaluate(list(tcs), ins, outs)
+    again = Q.evaluate(list(tcs), ins, outs)
     for a, b in zip(again, meta["layers"], strict=True):
         assert a["fvu"] == pytest.approx(b["fvu"], rel=1e-5) and a["dead_share"] == b["dead_share"]
+    # each feature's strongest held-out activations, against all of them
+    top = T.top_contexts(folder)
+    assert torch.equal(top["eval_ids"], ids)
+    for layer, tc in enumerate(tcs):
+        acts = tc.encode(ins[layer])
+        for feat in range(0, cfg.d_transcoder, 17):
+            fired = acts[:, feat][acts[:, feat] != 0].sort(descending=True).values[: top["value"].shape[1]]
+            got = top["value"][layer, : fired.numel(), feat]
+            torch.testing.assert_close(got, fired, rtol=1e-5, atol=1e-6)
+            tokens = top["token"][layer, : fired.numel(), feat]
+            torch.testing.assert_close(acts[tokens, feat], got, rtol=1e-5, atol=1e-6)  # and where they were
     # built already with the same config: returned without training; another config is not this build
     assert T.build(cfg, lm, folder, corpus=smoke_corpus(), progress=False)["train_s"] == meta["train_s"]
     assert T.built(cfg, folder) == meta2 and T.built(replace(cfg, seed=1), folder) is None

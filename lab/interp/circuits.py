@@ -118,11 +118,9 @@ def _keys(graph) -> list[str]:
 
 
 def direct_split(graph, target_index: int) -> dict[str, float]:
-    """The target logit's direct attributions summed by source kind: features, errors, tokens.
-
-    With transcoders whose ``b_dec`` is zero the three add up to the target's logit minus the mean logit
-    (circuit-tracer's demeaned logit), which the tests check against the model's own output.
-    """
+    """The target logit's direct attributions in the graph, summed by source kind: the selected features, errors,
+    tokens. They are not the whole demeaned logit: the unselected features and two nodeless terms are missing
+    (``lab.interp.graph_checks.account`` has them all)."""
     n_feat, n_err, n_logits = _sizes(graph)
     row = graph.adjacency_matrix[-n_logits + target_index].double()
     return {
@@ -236,6 +234,9 @@ def trace_prompts(
     dtype: torch.dtype = torch.float32,
     on_traced: Callable[[], object] | None = None,
     batch_size: int | None = None,
+    check_for: Collection[str] = (),
+    check_scales: tuple[float, ...] = (0.0, 2.0),
+    check_top: int = 8,
 ) -> int:
     """Trace each prompt that has no record in ``out_dir`` yet with one model; how many were traced.
 
@@ -247,6 +248,10 @@ def trace_prompts(
     too, as ``out_dir/json/<prompt_id><json_suffix>.json`` (beside circuit-tracer's ``graph-metadata.json``
     index), pruned at ``json_thresholds`` (node, edge).
     ``on_traced()`` runs after each prompt (e.g. a progress bar's ``update``); ``batch_size`` is ``trace``'s.
+    Every record also holds its full accounting (``lab.interp.graph_checks.account``: the followed logit split into
+    selected and unselected features, errors, tokens and the nodeless terms); for the ids in ``check_for`` also
+    the intervention checks of its ``check_top`` strongest features at each of ``check_scales``
+    (``graph_checks.intervene``).
     """
     out_dir = Path(out_dir)
     todo = [pr for pr in prompts if not (out_dir / f"{pr['prompt_id']}.json").exists()]
@@ -254,7 +259,12 @@ def trace_prompts(
         return 0
     from circuit_tracer.utils.create_graph_files import create_graph_files
 
+    from lab.interp import graph_checks
+
     model, tokenizer = load()
+    if hasattr(model, "merge_and_unload"):  # the model the interventions run on is the exported one
+        model = model.merge_and_unload()
+    model.eval()
     replacement = replacement_model(export_model(model, tokenizer, model_dir), transcoders, device=device, dtype=dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     for pr in todo:
@@ -268,6 +278,18 @@ def trace_prompts(
         )
         record["attribution_s"] = time.perf_counter() - t0
         record["tokens"] = [tokenizer.decode([t]) for t in record["input_tokens"]]
+        t0 = time.perf_counter()
+        record["accounting"] = graph_checks.account(
+            replacement, graph.input_tokens, record["target_id"], graph.selected_features
+        )
+        if pr["prompt_id"] in check_for:
+            ti = record["logit_ids"].index(record["target_id"])
+            record["interventions"] = [
+                row
+                for scale in check_scales
+                for row in graph_checks.intervene(replacement, model, graph, ti, top=check_top, scale=scale)
+            ]
+        record["checks_s"] = time.perf_counter() - t0
         if pr["prompt_id"] in json_for:
             node_threshold, edge_threshold = json_thresholds
             create_graph_files(
@@ -282,6 +304,27 @@ def trace_prompts(
         if on_traced is not None:
             on_traced()
     return len(todo)
+
+
+FEATURE_NODE = "cross layer transcoder"  # circuit-tracer's feature_type of a transcoder feature in graph JSON
+
+
+def json_features(path: Path) -> list[tuple[int, int]]:
+    """The (layer, feature) of every transcoder feature node in one of circuit-tracer's graph JSON files (its
+    ``node_id`` is ``layer_feature_position``)."""
+    nodes = json.loads(Path(path).read_text())["nodes"]
+    return [tuple(int(x) for x in n["node_id"].split("_")[:2]) for n in nodes if n["feature_type"] == FEATURE_NODE]
+
+
+def write_labelled(src: Path, dst: Path, labels: dict[tuple[int, int], str]) -> None:
+    """Copy a graph JSON file with each feature node's ``clerp`` (the label circuit-tracer's viewer shows) set
+    from ``labels``."""
+    graph = json.loads(Path(src).read_text())
+    for n in graph["nodes"]:
+        if n["feature_type"] == FEATURE_NODE:
+            layer, feat = (int(x) for x in n["node_id"].split("_")[:2])
+            n["clerp"] = labels.get((layer, feat), n.get("clerp", ""))
+    atomic_write_text(Path(dst), json.dumps(graph))
 
 
 def read_record(out_dir: Path, prompt_id: str) -> dict:

@@ -105,9 +105,10 @@ class FeatureRows:
         zeros = self.matrix(torch.zeros(self.order.numel(), dtype=m.dtype))
         return torch.sparse.sampled_addmm(zeros, w, m.t(), beta=0.0).values()
 
-    def scatter(self, values: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``out[f] = sum over the tokens t that chose f of value * m[t]`` (``S^T m``), written into ``out``."""
-        return torch.addmm(out, self.matrix(values), m, beta=0.0, out=out)
+    def scatter(self, values: torch.Tensor, m: torch.Tensor, out: torch.Tensor, add: bool = False) -> torch.Tensor:
+        """``out[f] = sum over the tokens t that chose f of value * m[t]`` (``S^T m``), written into ``out`` (added
+        to it with ``add``)."""
+        return torch.addmm(out, self.matrix(values), m, beta=1.0 if add else 0.0, out=out)
 
 
 def normalised_mse(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -131,13 +132,42 @@ class SparseTopKStep:
     The backward is written out (the loss's gradient ``2 (y_hat - y) / sum |y - mean(y)|^2`` is one line) rather
     than left to autograd so that it can write into gradient buffers kept from step to step: a fresh 2304 x 576
     gradient costs ~0.9 ms in page faults here, more than the sparse product that fills it.
+
+    A transcoder with a skip connection (circuit-tracer's ``W_skip``: ``y_hat += x @ W_skip.T``) gets that dense
+    term and its gradient too. ``auxk_alpha > 0`` adds the AuxK loss of Gao et al. (2024, appendix B.1), as
+    EleutherAI's sparsify computes it: the features that have not fired for ``dead_tokens`` training tokens are
+    "dead"; each token's ``k_aux = d_model / 2`` highest-scoring dead features (fewer when fewer are dead) decode the
+    main reconstruction's residual, and ``auxk_alpha * min(dead / k_aux, 1) * |e_hat - e|^2 / sum |y - mean(y)|^2``
+    is added to the loss, so that dead features learn to point where the live ones miss. ``aux_tokens`` (None: all)
+    computes it on that many of the batch's tokens (an evenly spaced subset) to bound its cost, which grows with
+    ``k_aux``. The returned loss is the reconstruction's (the batch FVU) alone; :attr:`last_aux` holds the AuxK term.
     """
 
-    def __init__(self, tc, select: str = "bf16"):
+    def __init__(
+        self,
+        tc,
+        select: str = "bf16",
+        *,
+        auxk_alpha: float = 0.0,
+        dead_tokens: int = 50_000,
+        aux_tokens: int | None = None,
+    ):
         self.tc, self.k, self.dtype = tc, tc.activation_function.k, SELECT_DTYPES[select]
         for prm in tc.parameters():
             prm.grad = torch.zeros_like(prm)  # overwritten by every step, so no zero_grad between steps
         self.w_enc = torch.empty_like(tc.W_enc, dtype=self.dtype) if self.dtype != torch.float32 else None
+        low = self.dtype != torch.float32 and tc.W_skip is not None
+        self.w_skip = torch.empty_like(tc.W_skip, dtype=self.dtype) if low else None
+        self.auxk_alpha, self.dead_tokens, self.aux_tokens = auxk_alpha, dead_tokens, aux_tokens
+        # training tokens since each feature last fired (the dead-feature clock; part of a resumable checkpoint)
+        self.since_fired = torch.zeros(tc.W_dec.shape[0], dtype=torch.long)
+        self.last_aux = 0.0
+
+    def state_dict(self) -> dict:
+        return {"since_fired": self.since_fired.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.since_fired.copy_(state["since_fired"])
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -146,9 +176,14 @@ class SparseTopKStep:
             pre = F.linear(x, tc.W_enc, tc.b_enc)  # [tokens, n_features]: circuit-tracer's encode, exactly
         else:  # the bias added after the product: addmm's broadcast copy of it into the output costs more
             pre = (x.to(self.dtype) @ self.w_enc.copy_(tc.W_enc).t()).add_(tc.b_enc.to(self.dtype))
+        dead = self.since_fired >= self.dead_tokens  # dead before this batch (the AuxK set)
         idx = topk_indices(pre, self.k)  # [tokens, k] chosen features
         acts = pre.gather(1, idx).float()  # [tokens, k] (fp32: the dense step's very numbers)
         y_hat = F.embedding_bag(idx, tc.W_dec, per_sample_weights=acts, mode="sum") + tc.b_dec  # [tokens, d_model]
+        if tc.W_skip is not None:  # in the choosing format too (bf16: 576 x 576 is ~40 % of the encoder's work)
+            x_sel = x.to(self.dtype) if self.w_skip is not None else x
+            w_skip = self.w_skip.copy_(tc.W_skip) if self.w_skip is not None else tc.W_skip
+            y_hat.add_(x_sel @ w_skip.t())
         residual = y_hat.sub_(y)
         total = ((y - y.mean(0)) ** 2).sum()
         loss = (residual**2).sum() / total
@@ -159,13 +194,49 @@ class SparseTopKStep:
         choice.scatter(choice.in_order(acts), grad, out=tc.W_dec.grad)
         tc.b_enc.grad.zero_().index_add_(0, choice.feature, grad_acts)
         torch.sum(grad, 0, out=tc.b_dec.grad)
+        if tc.W_skip is not None:
+            if self.w_skip is None:
+                torch.mm(grad.t(), x, out=tc.W_skip.grad)
+            else:
+                tc.W_skip.grad.copy_(grad.to(self.dtype).t() @ x_sel)
+        self.last_aux = 0.0
+        if self.auxk_alpha > 0 and (n_dead := int(dead.sum())) > 0:
+            # grad is 2 (y_hat - y) / total = -2 e / total, so the residual e = -grad * total / 2
+            self.last_aux = self._auxk(pre, x, grad, total, dead, n_dead)
+        self.since_fired += x.shape[0]
+        self.since_fired[idx.reshape(-1)] = 0
         return loss.item()
 
+    def _auxk(self, pre, x, grad, total, dead, n_dead: int) -> float:
+        tc = self.tc
+        if self.aux_tokens is not None and self.aux_tokens < x.shape[0]:
+            rows = torch.linspace(0, x.shape[0] - 1, self.aux_tokens).round().long()
+            pre, x, grad = pre[rows], x[rows], grad[rows]
+        k_aux = x.shape[-1] // 2
+        scale = min(n_dead / k_aux, 1.0) * self.auxk_alpha
+        k_aux = min(k_aux, n_dead)
+        scores = pre.masked_fill(~dead, float("-inf"))
+        idx = scores.topk(k_aux, dim=-1, sorted=False).indices
+        acts = pre.gather(1, idx).float()
+        e = grad * (-total / 2)  # the main reconstruction's residual y - y_hat (a constant of this loss)
+        diff = F.embedding_bag(idx, tc.W_dec, per_sample_weights=acts, mode="sum").sub_(e)  # e_hat - e
+        aux = float((diff**2).sum() / total) * scale
+        g = diff.mul_(2 * scale / total)
+        choice = FeatureRows(idx, tc.W_dec.shape[0])
+        grad_acts = choice.sampled(tc.W_dec, g)
+        choice.scatter(grad_acts, x, out=tc.W_enc.grad, add=True)
+        choice.scatter(choice.in_order(acts), g, out=tc.W_dec.grad, add=True)
+        tc.b_enc.grad.index_add_(0, choice.feature, grad_acts)
+        return aux
 
-def loss_and_grads(tc, *, sparse: bool, select: str = "fp32") -> Callable[[torch.Tensor, torch.Tensor], float]:
+
+def loss_and_grads(tc, *, sparse: bool, select: str = "fp32", **auxk) -> Callable[[torch.Tensor, torch.Tensor], float]:
     """The function that, given a batch ``(x, y)``, sets ``tc``'s gradients of :func:`normalised_mse` and returns
-    the loss: the dense reference (``sparse=False``) or :class:`SparseTopKStep` choosing in ``select``'s format."""
-    return SparseTopKStep(tc, select) if sparse else partial(dense_loss_and_grads, tc)
+    the loss: the dense reference (``sparse=False``) or :class:`SparseTopKStep` choosing in ``select``'s format
+    (``auxk``: its AuxK settings)."""
+    if not sparse and auxk.get("auxk_alpha", 0.0) > 0:
+        raise ValueError("the dense reference step has no AuxK loss: use sparse=True")
+    return SparseTopKStep(tc, select, **auxk) if sparse else partial(dense_loss_and_grads, tc)
 
 
 def optimizers(transcoders: list, lr: float, *, sparse: bool) -> list[torch.optim.Adam]:

@@ -39,6 +39,7 @@ from lab.data.corpus import Corpus
 from lab.errors import LabError
 from lab.interp import topk
 from lab.interp.harvest import bf16_layer_weights, harvest_precision, mlp_activations, mlp_modules
+from lab.interp.quality import Quality
 from lab.io import atomic_write_bytes, publish_dir
 from lab.models.loading import LoadedModel
 from lab.paths import shown
@@ -46,6 +47,7 @@ from lab.state import damaged, load_safetensors, load_torch, read_json
 from lab.validation import Problems
 
 PRECISIONS = ("bf16", "fp32")
+TOP_FILE = "top_contexts.safetensors"  # each feature's strongest held-out activations and the held-out tokens
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,15 @@ class TranscoderConfig:
     # bf16 (the chosen activations are its scores; all after them is fp32); "fp32": both in fp32. Evaluation (FVU,
     # L0, dead share) is fp32 always.
     precision: str = "bf16"
+    # circuit-tracer's skip connection (W_skip, d_model x d_model, from zero): the MLP's linear part, outside the
+    # features (in attribution a linear path through the frozen MLP input)
+    skip: bool = False
+    # AuxK (Gao et al. 2024, as EleutherAI's sparsify computes it; lab.interp.topk.SparseTopKStep): its weight
+    # (0: off; 1/32 in the paper), the training tokens without firing after which a feature counts as dead, and the
+    # tokens of each batch it is computed on (None: all)
+    auxk_alpha: float = 0.0
+    dead_tokens: int = 50_000
+    aux_tokens: int | None = None
 
     def __post_init__(self) -> None:
         checks = Problems(self)
@@ -80,6 +91,14 @@ class TranscoderConfig:
                 f"lower k or raise d_transcoder"
             )
         checks.number("lr", 0, open_low=True, hint="; Adam on transcoders typically uses 1e-3 to 1e-2")
+        checks.number("auxk_alpha", 0, hint="; the AuxK paper uses 1/32, 0 turns it off")
+        checks.integer("dead_tokens")
+        if self.aux_tokens is not None:
+            checks.integer("aux_tokens")
+        if not isinstance(self.skip, bool):
+            checks.add(f"skip must be True or False (got {self.skip!r})")
+        if isinstance(self.auxk_alpha, (int, float)) and self.auxk_alpha > 0 and self.sparse is False:
+            checks.add("auxk_alpha > 0 needs sparse=True: the dense reference step has no AuxK loss")
         if not isinstance(self.sparse, bool):
             checks.add(f"sparse must be True or False (got {self.sparse!r})")
         if checks.choice("precision", PRECISIONS) and self.sparse is False and self.precision != "fp32":
@@ -96,7 +115,8 @@ class TranscoderConfig:
 
 # ---------------------------------------------------------------------------------------------------- data
 
-SOURCE_WEIGHTS = {"corpus": 0.6, "constraints": 0.2, "chat": 0.2}
+SOURCE_WEIGHTS = {"corpus": 0.7, "constraints": 0.1, "chat": 0.2}
+TEXTS_PER_TYPE, CHATS = 1024, 1000  # generated constraint texts per type (~26k tokens) and chat examples (~75k)
 
 
 def training_texts(tokenizer, corpus: Corpus) -> tuple[dict[str, str], dict[str, str]]:
@@ -107,8 +127,8 @@ def training_texts(tokenizer, corpus: Corpus) -> tuple[dict[str, str], dict[str,
     from lab.data.constraints import constraint_dataset
     from lab.data.records import PROBES, chat_text, make_task
 
-    ds = constraint_dataset(32, 0)
-    task = make_task(100, 30, 0)
+    ds = constraint_dataset(TEXTS_PER_TYPE, 0)
+    task = make_task(CHATS, CHATS // 5, 0)
     chats = [chat_text(tokenizer, ex.prompt, ex.answer) for ex in task.train] + [
         chat_text(tokenizer, q, a) for q, a in PROBES
     ]
@@ -157,7 +177,13 @@ def new_transcoder(d_model: int, cfg: TranscoderConfig, layer: int, gen: torch.G
     from circuit_tracer.transcoder.activation_functions import TopK
 
     tc = SingleLayerTranscoder(
-        d_model, cfg.d_transcoder, TopK(cfg.k), layer, device=torch.device("cpu"), dtype=torch.float32
+        d_model,
+        cfg.d_transcoder,
+        TopK(cfg.k),
+        layer,
+        skip_connection=cfg.skip,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
     )
     w = torch.randn(cfg.d_transcoder, d_model, generator=gen)
     w /= w.norm(dim=1, keepdim=True)
@@ -175,35 +201,20 @@ def unit_scale(a: torch.Tensor) -> float:
 @torch.no_grad()
 def fold_scales(tc, sx: float, sy: float) -> None:
     """Turn a transcoder trained on (x / sx -> y / sy) into one on raw (x -> y): the TopK choice is unchanged
-    because every pre-activation is the same number, and the output is multiplied by ``sy``."""
+    because every pre-activation is the same number, and the output is multiplied by ``sy`` (the skip connection
+    maps x / sx to y / sy, so raw it is ``W_skip * sy / sx``)."""
     tc.W_enc.div_(sx)
     tc.W_dec.mul_(sy)
     tc.b_dec.mul_(sy)
+    if tc.W_skip is not None:
+        tc.W_skip.mul_(sy / sx)
 
 
-def fvu(y: torch.Tensor, y_hat: torch.Tensor) -> float:
-    """Fraction of variance unexplained: sum |y - y_hat|^2 / sum |y - mean(y)|^2 over tokens."""
-    return float(((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
-
-
-@torch.no_grad()
-def evaluate(transcoders, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> list[dict]:
-    """Per layer: FVU, L0 (mean active features per token), dead share (never active on these tokens)."""
-    rows = []
-    for layer, (tc, x, y) in enumerate(zip(transcoders, ins, outs, strict=True)):
-        acts = tc.encode(x)
-        y_hat = tc.decode(acts)
-        active = acts != 0
-        rows.append(
-            {
-                "layer": layer,
-                "fvu": fvu(y, y_hat),
-                "l0": float(active.sum(1).float().mean()),
-                "dead_share": float((~active.any(0)).float().mean()),
-                "tokens": int(x.shape[0]),
-            }
-        )
-    return rows
+def top_contexts(folder: Path) -> dict[str, torch.Tensor]:
+    """The build's held-out record (:data:`TOP_FILE`): ``value`` / ``token`` (layers, top_n, features) of each
+    feature's strongest activations and the held-out ``eval_ids`` they index (``lab.interp.quality``)."""
+    fix = f"delete {shown(folder)} and build them again (`lab transcoders build --profile <profile>`)"
+    return load_safetensors(Path(folder) / TOP_FILE, fix)
 
 
 def load_transcoders(folder: Path):
@@ -229,6 +240,7 @@ def load_transcoders(folder: Path):
             meta["d_transcoder"],
             TopK(meta["k"]),
             layer,
+            skip_connection=bool(meta.get("skip", False)),
             device=torch.device("cpu"),
             dtype=torch.float32,
         )
@@ -242,8 +254,9 @@ def load_transcoders(folder: Path):
 # ---------------------------------------------------------------------------------------------------- build
 
 
-def _save_checkpoint(path: Path, key: str, step: int, transcoders, optimizers, scales, elapsed: float) -> None:
+def _save_checkpoint(path: Path, key: str, step: int, transcoders, optimizers, scales, elapsed: float, steps) -> None:
     state = {
+        "steps": [fn.state_dict() for fn in steps if hasattr(fn, "state_dict")],  # the dead-feature clocks
         "key": key,  # the config and model it belongs to
         "step": step,
         "elapsed": elapsed,
@@ -303,7 +316,8 @@ def build(
     gen = torch.Generator().manual_seed(cfg.seed)
     transcoders = [new_transcoder(d_model, cfg, layer, gen) for layer in range(n_layers)]
     optimizers = topk.optimizers(transcoders, cfg.lr, sparse=cfg.sparse)
-    steps = [topk.loss_and_grads(tc, sparse=cfg.sparse, select=cfg.precision) for tc in transcoders]
+    auxk = {"auxk_alpha": cfg.auxk_alpha, "dead_tokens": cfg.dead_tokens, "aux_tokens": cfg.aux_tokens}
+    steps = [topk.loss_and_grads(tc, sparse=cfg.sparse, select=cfg.precision, **auxk) for tc in transcoders]
     work = folder.with_name(folder.name + ".building")  # survives an interruption; publish_dir's temp does not
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "checkpoint.pt"
@@ -320,6 +334,8 @@ def build(
             tc.load_state_dict(sd)
         for opt, sd in zip(optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(sd)
+        for fn, sd in zip([fn for fn in steps if hasattr(fn, "load_state_dict")], state["steps"], strict=True):
+            fn.load_state_dict(sd)
         start, elapsed = int(state["step"]), float(state["elapsed"])
         scales = [tuple(r) for r in state["scales"].tolist()]
     else:
@@ -357,22 +373,23 @@ def build(
                     g["lr"] = lr
                 opt.step()
             mean_fvu = sum(losses) / len(losses)
-            curve.append({"step": step + 1, "train_fvu_mean": mean_fvu, "train_fvu_max": max(losses)})
+            row = {"step": step + 1, "train_fvu_mean": mean_fvu, "train_fvu_max": max(losses)}
+            if cfg.sparse:  # the dead-feature clocks: the share not fired for dead_tokens tokens
+                row["train_dead_mean"] = sum(float((fn.since_fired >= cfg.dead_tokens).float().mean()) for fn in steps)
+                row["train_dead_mean"] /= len(steps)
+            curve.append(row)
             bar.set_postfix(fvu=f"{mean_fvu:.3f}")
             if (step + 1) % every == 0 and step + 1 < cfg.steps:
-                _save_checkpoint(ckpt, key, step + 1, transcoders, optimizers, scales, time.perf_counter() - t0)
+                _save_checkpoint(ckpt, key, step + 1, transcoders, optimizers, scales, time.perf_counter() - t0, steps)
     train_s = time.perf_counter() - t0
 
     for tc, (sx, sy) in zip(transcoders, scales, strict=True):
         fold_scales(tc, sx, sy)
     t_eval = time.perf_counter()
-    layers: list[dict] = []
+    held_out = Quality(transcoders)  # streamed: the whole held-out set's activations would not fit in memory
     for i in range(0, cfg.eval_seqs, cfg.batch_seqs):
-        ins, outs = mlp_activations(model, eval_ids[i : i + cfg.batch_seqs])
-        layers.append({"ins": ins, "outs": outs})
-    ins = [torch.cat([b["ins"][layer] for b in layers]) for layer in range(n_layers)]
-    outs = [torch.cat([b["outs"][layer] for b in layers]) for layer in range(n_layers)]
-    quality = evaluate(transcoders, ins, outs)
+        held_out.add(*mlp_activations(model, eval_ids[i : i + cfg.batch_seqs]), first_token=i * cfg.seq_len)
+    quality = held_out.rows()
     eval_s = time.perf_counter() - t_eval
 
     meta = {
@@ -383,6 +400,7 @@ def build(
         "d_model": d_model,
         "d_transcoder": cfg.d_transcoder,
         "k": cfg.k,
+        "skip": cfg.skip,
         "train_tokens_per_layer": cfg.steps * cfg.tokens_per_step,
         "eval_tokens": cfg.eval_seqs * cfg.seq_len,
         "source_weights": SOURCE_WEIGHTS,
@@ -402,6 +420,7 @@ def build(
     with publish_dir(folder) as out:
         for layer, tc in enumerate(transcoders):
             save_file({k: v.contiguous() for k, v in tc.state_dict().items()}, str(out / f"layer_{layer}.safetensors"))
+        save_file(held_out.top() | {"eval_ids": eval_ids.contiguous()}, str(out / TOP_FILE))
         (out / "meta.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(work)
     return meta

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 
 from lab.data.constraints import CONSTRAINTS, concepts, continuation_logprob
@@ -281,6 +282,47 @@ def settle_sweep(frame: pl.DataFrame, compare: pl.DataFrame, thresholds=SETTLE_S
     return pl.concat(rows).select("settle", *[c for c in rows[0].columns if c != "settle"])
 
 
+# ---------------------------------------------------------------------------------------------- graph checks
+
+# the demeaned logit's parts (lab.interp.graph_checks.account), in the order the page lists them
+ACCOUNT_PARTS = ("selected_features", "unselected_features", "errors", "tokens", "b_dec", "bos_mlp", "residual")
+TAGS = ("prompt_id", "constraint_type", "checkpoint", "fraction")
+
+
+def accounting_frame(records: list[dict]) -> pl.DataFrame:
+    """One row per graph: its demeaned logit, each part of it in logit units and each part's share of it (the
+    shares add up to 1; a part that pushes against the logit has a negative share)."""
+    rows = []
+    for r in records:
+        a = r["accounting"]
+        row = {k: r[k] for k in TAGS} | {"demeaned_logit": a["demeaned_logit"]}
+        row |= {p: a[p] for p in ACCOUNT_PARTS}
+        row |= {f"{p}_share": a[p] / a["demeaned_logit"] for p in ACCOUNT_PARTS}
+        rows.append(row)
+    return pl.DataFrame(rows)
+
+
+def interventions_frame(records: list[dict]) -> pl.DataFrame:
+    """One row per intervention of the checked graphs (``lab.interp.graph_checks.intervene``)."""
+    rows = [{k: r[k] for k in TAGS} | row for r in records for row in r.get("interventions", [])]
+    return pl.DataFrame(rows)
+
+
+def intervention_fit(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per checkpoint: how well the graphs' predicted direct effects match the measured changes of the target
+    logit: Pearson r and the share with the predicted sign, through the whole model and with everything else
+    frozen (which should match exactly), over every checked feature and scale."""
+    rows = []
+    for (ck,), g in frame.group_by("checkpoint"):
+        row = {"checkpoint": ck, "fraction": g["fraction"][0], "n": g.height}
+        for name, col in (("whole", "measured"), ("frozen", "measured_direct")):
+            row[f"r_{name}"] = float(np.corrcoef(g["predicted"].to_numpy(), g[col].to_numpy())[0, 1])
+            row[f"same_sign_{name}"] = float(((g["predicted"] * g[col]) > 0).mean())
+        row["median_ratio_whole"] = float((g["measured"] / g["predicted"]).median())
+        rows.append(row)
+    return pl.DataFrame(rows).sort("checkpoint")
+
+
 def circuit_frames(
     records: list[dict], transcoder_meta: dict, checkpoints: pl.DataFrame, settle: float
 ) -> dict[str, pl.DataFrame]:
@@ -290,9 +332,13 @@ def circuit_frames(
     graphs, compare = graphs_frame(records), compare_frame(records)
     stats, tests = circuit_stats(graphs, compare)
     nodes, edges = graph_frames(records)
+    checks = interventions_frame(records)
     return {
-        "transcoders": pl.DataFrame(transcoder_meta["layers"]),
+        "transcoders": transcoder_frame(transcoder_meta),
         "graphs": graphs,
+        "accounting": accounting_frame(records),
+        "interventions": checks,
+        "intervention_fit": intervention_fit(checks) if checks.height else pl.DataFrame(),
         "circuit_compare": compare,
         "circuit_stats": stats,
         "circuit_tests": tests,
@@ -301,6 +347,21 @@ def circuit_frames(
         "graph_edges": edges,
         "graph_nodes": nodes,
     }
+
+
+def transcoder_frame(meta: dict) -> pl.DataFrame:
+    """Per layer: held-out FVU, dead share and L0, with the training and held-out token counts (none for hub
+    transcoders: their quality is not measured here)."""
+    if not meta["layers"]:
+        return pl.DataFrame(schema={"layer": pl.Int64, "fvu": pl.Float64, "dead_share": pl.Float64})
+    return pl.DataFrame(meta["layers"]).select(
+        "layer",
+        "fvu",
+        "dead_share",
+        "l0",
+        pl.lit(meta["train_tokens_per_layer"]).alias("train_tokens"),
+        pl.col("tokens").alias("eval_tokens"),
+    )
 
 
 # ------------------------------------------------------------------------------------------ views to draw/show
@@ -320,16 +381,26 @@ def graph_rows(graphs: pl.DataFrame, prompt_id: str) -> pl.DataFrame:
     return graphs.filter(pl.col("prompt_id") == prompt_id).sort("checkpoint")
 
 
-def top_features(nodes: pl.DataFrame, prompt_id: str, n: int = 5) -> pl.DataFrame:
-    """The ``n`` most influential feature nodes of one prompt's graph at each checkpoint."""
-    return (
+def top_features(nodes: pl.DataFrame, prompt_id: str, n: int = 5, labels: pl.DataFrame | None = None) -> pl.DataFrame:
+    """The ``n`` most influential feature nodes of one prompt's graph at each checkpoint; with ``labels``
+    (the ``feature_labels`` result) each feature's label and strongest held-out context, where it has one."""
+    top = (
         nodes.filter((pl.col("prompt_id") == prompt_id) & (pl.col("kind") == "feature"))
         .sort("influence", descending=True)
         .group_by("checkpoint", maintain_order=True)
         .head(n)
-        .select("checkpoint", "label", "pos", "influence")
         .sort("checkpoint")
     )
+    cols = ["checkpoint", "label", "pos", "influence"]
+    if labels is None or not labels.height:
+        return top.select(cols)
+    named = labels.select(
+        (pl.col("layer") + 1).alias("layer"),  # the drawing's layer: 0 is the tokens
+        "feature",
+        pl.col("label").alias("fires_on"),
+        pl.col("contexts").list.first().alias("context"),
+    )
+    return top.join(named, on=["layer", "feature"], how="left").select(*cols, "fires_on", "context")
 
 
 def concept_logprobs(base, tuned, tokenizer, prompt: str) -> pl.DataFrame:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -27,7 +26,7 @@ from lab import paths
 from lab.data import constraints
 from lab.data.corpus import load_corpus
 from lab.errors import LabError
-from lab.interp import circuits, transcoders
+from lab.interp import circuits, quality, transcoders
 from lab.models.loading import LoadedModel, load_hub_model, load_model
 from lab.plots import chart_for, needs
 from lab.profiles import Profile
@@ -61,6 +60,9 @@ def run(profile: Profile, *, fresh: bool = False, write: bool = True, progress: 
         profile, cfg, lm.tokenizer, stages, trained.total_steps, tc_set, tc_meta, progress=progress
     )
     circuit = frames.circuit_frames(records, tc_meta, checkpoints, cfg.settle)
+    labels = feature_labels(profile, cfg, lm.tokenizer, graph_json)
+    if labels.height:
+        circuit["feature_labels"] = labels
     circuits_s = time.perf_counter() - t_circuits
 
     train_log, _, _ = trained.log.frames()
@@ -212,8 +214,9 @@ def attribution_graphs(
     profile: Profile, cfg: CircuitsConfig, tokenizer, stages: list, total: int, tc_set, tc_meta: dict, progress: bool
 ) -> tuple[list[dict], list[Path]]:
     """One record (``lab.interp.circuits.trace``) per stage and graph prompt, in stage order, each tagged with
-    its stage and prompt; cached per transcoder build, adapter content and prompt. Also circuit-tracer's JSON
-    files of the seed prompts' graphs at the base and final stage (committed to results/)."""
+    its stage and prompt; cached per transcoder build, adapter content and prompt. Every record has its
+    accounting, the seed prompts' records their intervention checks. Also circuit-tracer's JSON files of the seed
+    prompts' graphs at every stage (committed to results/, labelled by ``feature_labels``)."""
     from tqdm.auto import tqdm
 
     tc_key = hashlib.sha256(json.dumps(tc_meta, sort_keys=True).encode()).hexdigest()[:10]
@@ -236,7 +239,8 @@ def attribution_graphs(
             stage_dir,
             work / "models" / f"stage-{key}",
             max_feature_nodes=cfg.max_feature_nodes,
-            json_for=seeds if i in (0, len(stages) - 1) else (),
+            json_for=seeds,
+            check_for=seeds,
             json_suffix=f"-stage-{i}",
             json_thresholds=(config.JSON_NODE_THRESHOLD, config.JSON_EDGE_THRESHOLD),
             device="cuda" if on_gpu else "cpu",
@@ -252,6 +256,31 @@ def attribution_graphs(
             records.append(circuits.read_record(stage_dir, pr["prompt_id"]) | tags)
     bar.close()
     return records, json_files
+
+
+def feature_labels(profile: Profile, cfg: CircuitsConfig, tokenizer, json_files: list[Path]) -> pl.DataFrame:
+    """Every feature of the published graphs with its label and top-activating held-out contexts
+    (``lab.interp.quality.feature_labels``, from the transcoder build's held-out record); empty for hub
+    transcoders, whose training text is not here."""
+    if cfg.hub_transcoders is not None:
+        return pl.DataFrame()
+    top = transcoders.top_contexts(paths.transcoder_dir(profile.name))
+    features = sorted({f for path in json_files for f in circuits.json_features(path)})
+    rows = quality.feature_labels(top, top["eval_ids"], tokenizer, features)
+    return pl.DataFrame(
+        [
+            {
+                "layer": r["layer"],
+                "feature": r["feature"],
+                "label": r["label"],
+                "max_activation": r["max_activation"],
+                "contexts": [c["text"] for c in r["contexts"]],
+                "activations": [c["activation"] for c in r["contexts"]],
+            }
+            for r in rows
+        ],
+        schema_overrides={"contexts": pl.List(pl.String), "activations": pl.List(pl.Float64)},
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ writing
@@ -308,5 +337,8 @@ def write_results(
         for name, frame in results.items():
             write_result(TRACK, name, frame, chart=chart_for(CHARTS, name, read), **kw)
         (folder / "graphs").mkdir()  # replaces the previous graphs/ whole
+        labels = {}
+        if "feature_labels" in results:
+            labels = {(r["layer"], r["feature"]): r["label"] for r in results["feature_labels"].iter_rows(named=True)}
         for f in json_files:
-            shutil.copy(f, folder / "graphs" / f.name)
+            circuits.write_labelled(f, folder / "graphs" / f.name, labels)

@@ -60,6 +60,28 @@ class CircuitsSummary(Summary):
     transcoder_dead_share_mean: float  # share of features never active on held-out text, mean over layers
     transcoder_train_s: float  # the transcoders' training time (when they were built)
     transcoder_tokens_per_layer: int  # training tokens each transcoder saw
+    transcoder_eval_tokens: int  # held-out tokens the quality numbers are measured on
+    transcoder_skip: bool  # with a skip connection (W_skip)
+    transcoder_auxk_alpha: float  # the AuxK loss's weight (0: none)
+    transcoder_layers_at_target: float  # share of layers with held-out FVU <= 0.15 (the issue's target)
+    # the followed logit's parts (graph_checks.account), mean share over every graph: the graph's selected features,
+    # the features it leaves out, the error nodes, the token embeddings, the nodeless b_dec and BOS MLP terms; and
+    # the largest |residual| (logit minus all parts) of any graph, in logit units
+    account_selected_share: float
+    account_unselected_share: float
+    account_error_share: float
+    account_token_share: float
+    account_nodeless_share: float
+    account_residual_max: float
+    # the intervention checks (graph_checks.intervene) over every checked graph: Pearson r between the graphs'
+    # predicted direct effects and the measured change of the logit through the whole model (mean and range over
+    # checkpoints), the share with the predicted sign, and r with everything else frozen (the smallest)
+    intervention_checks: int
+    intervention_r_whole_mean: float
+    intervention_r_whole_min: float
+    intervention_r_whole_max: float
+    intervention_same_sign_whole: float
+    intervention_r_frozen_min: float
     graph_prompts: int  # prompts with an attribution graph at every checkpoint
     graphs: int  # attribution graphs (prompts x checkpoints)
     attribution_s_median: float  # seconds per graph (when computed; cached graphs keep their time)
@@ -87,6 +109,35 @@ class CircuitsSummary(Summary):
     spatial_oracle_steps: int
     spatial_oracle_accuracy: float
     wall_time_s: float  # the whole run, before writing
+
+
+def _checks(results: dict[str, pl.DataFrame]) -> dict:
+    """The accounting and intervention fields of the summary."""
+    acc, fit, checks = results["accounting"], results["intervention_fit"], results["interventions"]
+    out = {
+        "account_selected_share": float(acc["selected_features_share"].mean()),
+        "account_unselected_share": float(acc["unselected_features_share"].mean()),
+        "account_error_share": float(acc["errors_share"].mean()),
+        "account_token_share": float(acc["tokens_share"].mean()),
+        "account_nodeless_share": float((acc["b_dec_share"] + acc["bos_mlp_share"]).mean()),
+        "account_residual_max": float(acc["residual"].abs().max()),
+        "intervention_checks": checks.height,
+    }
+    if not fit.height:
+        return (
+            out
+            | dict.fromkeys(
+                ("intervention_r_whole_mean", "intervention_r_whole_min", "intervention_r_whole_max"), float("nan")
+            )
+            | {"intervention_same_sign_whole": float("nan"), "intervention_r_frozen_min": float("nan")}
+        )
+    return out | {
+        "intervention_r_whole_mean": float(fit["r_whole"].mean()),
+        "intervention_r_whole_min": float(fit["r_whole"].min()),
+        "intervention_r_whole_max": float(fit["r_whole"].max()),
+        "intervention_same_sign_whole": float(((checks["predicted"] * checks["measured"]) > 0).mean()),
+        "intervention_r_frozen_min": float(fit["r_frozen"].min()),
+    }
 
 
 def summarize(
@@ -150,6 +201,11 @@ def summarize(
         transcoder_dead_share_mean=float(transcoders["dead_share"].mean()),
         transcoder_train_s=transcoder_meta["train_s"],
         transcoder_tokens_per_layer=transcoder_meta["train_tokens_per_layer"],
+        transcoder_eval_tokens=int(transcoders["eval_tokens"][0]) if "eval_tokens" in transcoders.columns else 0,
+        transcoder_skip=bool(transcoder_meta.get("skip", False)),
+        transcoder_auxk_alpha=float(transcoder_meta.get("config", {}).get("auxk_alpha", 0.0)),
+        transcoder_layers_at_target=float((transcoders["fvu"] <= 0.15).mean()),
+        **_checks(results),
         graph_prompts=graphs.filter(pl.col("checkpoint") == 0).height,  # every checkpoint traces them all
         graphs=graphs.height,
         attribution_s_median=float(pl.Series(attribution_s).median()),
