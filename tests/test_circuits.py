@@ -168,7 +168,7 @@ def test_stopping_rules():
     frame = _frame([5, 2, 1, 1.5, 1.8], [5, 4, 3, 2, 1], [0.25, 0.5, 1, 1, 1], [0.2, 0.2, 0.4, 0.95, 1])
     cmp = pl.DataFrame(
         [
-            {"constraint_type": c, "checkpoint": i, "versus": "previous", "feature_jaccard": j}
+            {"constraint_type": c, "checkpoint": i, "versus": "previous", "feature_set_jaccard": j}
             for c, js in (("mapping", [0.1, 0.3, 0.6, 0.7]), ("spatial", [0.1, 0.2, 0.3, 0.4]))
             for i, j in zip(range(1, 5), js, strict=True)
         ]
@@ -268,7 +268,7 @@ def test_settle_sweep_is_the_circuit_rule_at_each_threshold():
     frame = _frame([5, 2, 1, 1.5, 1.8], [5, 4, 3, 2, 1], [0.25, 0.5, 1, 1, 1], [0.2, 0.2, 0.4, 0.95, 1])
     cmp = pl.DataFrame(
         [
-            {"constraint_type": c, "checkpoint": i, "versus": "previous", "feature_jaccard": j}
+            {"constraint_type": c, "checkpoint": i, "versus": "previous", "feature_set_jaccard": j}
             for c in ("mapping", "spatial")
             for i, j in zip(range(1, 5), [0.5, 0.55, 0.85, 0.99], strict=True)
         ]

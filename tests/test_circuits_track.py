@@ -104,6 +104,9 @@ class TestConfig:
             ({"graph_per_word": 5}, "graph_per_word must be between 1 and 4"),  # mapping has 4 held-out prompts a word
             ({"seed_prompts": 3}, "seed_prompts must be between 0 and 2"),
             ({"settle": 0.0}, "settle is a Jaccard threshold"),
+            ({"graph_per_word": 1}, "graph_per_word must be at least 2"),
+            ({"seeds": ()}, "seeds must be distinct"),
+            ({"seeds": (0, 0)}, "seeds must be distinct"),
         ],
     )
     def test_bad_values_name_the_fix(self, change, fix):

@@ -111,6 +111,42 @@ def test_build_learns_and_reports_what_the_saved_transcoders_do(lm, built):
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
 
 
+def test_feature_labels_quote_the_tokens_the_feature_fired_on(lm, built):
+    from lab.interp.quality import label_frame
+
+    folder, _ = built
+    top = T.top_contexts(folder)
+    seq_len = top["eval_ids"].shape[1] - 1
+    frame = label_frame(top, lm.tokenizer, [(0, 3), (1, 5)])
+    assert frame["layer"].to_list() == [0, 1] and frame["feature"].to_list() == [3, 5]
+    for row in frame.iter_rows(named=True):
+        tokens = top["token"][row["layer"], :, row["feature"]].tolist()
+        fired = [t for t in tokens if t >= 0]
+        assert len(row["contexts"]) == len(fired) == len(row["activations"])
+        for text, t in zip(row["contexts"], fired, strict=True):  # the bracketed token is the one at that index
+            seq, pos = divmod(t, seq_len)
+            assert text.endswith(f"[{lm.tokenizer.decode([int(top['eval_ids'][seq, 1 + pos])])}]")
+        assert row["activations"] == sorted(row["activations"], reverse=True)
+        words = [c[c.rindex("[") + 1 : -1].strip() for c in row["contexts"]]
+        assert row["label"].split(" · ")[0] in {w or repr(w) for w in words} | {repr(w) for w in words}
+
+
+def test_a_build_started_from_another_continues_from_its_weights(lm, built, tmp_path):
+    """``init_from``: the start is the given build in this run's rescaled units; with a vanishing learning rate
+    the result is that build again (the unit rescaling undone exactly) and measures the same."""
+    folder, meta = built
+    cfg = replace(CFG, steps=4, lr=1e-12)
+    again = T.build(cfg, lm, tmp_path / "again", corpus=smoke_corpus(), init_from=folder, progress=False)
+    start, _ = T.load_transcoders(folder)
+    got, _ = T.load_transcoders(tmp_path / "again")
+    for a, b in zip(start, got, strict=True):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=name)
+    for a, b in zip(again["layers"], meta["layers"], strict=True):  # the same held-out set (same seed)
+        assert a["fvu"] == pytest.approx(b["fvu"], rel=1e-4)
+    assert again["init_from"] is not None
+
+
 def test_interrupted_build_resumes_to_the_same_weights(lm, built, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 

@@ -352,13 +352,24 @@ def edge_correlation(a: list, b: list) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def feature_set(record: dict) -> set[tuple[int, int]]:
+    """The (layer, feature) pairs of a record's kept feature nodes, positions dropped: comparable between two
+    prompts of different tokens (e.g. paraphrases)."""
+    return {tuple(int(x) for x in f["key"][1:].split(".")[::2]) for f in record["features"]}
+
+
 def compare(a: dict, b: dict) -> dict[str, float]:
-    """Feature-node overlap and edge-weight correlation between two records of the same prompt."""
+    """Feature-node overlap (by (layer, position, feature) and, positions dropped, by (layer, feature)) and
+    edge-weight correlation between two records of the same prompt."""
     if a["input_tokens"] != b["input_tokens"]:
         raise LabError("compare() needs two graphs of the same prompt (their tokens differ)")
     fa = {f["key"] for f in a["features"]}
     fb = {f["key"] for f in b["features"]}
-    return {"feature_jaccard": jaccard(fa, fb), "edge_correlation": edge_correlation(a["edges"], b["edges"])}
+    return {
+        "feature_jaccard": jaccard(fa, fb),
+        "feature_set_jaccard": jaccard(feature_set(a), feature_set(b)),
+        "edge_correlation": edge_correlation(a["edges"], b["edges"]),
+    }
 
 
 def bootstrap_mean(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import polars as pl
 import torch
 
 
@@ -133,3 +134,31 @@ def feature_labels(top: dict, token_ids: torch.Tensor, tokenizer, features, wind
             }
         )
     return rows
+
+
+def label_frame(top: dict, tokenizer, features) -> pl.DataFrame:
+    """:func:`feature_labels` of ``features`` as a table: layer, feature, label, strongest activation, and the
+    contexts with their activations (lists), strongest first; ``top`` is a build's held-out record (with its
+    ``eval_ids``)."""
+    rows = feature_labels(top, top["eval_ids"], tokenizer, features)
+    return pl.DataFrame(
+        [
+            {
+                "layer": r["layer"],
+                "feature": r["feature"],
+                "label": r["label"],
+                "max_activation": r["max_activation"],
+                "contexts": [c["text"] for c in r["contexts"]],
+                "activations": [c["activation"] for c in r["contexts"]],
+            }
+            for r in rows
+        ],
+        schema={
+            "layer": pl.Int64,
+            "feature": pl.Int64,
+            "label": pl.String,
+            "max_activation": pl.Float64,
+            "contexts": pl.List(pl.String),
+            "activations": pl.List(pl.Float64),
+        },
+    )

@@ -269,6 +269,21 @@ def _save_checkpoint(path: Path, key: str, step: int, transcoders, optimizers, s
     atomic_write_bytes(path, buf.getvalue())
 
 
+def eval_sequences(cfg: TranscoderConfig, tokenizer, corpus: Corpus) -> torch.Tensor:
+    """The build's held-out sequences (``eval_seqs`` of BOS + ``seq_len`` tokens of the held-out texts)."""
+    return token_sequences(tokenizer, training_texts(tokenizer, corpus)[1], cfg.seq_len, cfg.eval_seqs, cfg.seed + 1)
+
+
+def measure(transcoders, model, eval_ids: torch.Tensor, batch_seqs: int) -> Quality:
+    """``transcoders`` on ``model``'s activations of ``eval_ids`` (fp32), streamed ``batch_seqs`` at a time:
+    the whole held-out set's activations would not fit in memory."""
+    held_out = Quality(list(transcoders))
+    seq_len = eval_ids.shape[1] - 1
+    for i in range(0, eval_ids.shape[0], batch_seqs):
+        held_out.add(*mlp_activations(model, eval_ids[i : i + batch_seqs]), first_token=i * seq_len)
+    return held_out
+
+
 def built(cfg: TranscoderConfig, folder: Path) -> dict | None:
     """The meta of the build in ``folder`` when it was made with ``cfg``, else None (missing or another config)."""
     meta_file = Path(folder) / "meta.json"
@@ -287,9 +302,11 @@ def build(
     corpus: Corpus,
     fresh: bool = False,
     progress: bool = True,
+    init_from: Path | None = None,
 ) -> dict:
     """Train one transcoder per layer of ``loaded``'s model on ``corpus`` (+ the constraint and chat texts) and
-    publish them with their quality in ``folder``.
+    publish them with their quality in ``folder``. ``init_from``: start from the transcoders built there (e.g.
+    the base model's, continued on a fine-tuned model's activations) instead of a fresh initialisation.
 
     Returns the meta dict (also ``meta.json``): config, model, per-layer FVU / L0 / dead share, wall time.
     Already built with the same config and not ``fresh``: returns the existing meta without training. An
@@ -310,7 +327,7 @@ def build(
     train_texts, val_texts = training_texts(loaded.tokenizer, corpus)
     t_data = time.perf_counter()
     train_ids = token_sequences(loaded.tokenizer, train_texts, cfg.seq_len, cfg.steps * cfg.batch_seqs, cfg.seed)
-    eval_ids = token_sequences(loaded.tokenizer, val_texts, cfg.seq_len, cfg.eval_seqs, cfg.seed + 1)
+    eval_ids = eval_sequences(cfg, loaded.tokenizer, corpus)
     data_s = time.perf_counter() - t_data
 
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -324,7 +341,8 @@ def build(
     start, elapsed = 0, 0.0
     if fresh and ckpt.exists():
         ckpt.unlink()
-    key = json.dumps({"config": asdict(cfg), "model": loaded.name}, sort_keys=True)
+    key = {"config": asdict(cfg), "model": loaded.name} | ({"init": str(init_from)} if init_from else {})
+    key = json.dumps(key, sort_keys=True)
     if ckpt.exists():
         fix = f"pass --fresh to start the build over (or delete {shown(ckpt)})"
         state = load_torch(ckpt, fix)
@@ -345,6 +363,10 @@ def build(
         with torch.no_grad():
             for tc, y, (_, sy) in zip(transcoders, outs, scales, strict=True):
                 tc.b_dec.copy_(y.mean(0) / sy)
+            if init_from is not None:  # the given transcoders, in this model's rescaled units
+                for tc, start_tc, (sx, sy) in zip(transcoders, load_transcoders(init_from)[0], scales, strict=True):
+                    tc.load_state_dict(start_tc.state_dict())
+                    fold_scales(tc, 1 / sx, 1 / sy)
 
     every = max(1, cfg.steps // cfg.checkpoints)
     curve: list[dict] = []
@@ -386,9 +408,7 @@ def build(
     for tc, (sx, sy) in zip(transcoders, scales, strict=True):
         fold_scales(tc, sx, sy)
     t_eval = time.perf_counter()
-    held_out = Quality(transcoders)  # streamed: the whole held-out set's activations would not fit in memory
-    for i in range(0, cfg.eval_seqs, cfg.batch_seqs):
-        held_out.add(*mlp_activations(model, eval_ids[i : i + cfg.batch_seqs]), first_token=i * cfg.seq_len)
+    held_out = measure(transcoders, model, eval_ids, cfg.batch_seqs)
     quality = held_out.rows()
     eval_s = time.perf_counter() - t_eval
 
@@ -413,6 +433,7 @@ def build(
         "layers": quality,
         "curve": curve,
         "resumed_from_step": start,
+        "init_from": None if init_from is None else shown(Path(init_from)),
         "threads": torch.get_num_threads(),
     }
     if any(not math.isfinite(r["fvu"]) for r in quality):

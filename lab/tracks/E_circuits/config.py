@@ -48,7 +48,18 @@ class CircuitsConfig:
     # circuit-tracer's cap on feature nodes per graph (cost grows with it: ~100 s at 1000 for a 35-token prompt
     # on 2 cores)
     max_feature_nodes: int = 300
-    settle: float = 0.5  # circuit rule: stop once the mean feature Jaccard with the previous checkpoint reaches this
+    # circuit rule: stop once the mean feature overlap (positions dropped) with the previous checkpoint reaches this;
+    # None: pre-registered from the base model, as the mean overlap of two held-out prompts of one word
+    # (frames.circuit_threshold)
+    settle: float | None = None
+    # fine-tune seeds: the first is the main run (every result); each other one is fine-tuned on the same corpus
+    # and its stopping prompts (the first held-out prompt of each graph word) traced at every checkpoint, to
+    # compare both stopping rules across seeds (seed_stopping)
+    seeds: tuple[int, ...] = (0,)
+    # transcoders adapted to the fine-tuned model: the base model's continued for this many steps on the final
+    # checkpoint's activations (0: none), at a fifth of their learning rate; the final checkpoint's graphs are traced
+    # again with them (run.adapted_graphs)
+    adapt_steps: int = 0
     model: str | None = None  # a hub model instead of the profile's (gpu: Gemma-2-2B, which GemmaScope covers)
     hub_transcoders: str | None = None  # circuit-tracer's hub transcoder set instead of training our own
 
@@ -81,8 +92,20 @@ class CircuitsConfig:
             )
         if self.max_feature_nodes < 1:
             raise LabError(f"CircuitsConfig.max_feature_nodes must be at least 1 (got {self.max_feature_nodes})")
-        if not 0 < self.settle <= 1:
-            raise LabError(f"CircuitsConfig.settle is a Jaccard threshold in (0, 1] (got {self.settle})")
+        if self.settle is not None and not 0 < self.settle <= 1:
+            raise LabError(f"CircuitsConfig.settle is a Jaccard threshold in (0, 1] or None (got {self.settle})")
+        if self.settle is None and self.graph_per_word < 2:
+            raise LabError(
+                "CircuitsConfig.settle=None sets the threshold from pairs of prompts of one word: graph_per_word "
+                f"must be at least 2 (got {self.graph_per_word}), or fix settle"
+            )
+        if self.adapt_steps < 0 or (self.adapt_steps and self.transcoders is None):
+            raise LabError(
+                f"CircuitsConfig.adapt_steps={self.adapt_steps}: must be >= 0, and 0 with hub transcoders (the "
+                f"lab adapts only transcoders it trained)"
+            )
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+            raise LabError(f"CircuitsConfig.seeds must be distinct seeds >= 0, at least one (got {self.seeds})")
 
 
 RECIPES: dict[str, CircuitsConfig] = {
@@ -102,13 +125,17 @@ RECIPES: dict[str, CircuitsConfig] = {
             auxk_alpha=1 / 32,
             dead_tokens=512,
         ),
-        graph_words=1,  # 1 word x 1 prompt per type + 1 seed prompt: 3 graphs per checkpoint
-        graph_per_word=1,
+        graph_words=1,  # 1 word x 2 prompts per type + 1 seed prompt: 5 graphs per checkpoint
+        graph_per_word=2,
+        seeds=(0, 1),
+        adapt_steps=20,
         seed_prompts=1,
         max_feature_nodes=100,
     ),
     # SmolLM2-135M-Instruct on 2 CPU cores.
     "cpu": CircuitsConfig(
+        seeds=(0, 1, 2),
+        adapt_steps=100,  # 204,800 tokens of the fine-tuned model: ~7 minutes
         # 51 training texts (80 % of 64), 10 epochs of batch 8: 70 steps. A first run with the loss on every token
         # and 5 epochs learned the sentence templates and left held-out accuracy at chance.
         per_type=32,
@@ -135,6 +162,7 @@ RECIPES: dict[str, CircuitsConfig] = {
     # Gemma-2-2B in bf16 (merging LoRA into 4-bit weights is lossy) with GemmaScope transcoders from the hub,
     # per the seed plan. Written for a CUDA machine with hub access; not run in this project yet.
     "gpu": CircuitsConfig(
+        seeds=(0, 1, 2),
         per_type=64,
         finetune=FinetuneConfig(lr=2e-4, rank=16, batch_size=16, epochs=5, max_seq_len=64, n_evals=4),
         max_feature_nodes=4096,

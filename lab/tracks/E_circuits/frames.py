@@ -10,11 +10,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import polars as pl
 
 from lab.data.constraints import CONSTRAINTS, concepts, continuation_logprob
+from lab.errors import LabError
 from lab.interp.circuits import bootstrap_mean, compare, sign_flip_test
+from lab.interp.graph_tables import accounting_frame, intervention_fit, interventions_frame, paraphrase_overlap
 from lab.tracks.E_circuits.config import LEARNED, SETTLE_SWEEP
 
 GRAPH_METRICS = (
@@ -210,13 +211,16 @@ def graph_frames(records: list[dict], keep_nodes: int = 60, keep_edges: int = 80
 # ---------------------------------------------------------------------------------------------------- stopping
 
 
-def stopping_rules(frame: pl.DataFrame, compare: pl.DataFrame, settle: float) -> pl.DataFrame:
+def stopping_rules(
+    frame: pl.DataFrame, compare: pl.DataFrame, settle: float, overlap: str = "feature_set_jaccard"
+) -> pl.DataFrame:
     """Per constraint type, where each early-stopping rule stops, how many steps it trained, and the held-out
     accuracy of the checkpoint it keeps.
 
     - loss rule (patience 1): after each checkpoint, stop if this type's validation loss rose; keep the previous
       checkpoint. Trains to the checkpoint where the rise is seen.
-    - circuit rule: after each checkpoint (from the second), stop if the mean feature-node Jaccard between this
+    - circuit rule: after each checkpoint (from the second), stop if the mean feature overlap ``overlap`` (a
+      column of ``compare``: by default positions dropped, as the paraphrase threshold is measured) between this
       checkpoint's graphs and the previous checkpoint's reaches ``settle``; keep this checkpoint.
     - oracle: the first checkpoint whose held-out accuracy reaches ``LEARNED`` (needs the labels; for reference).
     Both rules run to the end when they never fire.
@@ -242,11 +246,11 @@ def stopping_rules(frame: pl.DataFrame, compare: pl.DataFrame, settle: float) ->
         c = (
             compare.filter((pl.col("constraint_type") == ctype) & (pl.col("versus") == "previous"))
             .group_by("checkpoint")
-            .agg(pl.col("feature_jaccard").mean())
+            .agg(pl.col(overlap).mean())
             .sort("checkpoint")
         )
         keep = last
-        for i, j in zip(c["checkpoint"].to_list(), c["feature_jaccard"].to_list(), strict=True):
+        for i, j in zip(c["checkpoint"].to_list(), c[overlap].to_list(), strict=True):
             if i >= 2 and j >= settle:
                 keep = i
                 break
@@ -277,59 +281,70 @@ def settle_sweep(frame: pl.DataFrame, compare: pl.DataFrame, thresholds=SETTLE_S
     """The circuit rule at every threshold in ``thresholds``: where it stops, what it keeps, steps, accuracy."""
     rows = []
     for t in thresholds:
-        got = stopping_rules(frame, compare, t).filter(pl.col("rule") == "circuit")
+        got = stopping_rules(frame, compare, float(t)).filter(pl.col("rule") == "circuit")
         rows.append(got.with_columns(settle=pl.lit(t)))
     return pl.concat(rows).select("settle", *[c for c in rows[0].columns if c != "settle"])
 
 
-# ---------------------------------------------------------------------------------------------- graph checks
+def circuit_threshold(paraphrases: pl.DataFrame, settle: float | None) -> float:
+    """The circuit rule's threshold: ``settle`` when the recipe fixes one, else the mean paraphrase overlap (a
+    checkpoint's graph has settled when it differs from the previous checkpoint's no more than two wordings of
+    one question differ on the base model)."""
+    if settle is not None:
+        return settle
+    if not paraphrases.height:
+        raise LabError("the circuit rule's threshold needs two graph prompts per word (graph_per_word >= 2)")
+    return float(paraphrases["feature_set_jaccard"].mean())
 
-# the demeaned logit's parts (lab.interp.graph_checks.account), in the order the page lists them
-ACCOUNT_PARTS = ("selected_features", "unselected_features", "errors", "tokens", "b_dec", "bos_mlp", "residual")
-TAGS = ("prompt_id", "constraint_type", "checkpoint", "fraction")
+
+def seed_stopping(runs: dict[int, tuple[pl.DataFrame, list[dict]]], threshold: float) -> pl.DataFrame:
+    """Both stopping rules for each fine-tune seed (``runs``: seed -> its checkpoints frame and graph records),
+    the circuit rule at ``threshold``, on the prompts every seed has graphs of."""
+    common = set.intersection(*({r["prompt_id"] for r in recs} for _, recs in runs.values()))
+    out = []
+    for seed, (checkpoints, recs) in sorted(runs.items()):
+        cmp = compare_frame([r for r in recs if r["prompt_id"] in common and r["constraint_type"] != "seed"])
+        out.append(stopping_rules(checkpoints, cmp, threshold).with_columns(seed=pl.lit(seed)))
+    return pl.concat(out).select("seed", pl.exclude("seed"))
 
 
-def accounting_frame(records: list[dict]) -> pl.DataFrame:
-    """One row per graph: its demeaned logit, each part of it in logit units and each part's share of it (the
-    shares add up to 1; a part that pushes against the logit has a negative share)."""
+def adapted_frame(records: list[dict], adapted: list[dict]) -> pl.DataFrame:
+    """Per prompt at the final checkpoint: the error share with the base model's transcoders and with the
+    adapted ones; the overlap of the two graphs' features; and, for each, the share of its kept features that
+    the base model's graph of the prompt does not have ("new" features)."""
+    last = max(r["checkpoint"] for r in records)
+    by = {(r["prompt_id"], r["checkpoint"]): r for r in records}
     rows = []
-    for r in records:
-        a = r["accounting"]
-        row = {k: r[k] for k in TAGS} | {"demeaned_logit": a["demeaned_logit"]}
-        row |= {p: a[p] for p in ACCOUNT_PARTS}
-        row |= {f"{p}_share": a[p] / a["demeaned_logit"] for p in ACCOUNT_PARTS}
-        rows.append(row)
+    for a in adapted:
+        final, base = by[(a["prompt_id"], last)], by[(a["prompt_id"], 0)]
+        keys = {
+            name: {f["key"] for f in r["features"]} for name, r in (("final", final), ("adapted", a), ("base", base))
+        }
+        rows.append(
+            {
+                "prompt_id": a["prompt_id"],
+                "constraint_type": a["constraint_type"],
+                "error_share_base_tc": final["error_share"],
+                "error_share_adapted_tc": a["error_share"],
+                "errors_base_tc": final["accounting"]["errors"] / final["accounting"]["demeaned_logit"],
+                "errors_adapted_tc": a["accounting"]["errors"] / a["accounting"]["demeaned_logit"],
+                "feature_jaccard": compare(final, a)["feature_jaccard"],
+                "new_share_base_tc": len(keys["final"] - keys["base"]) / max(len(keys["final"]), 1),
+                "new_share_adapted_tc": len(keys["adapted"] - keys["base"]) / max(len(keys["adapted"]), 1),
+            }
+        )
     return pl.DataFrame(rows)
-
-
-def interventions_frame(records: list[dict]) -> pl.DataFrame:
-    """One row per intervention of the checked graphs (``lab.interp.graph_checks.intervene``)."""
-    rows = [{k: r[k] for k in TAGS} | row for r in records for row in r.get("interventions", [])]
-    return pl.DataFrame(rows)
-
-
-def intervention_fit(frame: pl.DataFrame) -> pl.DataFrame:
-    """Per checkpoint: how well the graphs' predicted direct effects match the measured changes of the target
-    logit: Pearson r and the share with the predicted sign, through the whole model and with everything else
-    frozen (which should match exactly), over every checked feature and scale."""
-    rows = []
-    for (ck,), g in frame.group_by("checkpoint"):
-        row = {"checkpoint": ck, "fraction": g["fraction"][0], "n": g.height}
-        for name, col in (("whole", "measured"), ("frozen", "measured_direct")):
-            row[f"r_{name}"] = float(np.corrcoef(g["predicted"].to_numpy(), g[col].to_numpy())[0, 1])
-            row[f"same_sign_{name}"] = float(((g["predicted"] * g[col]) > 0).mean())
-        row["median_ratio_whole"] = float((g["measured"] / g["predicted"]).median())
-        rows.append(row)
-    return pl.DataFrame(rows).sort("checkpoint")
 
 
 def circuit_frames(
-    records: list[dict], transcoder_meta: dict, checkpoints: pl.DataFrame, settle: float
+    records: list[dict], transcoder_meta: dict, checkpoints: pl.DataFrame, settle: float | None
 ) -> dict[str, pl.DataFrame]:
     """A run's circuit results by name, in writing order (``graph_edges`` before ``graph_nodes``, whose chart
     reads them back): the transcoders' quality, the graphs, their comparisons and statistics, both stopping rules
     and the circuit rule's threshold sweep, the nodes and edges to draw."""
     graphs, compare = graphs_frame(records), compare_frame(records)
+    paraphrases = paraphrase_overlap(records)
+    threshold = circuit_threshold(paraphrases, settle)
     stats, tests = circuit_stats(graphs, compare)
     nodes, edges = graph_frames(records)
     checks = interventions_frame(records)
@@ -342,7 +357,8 @@ def circuit_frames(
         "circuit_compare": compare,
         "circuit_stats": stats,
         "circuit_tests": tests,
-        "stopping": stopping_rules(checkpoints, compare, settle),
+        "paraphrases": paraphrases,
+        "stopping": stopping_rules(checkpoints, compare, threshold).with_columns(threshold=pl.lit(threshold)),
         "stopping_sweep": settle_sweep(checkpoints, compare),
         "graph_edges": edges,
         "graph_nodes": nodes,

@@ -60,6 +60,12 @@ def run(profile: Profile, *, fresh: bool = False, write: bool = True, progress: 
         profile, cfg, lm.tokenizer, stages, trained.total_steps, tc_set, tc_meta, progress=progress
     )
     circuit = frames.circuit_frames(records, tc_meta, checkpoints, cfg.settle)
+    runs = {cfg.seeds[0]: (checkpoints, records)}
+    for seed in cfg.seeds[1:]:
+        runs[seed] = seed_run(profile, cfg, seed, (train_rows, val_rows), val_by_type, tc_set, tc_meta, fresh, progress)
+    circuit |= seed_frames(runs, float(circuit["stopping"]["threshold"][0]))
+    if cfg.adapt_steps:
+        circuit |= adapted_graphs(profile, cfg, lm.tokenizer, stages, trained.total_steps, records, progress)
     labels = feature_labels(profile, cfg, lm.tokenizer, graph_json)
     if labels.height:
         circuit["feature_labels"] = labels
@@ -89,9 +95,48 @@ def run(profile: Profile, *, fresh: bool = False, write: bool = True, progress: 
 LOSS_COLUMNS = ("step", "loss", "lr", "grad_norm")  # the training log's columns in the ``loss`` result
 
 
-def run_dir(profile: Profile) -> Path:
-    """The LoRA run's folder (its ``checkpoint-<step>`` adapters)."""
-    return paths.checkpoint_dir(profile.name, TRACK, "ws3")
+def run_dir(profile: Profile, seed: int | None = None) -> Path:
+    """The LoRA run's folder (its ``checkpoint-<step>`` adapters): the main run's, or another fine-tune seed's."""
+    return paths.checkpoint_dir(profile.name, TRACK, "ws3" if seed is None else f"ws3-seed{seed}")
+
+
+def seed_run(
+    profile: Profile,
+    cfg: CircuitsConfig,
+    seed: int,
+    rows: tuple[list[dict], list[dict]],
+    val_by_type: dict[str, list[dict]],
+    tc_set,
+    tc_meta: dict,
+    fresh: bool,
+    progress: bool,
+) -> tuple[pl.DataFrame, list[dict]]:
+    """One more fine-tune seed on the main run's corpus: its checkpoints frame and the graph records of the
+    stopping prompts (the first held-out prompt of each graph word) at every stage."""
+    lm = base_model(profile, cfg)
+    ft = replace(cfg.finetune, seed=seed, n_train=len(rows[0]), n_test=len(rows[1]))
+    folder = run_dir(profile, seed)
+    trained = train_lora(
+        lm, ft, folder, rows=rows, resume=not fresh, progress=progress, desc=f"constraints seed {seed}"
+    )
+    stages = training_stages(folder, trained.total_steps)
+    prompts, losses = score_stages(profile, cfg, stages, val_by_type, trained.total_steps)
+    stopping = constraints.graph_prompts(lm.tokenizer, (), cfg.graph_words, 1)
+    records, _ = attribution_graphs(
+        profile, cfg, lm.tokenizer, stages, trained.total_steps, tc_set, tc_meta, progress=progress, prompts=stopping
+    )
+    return frames.checkpoints_frame(prompts, losses), records
+
+
+def seed_frames(runs: dict[int, tuple[pl.DataFrame, list[dict]]], threshold: float) -> dict[str, pl.DataFrame]:
+    """Every seed's checkpoints and both stopping rules per seed (the circuit rule at the pre-registered
+    ``threshold``)."""
+    return {
+        "seed_checkpoints": pl.concat(
+            [ck.with_columns(seed=pl.lit(seed)) for seed, (ck, _) in sorted(runs.items())]
+        ).select("seed", pl.exclude("seed")),
+        "seed_stopping": frames.seed_stopping(runs, threshold).with_columns(threshold=pl.lit(threshold)),
+    }
 
 
 def base_model(profile: Profile, cfg: CircuitsConfig) -> LoadedModel:
@@ -211,19 +256,29 @@ def circuit_transcoders(profile: Profile, cfg: CircuitsConfig, progress: bool = 
 
 
 def attribution_graphs(
-    profile: Profile, cfg: CircuitsConfig, tokenizer, stages: list, total: int, tc_set, tc_meta: dict, progress: bool
+    profile: Profile,
+    cfg: CircuitsConfig,
+    tokenizer,
+    stages: list,
+    total: int,
+    tc_set,
+    tc_meta: dict,
+    progress: bool,
+    prompts: list[dict] | None = None,
 ) -> tuple[list[dict], list[Path]]:
     """One record (``lab.interp.circuits.trace``) per stage and graph prompt, in stage order, each tagged with
     its stage and prompt; cached per transcoder build, adapter content and prompt. Every record has its
     accounting, the seed prompts' records their intervention checks. Also circuit-tracer's JSON files of the seed
-    prompts' graphs at every stage (committed to results/, labelled by ``feature_labels``)."""
+    prompts' graphs at every stage (committed to results/, labelled by ``feature_labels``). ``prompts``: another
+    list than the main run's (``lab.data.constraints.graph_prompts``)."""
     from tqdm.auto import tqdm
 
     tc_key = hashlib.sha256(json.dumps(tc_meta, sort_keys=True).encode()).hexdigest()[:10]
     work = paths.checkpoint_dir(profile.name, TRACK, "circuits", f"tc-{tc_key}-nodes{cfg.max_feature_nodes}")
-    prompts = constraints.graph_prompts(
-        tokenizer, config.SEED_PROMPTS[: cfg.seed_prompts], cfg.graph_words, cfg.graph_per_word
-    )
+    if prompts is None:  # the main run's: seed prompts and every graph word's prompts
+        prompts = constraints.graph_prompts(
+            tokenizer, config.SEED_PROMPTS[: cfg.seed_prompts], cfg.graph_words, cfg.graph_per_word
+        )
     seeds = {pr["prompt_id"] for pr in prompts if pr["constraint_type"] == "seed"}
     on_gpu = cfg.model is not None
     records: list[dict] = []
@@ -258,6 +313,64 @@ def attribution_graphs(
     return records, json_files
 
 
+def adapted_graphs(
+    profile: Profile, cfg: CircuitsConfig, tokenizer, stages: list, total: int, records: list[dict], progress: bool
+) -> dict[str, pl.DataFrame]:
+    """The alternative explanation of a large error share, tested: the base model's transcoders continued for
+    ``cfg.adapt_steps`` steps on the final checkpoint's activations (a fifth of their learning rate), then every
+    main prompt traced again at the final checkpoint with them. Returns ``adapted`` (per prompt: error shares and
+    feature overlaps with base-model and adapted transcoders, ``frames.adapted_frame``) and ``adapted_quality``
+    (per layer: held-out FVU of both sets on the fine-tuned model's activations)."""
+    step, adapter = stages[-1]
+    key = hashlib.sha256((adapter / ADAPTER_FILE).read_bytes()).hexdigest()[:10]
+    base_dir = paths.transcoder_dir(profile.name)
+    folder = base_dir.with_name(f"{base_dir.name}-adapted-{key}")
+    acfg = replace(cfg.transcoders, steps=cfg.adapt_steps, lr=cfg.transcoders.lr / 5, eval_seqs=200, seed=1)
+    model, _ = stage_model(profile, cfg, adapter)
+    model = model.merge_and_unload().eval()
+    meta = transcoders.built(acfg, folder)
+    if meta is None:
+        tuned = LoadedModel(model, tokenizer, f"{base_model(profile, cfg).name}+{key}", "fine-tuned")
+        meta = transcoders.build(
+            acfg, tuned, folder, corpus=load_corpus(profile), init_from=base_dir, progress=progress
+        )
+    base_set, base_meta = transcoders.load_transcoders(base_dir)
+    eval_ids = transcoders.eval_sequences(acfg, tokenizer, load_corpus(profile))
+    base_on_tuned = transcoders.measure(base_set, model, eval_ids, acfg.batch_seqs).rows()
+    adapted_set, _ = transcoders.load_transcoders(folder)
+    prompts = constraints.graph_prompts(
+        tokenizer, config.SEED_PROMPTS[: cfg.seed_prompts], cfg.graph_words, cfg.graph_per_word
+    )
+    tags = {"checkpoint": len(stages) - 1, "step": step, "fraction": step / total, "n_layers": meta["n_layers"]}
+    work = paths.checkpoint_dir(profile.name, TRACK, "circuits", f"adapted-{key}-nodes{cfg.max_feature_nodes}")
+    circuits.trace_prompts(
+        partial(stage_model, profile, cfg, adapter),
+        adapted_set,
+        prompts,
+        work,
+        work / "model",
+        max_feature_nodes=cfg.max_feature_nodes,
+    )
+    adapted = [
+        circuits.read_record(work, pr["prompt_id"])
+        | tags
+        | {"prompt_id": pr["prompt_id"], "constraint_type": pr["constraint_type"], "word": pr["word"]}
+        for pr in prompts
+    ]
+    quality = [
+        {
+            "layer": b["layer"],
+            "fvu_base": b["fvu"],
+            "fvu_adapted": a["fvu"],
+            "dead_base": b["dead_share"],
+            "dead_adapted": a["dead_share"],
+            "eval_tokens": a["tokens"],
+        }
+        for b, a in zip(base_on_tuned, meta["layers"], strict=True)
+    ]
+    return {"adapted": frames.adapted_frame(records, adapted), "adapted_quality": pl.DataFrame(quality)}
+
+
 def feature_labels(profile: Profile, cfg: CircuitsConfig, tokenizer, json_files: list[Path]) -> pl.DataFrame:
     """Every feature of the published graphs with its label and top-activating held-out contexts
     (``lab.interp.quality.feature_labels``, from the transcoder build's held-out record); empty for hub
@@ -266,21 +379,7 @@ def feature_labels(profile: Profile, cfg: CircuitsConfig, tokenizer, json_files:
         return pl.DataFrame()
     top = transcoders.top_contexts(paths.transcoder_dir(profile.name))
     features = sorted({f for path in json_files for f in circuits.json_features(path)})
-    rows = quality.feature_labels(top, top["eval_ids"], tokenizer, features)
-    return pl.DataFrame(
-        [
-            {
-                "layer": r["layer"],
-                "feature": r["feature"],
-                "label": r["label"],
-                "max_activation": r["max_activation"],
-                "contexts": [c["text"] for c in r["contexts"]],
-                "activations": [c["activation"] for c in r["contexts"]],
-            }
-            for r in rows
-        ],
-        schema_overrides={"contexts": pl.List(pl.String), "activations": pl.List(pl.Float64)},
-    )
+    return quality.label_frame(top, tokenizer, features)
 
 
 # ------------------------------------------------------------------------------------------------------ writing

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from lab.data.constraints import CONSTRAINTS
+from lab.interp.circuits import sign_flip_test
 from lab.results import Summary
 from lab.tracks.E_circuits.config import LEARNED, CircuitsConfig
 from lab.tracks.E_circuits.frames import learned_at
@@ -87,7 +88,21 @@ class CircuitsSummary(Summary):
     attribution_s_median: float  # seconds per graph (when computed; cached graphs keep their time)
     attribution_s_total: float
     circuits_wall_s: float  # wall time of the circuit analysis in this run (cached graphs cost nothing)
-    settle_threshold: float  # the circuit rule's Jaccard threshold
+    settle_threshold: float  # the circuit rule's threshold (feature overlap, positions dropped)
+    paraphrase_overlap_min: float  # the base model's overlap between two prompts of one word: range over words
+    paraphrase_overlap_max: float
+    n_seeds: int  # fine-tune seeds
+    seed_final_accuracy_min: float  # the lowest final held-out accuracy of any seed and type
+    # per type over the seeds: mean steps each rule trained, the share of seeds where the circuit rule trained fewer
+    # steps than the loss rule, and the lowest held-out accuracy of a checkpoint the circuit rule kept
+    mapping_seed_circuit_steps: float
+    mapping_seed_loss_steps: float
+    mapping_seed_circuit_earlier: float
+    mapping_seed_circuit_accuracy_min: float
+    spatial_seed_circuit_steps: float
+    spatial_seed_loss_steps: float
+    spatial_seed_circuit_earlier: float
+    spatial_seed_circuit_accuracy_min: float
     # early stopping, per type and rule (circuit / loss / oracle): share of training of the kept checkpoint, steps
     # trained before stopping, held-out accuracy of the kept checkpoint
     mapping_circuit_stop_fraction: float
@@ -108,7 +123,68 @@ class CircuitsSummary(Summary):
     spatial_oracle_stop_fraction: float
     spatial_oracle_steps: int
     spatial_oracle_accuracy: float
+    # transcoders adapted to the fine-tuned model (NaN without): held-out FVU on the fine-tuned model's activations,
+    # mean over layers, of the base model's transcoders and of the adapted ones; at the final checkpoint, over the
+    # constraint prompts: error share with each set, the sign-flip p of their difference, the two graphs' feature
+    # overlap, and the share of kept features that the base model's graph lacks, with each set
+    adapted_fvu_base_tc: float
+    adapted_fvu_adapted_tc: float
+    adapted_error_share_base_tc: float
+    adapted_error_share_adapted_tc: float
+    adapted_error_share_p: float
+    adapted_feature_jaccard: float
+    adapted_new_share_base_tc: float
+    adapted_new_share_adapted_tc: float
     wall_time_s: float  # the whole run, before writing
+
+
+ADAPTED = (
+    "adapted_fvu_base_tc",
+    "adapted_fvu_adapted_tc",
+    "adapted_error_share_base_tc",
+    "adapted_error_share_adapted_tc",
+    "adapted_error_share_p",
+    "adapted_feature_jaccard",
+    "adapted_new_share_base_tc",
+    "adapted_new_share_adapted_tc",
+)
+
+
+def _adapted(results: dict[str, pl.DataFrame]) -> dict:
+    """The adapted-transcoder fields of the summary (NaN when the run has none)."""
+    if "adapted" not in results:
+        return dict.fromkeys(ADAPTED, float("nan"))
+    q, a = results["adapted_quality"], results["adapted"].filter(pl.col("constraint_type") != "seed")
+    diff = (a["error_share_adapted_tc"] - a["error_share_base_tc"]).to_list()
+    return {
+        "adapted_fvu_base_tc": float(q["fvu_base"].mean()),
+        "adapted_fvu_adapted_tc": float(q["fvu_adapted"].mean()),
+        "adapted_error_share_base_tc": float(a["error_share_base_tc"].mean()),
+        "adapted_error_share_adapted_tc": float(a["error_share_adapted_tc"].mean()),
+        "adapted_error_share_p": sign_flip_test(diff),
+        "adapted_feature_jaccard": float(a["feature_jaccard"].mean()),
+        "adapted_new_share_base_tc": float(a["new_share_base_tc"].mean()),
+        "adapted_new_share_adapted_tc": float(a["new_share_adapted_tc"].mean()),
+    }
+
+
+def _seeds(checkpoints: pl.DataFrame, stopping: pl.DataFrame) -> dict:
+    """The seed fields of the summary."""
+    last = checkpoints["checkpoint"].max()
+    out = {
+        "n_seeds": checkpoints["seed"].n_unique(),
+        "seed_final_accuracy_min": float(checkpoints.filter(pl.col("checkpoint") == last)["accuracy"].min()),
+    }
+    for c in CONSTRAINTS:
+        mine = stopping.filter(pl.col("constraint_type") == c)
+        steps = mine.pivot(on="rule", index="seed", values="steps_trained")
+        out |= {
+            f"{c}_seed_circuit_steps": float(steps["circuit"].mean()),
+            f"{c}_seed_loss_steps": float(steps["loss"].mean()),
+            f"{c}_seed_circuit_earlier": float((steps["circuit"] < steps["loss"]).mean()),
+            f"{c}_seed_circuit_accuracy_min": float(mine.filter(pl.col("rule") == "circuit")["accuracy"].min()),
+        }
+    return out
 
 
 def _checks(results: dict[str, pl.DataFrame]) -> dict:
@@ -206,12 +282,16 @@ def summarize(
         transcoder_auxk_alpha=float(transcoder_meta.get("config", {}).get("auxk_alpha", 0.0)),
         transcoder_layers_at_target=float((transcoders["fvu"] <= 0.15).mean()),
         **_checks(results),
+        **_adapted(results),
         graph_prompts=graphs.filter(pl.col("checkpoint") == 0).height,  # every checkpoint traces them all
         graphs=graphs.height,
         attribution_s_median=float(pl.Series(attribution_s).median()),
         attribution_s_total=float(sum(attribution_s)),
         circuits_wall_s=circuits_wall_s,
-        settle_threshold=cfg.settle,
+        settle_threshold=float(results["stopping"]["threshold"][0]),
+        paraphrase_overlap_min=float(results["paraphrases"]["feature_set_jaccard"].min()),
+        paraphrase_overlap_max=float(results["paraphrases"]["feature_set_jaccard"].max()),
+        **_seeds(results["seed_checkpoints"], results["seed_stopping"]),
         **stops,
         wall_time_s=wall_time_s,
     )
