@@ -309,5 +309,62 @@ def _(LabError, charts, mo, read_result, table):
     return
 
 
+@app.cell
+def _(LabError, charts, mo, read_result, table):
+    # The checks of the committed graphs: where the followed logit comes from, whether the graph's direct effects
+    # predict interventions, transcoders adapted to the fine-tuned model, and both stopping rules over the seeds.
+    try:
+        _acc = read_result("E_circuits", "accounting")
+        _checks = read_result("E_circuits", "interventions")
+        _fit = read_result("E_circuits", "intervention_fit")
+        _seeds = read_result("E_circuits", "seed_stopping")
+    except LabError as err:
+        checks = mo.md(f"No graph checks in the committed results yet: {err}")
+    else:
+        _parts = [
+            mo.md("### Where the followed logit comes from (every part, shares of the demeaned logit)"),
+            charts.plot_accounting(_acc),
+            mo.md("### Interventions: the graph's predicted direct effect against the measured change"),
+            charts.plot_interventions(_checks),
+            table(
+                mo,
+                _fit,
+                {
+                    "fraction": "share of training",
+                    "n": "checks",
+                    "r_whole": "r (whole model)",
+                    "same_sign_whole": "same sign",
+                    "r_frozen": "r (all else frozen)",
+                },
+                percent=("fraction", "same_sign_whole"),
+            ),
+            mo.md("### Stopping rules over the fine-tune seeds"),
+            table(
+                mo,
+                _seeds,
+                {
+                    "seed": "seed",
+                    "constraint_type": "constraint",
+                    "rule": "rule",
+                    "fraction": "stops at",
+                    "steps_trained": "steps trained",
+                    "accuracy": "held-out accuracy",
+                    "threshold": "circuit threshold",
+                },
+                percent=("fraction",),
+            ),
+        ]
+        try:
+            _parts += [
+                mo.md("### Transcoders adapted to the fine-tuned model"),
+                charts.plot_adapted(read_result("E_circuits", "adapted")),
+            ]
+        except LabError:
+            pass
+        checks = mo.vstack(_parts)
+    checks
+    return
+
+
 if __name__ == "__main__":
     app.run()

@@ -151,3 +151,90 @@ def plot_graph(drawing: pl.DataFrame) -> alt.LayerChart:
         )
     )
     return style(alt.layer(e, n).add_params(checkpoint).properties(height=320))
+
+
+_PARTS = {  # accounting columns -> how the chart names them
+    "selected_features_share": "selected features",
+    "unselected_features_share": "features the graph leaves out",
+    "errors_share": "error nodes",
+    "tokens_share": "token embeddings",
+    "b_dec_share": "transcoder b_dec (no node)",
+    "bos_mlp_share": "BOS MLP output (no node)",
+}
+
+
+def plot_accounting(df: pl.DataFrame) -> alt.Chart:
+    """Where the followed logit comes from (``accounting``): each part's mean share of the demeaned logit over the
+    held-out constraint prompts' graphs, per checkpoint; the shares add up to 1 (the residual, float rounding, is
+    left out)."""
+    return style(
+        alt.Chart(df)
+        .transform_filter("datum.constraint_type != 'seed'")
+        .transform_fold(list(_PARTS), as_=["part", "share"])
+        .transform_calculate(part=" : ".join(f"datum.part == '{k}' ? '{v}'" for k, v in _PARTS.items()) + " : ''")
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("fraction:Q", **_SHARE_OF_TRAINING),
+            y=alt.Y("mean(share):Q", title="share of the demeaned logit", axis=alt.Axis(format="%")),
+            color=alt.Color("part:N", title="from", sort=list(_PARTS.values())),
+            tooltip=["part:N", alt.Tooltip("fraction:Q", format=".0%"), alt.Tooltip("mean(share):Q", format=".1%")],
+        )
+        .properties(height=240)
+    )
+
+
+def plot_interventions(df: pl.DataFrame) -> alt.LayerChart:
+    """Each checked feature's predicted direct effect on the followed logit (the graph's edge times the change
+    of its activation) against the change measured through the whole model (``interventions``), one checkpoint at
+    a time (the reader picks); the diagonal is "measured = predicted"."""
+    fractions = sorted(distinct(df, "fraction"))
+    checkpoint = pick(
+        "check_checkpoint", fractions, label="share of training", labels=[f"{f:.0%}" for f in fractions], radio=True
+    )
+    base = alt.Chart(df).transform_filter("datum.fraction == check_checkpoint")
+    lo = float(min(df["predicted"].min(), df["measured"].min()))
+    hi = float(max(df["predicted"].max(), df["measured"].max()))
+    diagonal = (
+        alt.Chart(pl.DataFrame({"x": [lo, hi]})).mark_line(color="#999", strokeDash=[4, 4]).encode(x="x:Q", y="x:Q")
+    )
+    points = base.mark_point(filled=True, opacity=0.8).encode(
+        x=alt.X("predicted:Q", title="predicted change of the logit (graph)", scale=alt.Scale(domain=[lo, hi])),
+        y=alt.Y("measured:Q", title="measured change (whole model)", scale=alt.Scale(domain=[lo, hi])),
+        color=alt.Color("scale:N", title="activation set to (x itself)"),
+        shape=alt.Shape("prompt_id:N", title="prompt"),
+        tooltip=[
+            "prompt_id:N",
+            "key:N",
+            "scale:Q",
+            alt.Tooltip("predicted:Q", format=".3f"),
+            alt.Tooltip("measured:Q", format=".3f"),
+            alt.Tooltip("measured_direct:Q", format=".3f"),
+        ],
+    )
+    return style(alt.layer(diagonal, points).add_params(checkpoint).properties(height=300))
+
+
+def plot_adapted(df: pl.DataFrame) -> alt.LayerChart:
+    """Per prompt at the final checkpoint: the error-node share of the influence on the followed logit with the
+    base model's transcoders (across) and with transcoders adapted to the fine-tuned model (up) (``adapted``);
+    below the diagonal the adapted ones explain more."""
+    hi = float(max(df["error_share_base_tc"].max(), df["error_share_adapted_tc"].max(), 0.01))
+    diagonal = (
+        alt.Chart(pl.DataFrame({"x": [0.0, hi]})).mark_line(color="#999", strokeDash=[4, 4]).encode(x="x:Q", y="x:Q")
+    )
+    points = (
+        alt.Chart(df)
+        .mark_point(filled=True, size=60)
+        .encode(
+            x=alt.X("error_share_base_tc:Q", title="error share, base-model transcoders", axis=alt.Axis(format="%")),
+            y=alt.Y("error_share_adapted_tc:Q", title="error share, adapted transcoders", axis=alt.Axis(format="%")),
+            color=alt.Color("constraint_type:N", title="prompts"),
+            tooltip=[
+                "prompt_id:N",
+                alt.Tooltip("error_share_base_tc:Q", format=".1%"),
+                alt.Tooltip("error_share_adapted_tc:Q", format=".1%"),
+                alt.Tooltip("feature_jaccard:Q", format=".2f"),
+            ],
+        )
+    )
+    return style(alt.layer(diagonal, points).properties(height=280))

@@ -396,6 +396,8 @@ def provenance_config(cfg: CircuitsConfig, ft: FinetuneConfig, tc_meta: dict) ->
         "graph_per_word": cfg.graph_per_word,
         "max_feature_nodes": cfg.max_feature_nodes,
         "settle": cfg.settle,
+        "seeds": list(cfg.seeds),
+        "adapt_steps": cfg.adapt_steps,
         "transcoders": tc_meta["config"],
     }
 
@@ -413,6 +415,9 @@ CHARTS: dict[str, Callable[..., Any]] = {
     "loss": charts.plot_loss,
     "transcoders": charts.plot_transcoders,
     "circuit_stats": charts.plot_circuit_stats,
+    "accounting": charts.plot_accounting,
+    "interventions": charts.plot_interventions,
+    "adapted": charts.plot_adapted,
     "graph_nodes": _graph,
 }
 
