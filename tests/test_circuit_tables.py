@@ -110,3 +110,16 @@ def test_seed_stopping_applies_both_rules_per_seed_on_common_prompts():
     assert circuit == {(0, "mapping"): 4, (0, "spatial"): 4, (1, "mapping"): 2, (1, "spatial"): 2}
     loss = got.filter((pl.col("rule") == "loss") & (pl.col("seed") == 1))
     assert loss["kept_checkpoint"].to_list() == [2, 2] and loss["steps_trained"].to_list() == [30, 30]
+
+
+def test_accounting_means_average_each_groups_shares():
+    def graph(ck, errors, residual):
+        parts = {"selected_features": 1.0, "unselected_features": 0.0, "errors": errors, "tokens": 0.0}
+        parts |= {"b_dec": 0.0, "bos_mlp": 0.0, "residual": residual}
+        total = sum(parts.values())
+        return rec("a", "mapping", "w", ck, []) | {"accounting": {"demeaned_logit": total, **parts}}
+
+    means = GT.accounting_means(GT.accounting_frame([graph(0, 1.0, 0.0), graph(0, 3.0, -1e-6), graph(1, 0.0, 0.0)]))
+    first = means.row(0, named=True)
+    assert first["graphs"] == 2 and first["errors_share"] == pytest.approx((1 / 2 + 3 / 4) / 2, rel=1e-5)
+    assert first["residual_max"] == pytest.approx(1e-6) and means["checkpoint"].to_list() == [0, 1]

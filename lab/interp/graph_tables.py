@@ -28,6 +28,20 @@ def accounting_frame(records: list[dict]) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
+def accounting_means(accounting: pl.DataFrame) -> pl.DataFrame:
+    """Per prompt group and checkpoint: the mean share of the demeaned logit from each part (``accounting_frame``
+    averaged over the group's graphs), and the largest |residual| in logit units."""
+    return (
+        accounting.group_by("constraint_type", "checkpoint", "fraction")
+        .agg(
+            pl.len().alias("graphs"),
+            *[pl.col(f"{p}_share").mean() for p in ACCOUNT_PARTS if p != "residual"],
+            pl.col("residual").abs().max().alias("residual_max"),
+        )
+        .sort("constraint_type", "checkpoint")
+    )
+
+
 def interventions_frame(records: list[dict]) -> pl.DataFrame:
     """One row per intervention of the checked graphs (``lab.interp.graph_checks.intervene``)."""
     rows = [{k: r[k] for k in TAGS} | row for r in records for row in r.get("interventions", [])]

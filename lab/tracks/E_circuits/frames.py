@@ -15,7 +15,13 @@ import polars as pl
 from lab.data.constraints import CONSTRAINTS, concepts, continuation_logprob
 from lab.errors import LabError
 from lab.interp.circuits import bootstrap_mean, compare, sign_flip_test
-from lab.interp.graph_tables import accounting_frame, intervention_fit, interventions_frame, paraphrase_overlap
+from lab.interp.graph_tables import (
+    accounting_frame,
+    accounting_means,
+    intervention_fit,
+    interventions_frame,
+    paraphrase_overlap,
+)
 from lab.tracks.E_circuits.config import LEARNED, SETTLE_SWEEP
 
 GRAPH_METRICS = (
@@ -351,7 +357,8 @@ def circuit_frames(
     return {
         "transcoders": transcoder_frame(transcoder_meta),
         "graphs": graphs,
-        "accounting": accounting_frame(records),
+        "accounting": (accounting := accounting_frame(records)),
+        "accounting_means": accounting_means(accounting),
         "interventions": checks,
         "intervention_fit": intervention_fit(checks) if checks.height else pl.DataFrame(),
         "circuit_compare": compare,
