@@ -78,7 +78,7 @@ def account(replacement, input_ids: torch.Tensor, target_id: int, selected: torc
     replacement.run_forward_pass(input_ids, 1, ctx)
     n_layers, n_pos, _ = ctx.activation_matrix.shape
     n_feat = ctx.activation_matrix._nnz()
-    logits = ctx.logits[0, -1].double()
+    logits = ctx.logits[0, -1].double().cpu()
     targets = AttributionTargets(
         torch.tensor([target_id]), ctx.logits[0, -1], replacement.unembed_proj, replacement.tokenizer
     )
@@ -91,11 +91,12 @@ def account(replacement, input_ids: torch.Tensor, target_id: int, selected: torc
     ctx.error_vectors = nodeless_vectors(replacement, input_ids).to(ctx.error_vectors.dtype)
     extra = ctx.compute_batch(**at_logit, retain_graph=False)[0].double()[n_feat : n_feat + n_layers * n_pos]
     extra = extra.reshape(n_layers, n_pos)
+    row, extra = row.cpu(), extra.cpu()
     zero = torch.zeros(n_pos, dtype=torch.bool)
     zero[replacement.zero_positions] = True
     feats = row[:n_feat]
     chosen = torch.zeros(n_feat, dtype=torch.bool)
-    chosen[selected] = True
+    chosen[selected.cpu()] = True
     parts = {
         "selected_features": float(feats[chosen].sum()),
         "unselected_features": float(feats[~chosen].sum()),
@@ -109,7 +110,7 @@ def account(replacement, input_ids: torch.Tensor, target_id: int, selected: torc
 
 
 def _demeaned(logits: torch.Tensor, target_id: int) -> float:
-    last = logits.reshape(-1, logits.shape[-1])[-1].double()
+    last = logits.reshape(-1, logits.shape[-1])[-1].double().cpu()
     return float(last[target_id] - last.mean())
 
 
@@ -120,12 +121,12 @@ def _with_mlp_delta(model, ids: torch.Tensor, layer: int, pos: int, delta: torch
 
     def add(_m, _args, out):
         out = out.clone()
-        out[:, pos] += delta.to(out.dtype)
+        out[:, pos] += delta.to(out.device, out.dtype)
         return out
 
     handle = mlp_modules(model)[layer].register_forward_hook(add) if delta is not None else None
     try:
-        return model(input_ids=ids[None]).logits[0, -1]
+        return model(input_ids=ids[None].to(next(model.parameters()).device)).logits[0, -1].float().cpu()
     finally:
         if handle is not None:
             handle.remove()

@@ -330,7 +330,8 @@ def adapted_graphs(
     model = model.merge_and_unload().eval()
     meta = transcoders.built(acfg, folder)
     if meta is None:
-        tuned = LoadedModel(model, tokenizer, f"{base_model(profile, cfg).name}+{key}", "fine-tuned")
+        base = load_model(profile)  # only its name and architecture: the weights are the fine-tuned ones
+        tuned = LoadedModel(model, tokenizer, f"{base.name}+{key}", base.arch)
         meta = transcoders.build(
             acfg, tuned, folder, corpus=load_corpus(profile), init_from=base_dir, progress=progress
         )
