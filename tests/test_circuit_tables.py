@@ -123,3 +123,17 @@ def test_accounting_means_average_each_groups_shares():
     first = means.row(0, named=True)
     assert first["graphs"] == 2 and first["errors_share"] == pytest.approx((1 / 2 + 3 / 4) / 2, rel=1e-5)
     assert first["residual_max"] == pytest.approx(1e-6) and means["checkpoint"].to_list() == [0, 1]
+
+
+def test_adapted_frame_counts_new_features_against_the_base_models_graph():
+    def graph(ck, keys, error_share, errors=1.0):
+        acc = {"demeaned_logit": 4.0, "errors": errors}
+        return rec("m-0", "mapping", "w", ck, keys) | {"error_share": error_share, "accounting": acc}
+
+    records = [graph(0, ["F1.1.1", "F2.1.2"], 0.2), graph(4, ["F1.1.1", "F3.1.3", "F4.1.4"], 0.5, errors=2.0)]
+    adapted = [graph(4, ["F1.1.1", "F3.1.3", "F5.1.5", "F6.1.6"], 0.3)]
+    row = F.adapted_frame(records, adapted).row(0, named=True)
+    assert (row["error_share_base_tc"], row["error_share_adapted_tc"]) == (0.5, 0.3)
+    assert (row["errors_base_tc"], row["errors_adapted_tc"]) == (0.5, 0.25)
+    assert row["feature_jaccard"] == pytest.approx(2 / 5)  # F1.1.1, F3.1.3 of five keys
+    assert row["new_share_base_tc"] == pytest.approx(2 / 3) and row["new_share_adapted_tc"] == pytest.approx(3 / 4)
