@@ -60,6 +60,7 @@ class CircuitsConfig:
     # checkpoint's activations (0: none), at a fifth of their learning rate; the final checkpoint's graphs are traced
     # again with them (run.adapted_graphs)
     adapt_steps: int = 0
+    check_top: int = 8  # intervention checks: the features with the largest direct effect per published graph
     model: str | None = None  # a hub model instead of the profile's (gpu: Gemma-2-2B, which GemmaScope covers)
     hub_transcoders: str | None = None  # circuit-tracer's hub transcoder set instead of training our own
 
@@ -104,6 +105,8 @@ class CircuitsConfig:
                 f"CircuitsConfig.adapt_steps={self.adapt_steps}: must be >= 0, and 0 with hub transcoders (the "
                 f"lab adapts only transcoders it trained)"
             )
+        if self.check_top < 1:
+            raise LabError(f"CircuitsConfig.check_top must be at least 1 (got {self.check_top})")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
             raise LabError(f"CircuitsConfig.seeds must be distinct seeds >= 0, at least one (got {self.seeds})")
 
@@ -129,6 +132,7 @@ RECIPES: dict[str, CircuitsConfig] = {
         graph_per_word=2,
         seeds=(0, 1),
         adapt_steps=20,
+        check_top=2,
         seed_prompts=1,
         max_feature_nodes=100,
     ),

@@ -296,6 +296,7 @@ def attribution_graphs(
             max_feature_nodes=cfg.max_feature_nodes,
             json_for=seeds,
             check_for=seeds,
+            check_top=cfg.check_top,
             json_suffix=f"-stage-{i}",
             json_thresholds=(config.JSON_NODE_THRESHOLD, config.JSON_EDGE_THRESHOLD),
             device="cuda" if on_gpu else "cpu",
