@@ -4,7 +4,7 @@
 // fetched JSON, so the viewer also works opened from disk (file://). Drawn with the bundled Vega-Lite: token
 // position across, layer up (embeddings at 0, the logits on top); nodes sized by influence, the strongest links
 // (the reader sets how many) red when positive, blue when negative. Hover a node for its id, layer, position,
-// feature and label (circuit-tracer's `clerp`, empty until features are labelled).
+// feature and label (circuit-tracer's `clerp`: the tokens the feature fires on most in held-out text, `lab.interp.quality`).
 (function () {
   "use strict";
   window.LabGraphs = window.LabGraphs || {};
