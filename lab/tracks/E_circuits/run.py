@@ -417,9 +417,8 @@ CHARTS: dict[str, Callable[..., Any]] = {
     "loss": charts.plot_loss,
     "transcoders": charts.plot_transcoders,
     "circuit_stats": charts.plot_circuit_stats,
-    "accounting": charts.plot_accounting,
-    "interventions": charts.plot_interventions,
-    "adapted": charts.plot_adapted,
+    # charts.plot_accounting, plot_interventions and plot_adapted join this registry with the first committed run
+    # that writes their results (tests/test_charts.py holds the registry to the committed results)
     "graph_nodes": _graph,
 }
 
