@@ -159,9 +159,6 @@ def intervene(replacement, model, graph, target_index: int, *, top: int = 8, sca
         frozen = replacement.feature_intervention(
             ids, [(layer, pos, feat, scale * act)], constrained_layers=constrained, freeze_attention=True
         )[0]
-        frozen0 = replacement.feature_intervention(
-            ids, [(layer, pos, feat, act)], constrained_layers=constrained, freeze_attention=True
-        )[0]
         rows.append(
             {
                 "key": f"F{layer}.{pos}.{feat}",
@@ -172,7 +169,8 @@ def intervene(replacement, model, graph, target_index: int, *, top: int = 8, sca
                 "scale": scale,
                 "predicted": (scale - 1.0) * float(row[i]),
                 "measured": _demeaned(free, target_id) - free0,
-                "measured_direct": _demeaned(frozen, target_id) - _demeaned(frozen0, target_id),
+                # frozen at the clean run's values, the unchanged model is the clean run: the same baseline
+                "measured_direct": _demeaned(frozen, target_id) - free0,
             }
         )
     return rows
